@@ -1,0 +1,5 @@
+import sys
+
+from fedhlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""The `fedhlm` command: a thin dispatcher to the module that owns each subcommand.
+
+Each subcommand lives in the module named for it and exposes ``main(argv) -> int``;
+imports are lazy so that `fedhlm broker` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help line)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("fedhlm.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
+    "demo": ("fedhlm.demo", "exchange messages between a client, an edge and a cloud over a private broker"),
+    "bench": ("fedhlm.bench", "benchmarks: `fedhlm bench transport|scale|device`"),
+    "fit": ("fedhlm.lightning_cli", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
+    "validate": ("fedhlm.lightning_cli", "validate a model with the Lightning CLI"),
+    "test": ("fedhlm.lightning_cli", "test a model with the Lightning CLI"),
+    "models": ("fedhlm.model_cache", "list the cached models with their test accuracy"),
+    "data": ("fedhlm.data", "data utilities: `fedhlm data fetch ag_news`, `fedhlm data info`"),
+    "simulate": ("fedhlm.simulate", "run the end-to-end simulation over a Mosquitto broker"),
+    "client": ("fedhlm.roles.run", "run one client role as its own process"),
+    "edge": ("fedhlm.roles.run", "run one edge server role as its own process"),
+    "cloud": ("fedhlm.roles.run", "run the cloud role as its own process"),
+    "llm": ("fedhlm.roles.run", "run an LLM refiner worker as its own process"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: fedhlm <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from fedhlm import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fedhlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    # role runners and the Lightning CLI need to know which subcommand they serve
+    if name in {"fit", "validate", "test", "client", "edge", "cloud", "llm"}:
+        rest = [name, *rest]
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
