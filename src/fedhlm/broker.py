@@ -1,0 +1,283 @@
+"""A private Mosquitto broker for one run: free loopback port, generated passwords, the shipped ACL.
+
+Tests and the default simulation start their own broker so that they neither depend on
+nor disturb a shared one. The configuration comes from the repository's `broker/` folder
+(or the copy packaged beside this module); only the placeholders are filled in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedhlm.transport.address import BrokerAddress
+
+log = logging.getLogger(__name__)
+
+ROLES = ("client", "edge", "cloud", "llm", "admin")
+_PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ (PBKDF2-SHA512) format
+
+
+def config_dir() -> Path:
+    """The folder holding mosquitto.conf, acl and acl-roles.template."""
+    env = os.environ.get("FEDHLM_BROKER_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "broker", Path.cwd() / "broker"]
+    for path in candidates:
+        if (path / "mosquitto.conf").is_file():
+            return path
+    raise FileNotFoundError(
+        "broker configuration not found; tried " + ", ".join(str(p) for p in candidates)
+        + " (set FEDHLM_BROKER_DIR to the folder holding mosquitto.conf)"
+    )
+
+
+def find_mosquitto() -> str:
+    """The mosquitto binary, or a clear error saying how to install it."""
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+    if not found:
+        raise FileNotFoundError(
+            "the 'mosquitto' broker binary is missing: install it with `apt-get install mosquitto` "
+            "or `conda install -c conda-forge mosquitto` (scripts/bootstrap.sh does this as root)"
+        )
+    return found
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """Mosquitto 2's `$7$` password-file hash (PBKDF2-SHA512), so that no subprocess is needed per user."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ITERATIONS)
+    return f"$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def validate_user_id(user_id: str) -> str:
+    """A role id doubles as MQTT username, client id and topic level: keep it plain."""
+    if not user_id or len(user_id) > 64 or any(c in user_id for c in "/+#:\0 \t\n") or user_id.startswith("$"):
+        raise ValueError(f"invalid role id {user_id!r}: 1-64 characters, none of '/+#: $' or whitespace")
+    return user_id
+
+
+def render_acl(users: Mapping[str, str], template_dir: Path) -> str:
+    """The shipped `acl` patterns plus one `user` section per server-side role of the run."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in (template_dir / "acl-roles.template").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = sections.setdefault(stripped[1:-1], [])
+        elif stripped and not stripped.startswith("#") and current is not None:
+            current.append(stripped)
+    parts = [(template_dir / "acl").read_text().rstrip(), ""]
+    for user_id, role in users.items():
+        if role == "client":
+            continue  # clients are covered by the pattern lines
+        parts += [line.replace("{id}", user_id) for line in sections[role]] + [""]
+    return "\n".join(parts)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalBroker:
+    """A private Mosquitto on a free loopback port, stopped and cleaned up on exit (also on error).
+
+    `users` maps each role id of the run to its role; passwords are generated here and
+    handed out through `address(user_id)`. `stop()`/`start()` restart the same broker on the
+    same port with the same persistence directory, which is how restarts are tested.
+    """
+
+    def __init__(
+        self,
+        users: Mapping[str, str] | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        passwords: Mapping[str, str] | None = None,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        users = dict(users or {"admin": "admin"})
+        for user_id, role in users.items():
+            validate_user_id(user_id)
+            if role not in ROLES:
+                raise ValueError(f"user {user_id!r}: role must be one of {ROLES}, got {role!r}")
+        self.users = users
+        self.host = host
+        self.port = port or free_port(host)
+        self._passwords = {u: (passwords or {}).get(u) or secrets.token_urlsafe(18) for u in users}
+        self._own_dir = run_dir is None
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="fedhlm-broker-"))
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._binary = find_mosquitto()
+        self._write_files()
+
+    # -- files -----------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "mosquitto.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "mosquitto.log"
+
+    def _write_files(self) -> None:
+        template_dir = config_dir()
+        persistence = self.run_dir / "persistence"
+        persistence.mkdir(parents=True, exist_ok=True)
+        password_file = self.run_dir / "passwd"
+        acl_file = self.run_dir / "acl"
+        password_file.write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in self._passwords.items()))
+        acl_file.write_text(render_acl(self.users, template_dir))
+        for path in (password_file, acl_file):
+            path.chmod(0o600)
+        values = {
+            "port": str(self.port),
+            "host": self.host,
+            "password_file": str(password_file),
+            "acl_file": str(acl_file),
+            "persistence_dir": str(persistence),
+            "log_file": str(self.log_file),
+            "user": getpass.getuser(),
+        }
+        text = (template_dir / "mosquitto.conf").read_text()
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", value)
+        self.config_file.write_text(text)
+
+    # -- process ---------------------------------------------------------------
+    def start(self) -> "LocalBroker":
+        if self.running:
+            return self
+        self._proc = subprocess.Popen(
+            [self._binary, "-c", str(self.config_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start-up: {err.strip()} {tail.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    log.info("private broker up at %s (run dir %s)", self.url, self.run_dir)
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise TimeoutError(f"mosquitto did not accept connections on {self.host}:{self.port} "
+                           f"within {self.startup_timeout_s} s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Polite stop: SIGTERM lets Mosquitto save its persistence file."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._close_pipes()
+
+    def kill(self) -> None:
+        """Abrupt stop (SIGKILL), as a crash or power cut would do it."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._close_pipes()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _close_pipes(self) -> None:
+        if self._proc is not None and self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalBroker":
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- addresses -------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def address(self, user_id: str) -> BrokerAddress:
+        """Host, port and the credentials of one role of the run."""
+        if user_id not in self._passwords:
+            raise KeyError(f"no broker user {user_id!r}; known: {sorted(self._passwords)[:10]}...")
+        return BrokerAddress(self.host, self.port, user_id, self._passwords[user_id])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fedhlm broker`: a private broker in the foreground; prints its URL and every role's credentials."""
+    parser = argparse.ArgumentParser(prog="fedhlm broker", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
+    parser.add_argument("--clients", type=int, default=4, help="number of client users c00, c01, ...")
+    parser.add_argument("--edges", type=int, default=2, help="number of edge users e0, e1, ...")
+    parser.add_argument("--run-dir", default=None, help="folder for config, passwords, persistence and log")
+    args = parser.parse_args(argv)
+    users = {f"c{i:02d}": "client" for i in range(args.clients)}
+    users |= {f"e{i}": "edge" for i in range(args.edges)}
+    users |= {"cloud": "cloud", "llm": "llm", "admin": "admin"}
+    broker = LocalBroker(users, run_dir=args.run_dir, port=args.port)
+    with broker:
+        print(f"FedHLM broker listening at {broker.url} (run dir {broker.run_dir})")
+        print("credentials (URL per role):")
+        for user_id in users:
+            print(f"  {users[user_id]:6s} {broker.address(user_id).url}")
+        print("Ctrl-C to stop.", flush=True)
+        try:
+            while broker.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    if not broker.running:
+        print("broker stopped.", file=sys.stderr)
+    return 0
