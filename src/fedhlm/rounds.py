@@ -1,0 +1,130 @@
+"""Round bookkeeping for the aggregators (edge and cloud): who reported, quorum, deadline, checkpoints.
+
+Pure state with an explicit clock, so the rules (duplicates count once, a missing
+participant never blocks a round, late updates are not folded into a closed round) are
+tested without a broker; the roles only feed it what arrives over MQTT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedhlm.aggregation import Params, WeightedParams, aggregate
+
+
+@dataclass
+class RoundCollector:
+    """Collects one update per participant per round and says when a round may close.
+
+    A round closes when every registered participant has reported, or when at least
+    `quorum` of them have and `deadline_s` has passed since the round opened. Updates for
+    later rounds are kept until their round opens; updates for closed rounds are stale.
+    """
+
+    participants: set[str]
+    quorum: float = 0.5
+    deadline_s: float = 10.0
+    round: int = 0
+    opened_at: float = 0.0
+    _pending: dict[int, dict[str, WeightedParams]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quorum <= 1.0:
+            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
+
+    def add(self, participant: str, round_: int, update: WeightedParams) -> str:
+        """Record an update; returns 'accepted', 'duplicate', 'stale' or 'unknown'."""
+        if participant not in self.participants:
+            return "unknown"
+        if round_ < self.round:
+            return "stale"
+        bucket = self._pending.setdefault(round_, {})
+        if participant in bucket:
+            return "duplicate"
+        bucket[participant] = update
+        return "accepted"
+
+    @property
+    def received(self) -> dict[str, WeightedParams]:
+        return self._pending.get(self.round, {})
+
+    @property
+    def quorum_count(self) -> int:
+        return max(1, math.ceil(self.quorum * len(self.participants)))
+
+    def ready(self, now: float) -> bool:
+        got = len(self.received)
+        if got >= len(self.participants):
+            return True
+        return got >= self.quorum_count and now >= self.opened_at + self.deadline_s
+
+    def overdue(self, now: float) -> bool:
+        """Past the deadline without a quorum: the caller may close the round empty-handed."""
+        return now >= self.opened_at + self.deadline_s and len(self.received) < self.quorum_count
+
+    def close(self, now: float, method: str = "fedavg", trim_fraction: float = 0.2) -> tuple[Params | None, int, list[str]]:
+        """Aggregate the current round, open the next; returns (params or None, samples, who)."""
+        updates = self.received
+        who = sorted(updates)
+        params = aggregate([updates[p] for p in who], method, trim_fraction)
+        samples = sum(max(u.num_samples, 0) for u in updates.values())
+        self._pending.pop(self.round, None)
+        self.round += 1
+        self.opened_at = now
+        return params, samples, who
+
+
+@dataclass
+class ServerState:
+    """What an aggregator must remember across a restart: its round and its current model."""
+
+    round: int
+    params: Params | None
+    num_samples: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "round": self.round,
+            "num_samples": self.num_samples,
+            "params": None if self.params is None else {k: np.asarray(v).tolist() for k, v in self.params.items()},
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "ServerState":
+        params = data.get("params")
+        return cls(
+            round=int(data["round"]),
+            params=None if params is None else {k: np.asarray(v, dtype=np.float32) for k, v in params.items()},
+            num_samples=int(data.get("num_samples", 0)),
+            history=list(data.get("history", [])),
+        )
+
+
+def save_state(path: str | Path, state: ServerState) -> None:
+    """Atomic write (temp file + rename), so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(state.to_json()))
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> ServerState | None:
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return ServerState.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt server checkpoint {path}: {exc}") from exc

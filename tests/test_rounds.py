@@ -1,0 +1,78 @@
+"""Round rules of the aggregators, with an explicit clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhlm.aggregation import WeightedParams
+from fedhlm.rounds import RoundCollector, ServerState, load_state, save_state
+
+
+def _u(tau: float, n: int = 10) -> WeightedParams:
+    return WeightedParams({"tau": np.array([tau], np.float32)}, n)
+
+
+def test_round_closes_when_everyone_reported() -> None:
+    c = RoundCollector({"a", "b", "c"}, quorum=0.5, deadline_s=100)
+    for name, tau in zip("abc", (1.0, 2.0, 3.0)):
+        assert not c.ready(0.0)
+        assert c.add(name, 0, _u(tau)) == "accepted"
+    assert c.ready(0.0)
+    params, samples, who = c.close(0.0)
+    assert params["tau"][0] == pytest.approx(2.0) and samples == 30 and who == ["a", "b", "c"]
+    assert c.round == 1
+
+
+def test_missing_participant_never_blocks_after_deadline_with_quorum() -> None:
+    c = RoundCollector({"a", "b", "c", "d"}, quorum=0.5, deadline_s=5)
+    c.add("a", 0, _u(1.0))
+    c.add("b", 0, _u(3.0))
+    assert not c.ready(4.9)
+    assert c.ready(5.0)
+    params, _, who = c.close(5.0)
+    assert who == ["a", "b"] and params["tau"][0] == pytest.approx(2.0)
+
+
+def test_no_quorum_is_overdue_not_ready() -> None:
+    c = RoundCollector({"a", "b", "c", "d"}, quorum=0.75, deadline_s=1)
+    c.add("a", 0, _u(1.0))
+    assert not c.ready(10.0) and c.overdue(10.0)
+
+
+def test_duplicate_update_counts_once_and_does_not_change_aggregate() -> None:
+    c = RoundCollector({"a", "b"}, deadline_s=1)
+    assert c.add("a", 0, _u(1.0)) == "accepted"
+    assert c.add("a", 0, _u(100.0)) == "duplicate"
+    c.add("b", 0, _u(3.0))
+    params, samples, _ = c.close(0.0)
+    assert params["tau"][0] == pytest.approx(2.0) and samples == 20
+
+
+def test_stale_future_and_unknown_updates() -> None:
+    c = RoundCollector({"a", "b"}, deadline_s=1)
+    assert c.add("a", 1, _u(5.0)) == "accepted"  # early: kept for round 1
+    assert c.add("x", 0, _u(5.0)) == "unknown"
+    c.add("a", 0, _u(1.0))
+    c.add("b", 0, _u(1.0))
+    c.close(0.0)
+    assert c.add("b", 0, _u(9.0)) == "stale"
+    assert set(c.received) == {"a"}  # the early update is now in the open round
+
+
+def test_bad_collector_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="quorum"):
+        RoundCollector({"a"}, quorum=0.0)
+    with pytest.raises(ValueError, match="deadline_s"):
+        RoundCollector({"a"}, deadline_s=0)
+
+
+def test_checkpoint_round_trip_and_corrupt_file(tmp_path) -> None:
+    path = tmp_path / "edge.json"
+    assert load_state(path) is None
+    save_state(path, ServerState(round=7, params={"tau": np.array([0.3], np.float32)}, num_samples=42))
+    state = load_state(path)
+    assert state.round == 7 and state.num_samples == 42 and state.params["tau"][0] == pytest.approx(0.3)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt server checkpoint"):
+        load_state(path)
