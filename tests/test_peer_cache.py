@@ -1,0 +1,83 @@
+"""The resolved-token cache: similarity threshold, LRU and byte bounds, TTL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhlm.peer_cache import PeerCache
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _unit(rng: np.random.Generator, dim: int = 16) -> np.ndarray:
+    v = rng.normal(size=dim)
+    return v / np.linalg.norm(v)
+
+
+def test_similar_context_hits_and_dissimilar_misses() -> None:
+    rng = np.random.default_rng(0)
+    cache = PeerCache(16)
+    a = _unit(rng)
+    cache.add(a, token=7)
+    near = a + 0.05 * _unit(rng)
+    hit = cache.lookup(near, delta=0.9)
+    assert hit is not None and hit.token == 7 and hit.similarity > 0.9
+    assert cache.lookup(-a, delta=0.9) is None
+    assert cache.lookup(_unit(rng), delta=0.9) is None  # random directions in 16-d are far apart
+
+
+def test_returns_the_most_similar_entry() -> None:
+    rng = np.random.default_rng(1)
+    cache = PeerCache(16)
+    a, b = _unit(rng), _unit(rng)
+    cache.add(a, token=1)
+    cache.add(b, token=2)
+    assert cache.lookup(b + 0.01 * a, delta=0.5).token == 2
+
+
+def test_lru_eviction_keeps_the_recently_used() -> None:
+    rng = np.random.default_rng(2)
+    cache = PeerCache(16, max_entries=3)
+    vecs = [_unit(rng) for _ in range(4)]
+    for i, v in enumerate(vecs[:3]):
+        cache.add(v, token=i)
+    assert cache.lookup(vecs[0], 0.99).token == 0  # touch entry 0
+    cache.add(vecs[3], token=3)  # evicts entry 1, the least recently used
+    assert len(cache) == 3
+    assert cache.lookup(vecs[1], 0.99) is None
+    assert cache.lookup(vecs[0], 0.99).token == 0 and cache.lookup(vecs[3], 0.99).token == 3
+
+
+def test_byte_bound_caps_entries() -> None:
+    rng = np.random.default_rng(3)
+    cache = PeerCache(16, max_entries=1000, max_bytes=16 * 4 * 5)
+    for i in range(20):
+        cache.add(_unit(rng), token=i)
+    assert len(cache) == 5 and cache.nbytes <= 16 * 4 * 5
+
+
+def test_entries_expire_after_ttl() -> None:
+    clock = FakeClock()
+    rng = np.random.default_rng(4)
+    cache = PeerCache(16, ttl_s=10, clock=clock)
+    v = _unit(rng)
+    cache.add(v, token=5)
+    clock.t = 9.0
+    assert cache.lookup(v, 0.99).token == 5
+    clock.t = 10.5
+    assert cache.lookup(v, 0.99) is None and len(cache) == 0
+
+
+def test_bad_embeddings_are_refused() -> None:
+    cache = PeerCache(16)
+    with pytest.raises(ValueError, match="dimension"):
+        cache.add(np.ones(8), token=1)
+    with pytest.raises(ValueError, match="non-zero"):
+        cache.lookup(np.zeros(16), 0.5)
