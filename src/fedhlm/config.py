@@ -57,7 +57,7 @@ class FederationConfig:
     round_deadline_s: float = 20.0
     personalise: float = 0.0  # a in tau_i <- a tau_i + (1 - a) tau_edge
     aggregation: str = "fedavg"  # fedavg | median | trimmed_mean
-    clustering: str = "round_robin"  # round_robin | given | kmeans_labels
+    clustering: str = "round_robin"  # round_robin | given | kmeans_labels | kmeans_embeddings
     assignment: dict[str, str] = field(default_factory=dict)  # client -> edge when clustering == given
 
 
@@ -95,7 +95,7 @@ _CHOICES = {
     "data.source": ("auto", "ag_news", "csv", "synthetic"),
     "routing.verify": ("greedy", "sample"),
     "federation.aggregation": ("fedavg", "median", "trimmed_mean"),
-    "federation.clustering": ("round_robin", "given", "kmeans_labels"),
+    "federation.clustering": ("round_robin", "given", "kmeans_labels", "kmeans_embeddings"),
     "p2p.scope": ("cluster", "neighbours"),
 }
 # field -> (low, high, low inclusive, high inclusive)
