@@ -1,0 +1,158 @@
+"""Every FedHLM topic string, built and parsed in one place.
+
+The topic tree is part of the wire contract (`transport/asyncapi.yaml`): roles never
+format topics themselves, they call the builders here, and handlers recover the ids of a
+received topic with `parse`. Ids become topic levels, so they are checked before use.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+PREFIX = "fedhlm/v1"
+MAX_ID_LENGTH = 64
+_FORBIDDEN = "/+#\0"
+
+# topic name -> template; the ids in braces are MQTT topic levels.
+TEMPLATES: dict[str, str] = {
+    "client_status": PREFIX + "/client/{client_id}/status",
+    "edge_p2p_query": PREFIX + "/edge/{edge_id}/p2p/query",
+    "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply",
+    "llm_request": PREFIX + "/llm/request",
+    "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
+    "edge_update": PREFIX + "/edge/{edge_id}/update/{client_id}",
+    "edge_model": PREFIX + "/edge/{edge_id}/model",
+    "global_update": PREFIX + "/global/update/{edge_id}",
+    "global_model": PREFIX + "/global/model",
+}
+
+# topic name -> traffic kind, the unit of byte accounting
+KINDS: dict[str, str] = {
+    "client_status": "status",
+    "edge_p2p_query": "p2p",
+    "client_p2p_reply": "p2p",
+    "llm_request": "llm",
+    "client_llm_reply": "llm",
+    "edge_update": "fl",
+    "edge_model": "fl",
+    "global_update": "fl",
+    "global_model": "fl",
+}
+
+_PATTERNS = {
+    name: re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$")
+    for name, template in TEMPLATES.items()
+}
+
+
+class ParsedTopic(NamedTuple):
+    """A concrete topic split into its template name (e.g. "edge_update") and its ids."""
+
+    name: str
+    ids: dict[str, str]
+
+
+def validate_id(value: object, field: str = "id") -> str:
+    """An id that is safe as one topic level: 1-64 characters, none of '/', '+', '#', NUL, no leading '$'."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string id, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{field}: id is empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"{field}: id {value[:16]!r}... is longer than {MAX_ID_LENGTH} characters")
+    bad = sorted({c for c in value if c in _FORBIDDEN or not c.isprintable()})
+    if bad:
+        raise ValueError(f"{field}: id {value!r} contains forbidden characters {bad} (no '/', '+', '#', NUL, control)")
+    if value.startswith("$"):
+        raise ValueError(f"{field}: id {value!r} starts with '$' (reserved for broker topics)")
+    return value
+
+
+def _build(name: str, **ids: str) -> str:
+    return TEMPLATES[name].format(**{key: validate_id(value, key) for key, value in ids.items()})
+
+
+def client_status(client_id: str) -> str:
+    """Retained online/offline status of one client (also its Last Will)."""
+    return _build("client_status", client_id=client_id)
+
+
+def edge_p2p_query(edge_id: str) -> str:
+    """Peer queries inside one edge cluster."""
+    return _build("edge_p2p_query", edge_id=edge_id)
+
+
+def client_p2p_reply(client_id: str) -> str:
+    """Peer answers addressed to one client (its Response Topic for peer queries)."""
+    return _build("client_p2p_reply", client_id=client_id)
+
+
+def llm_request() -> str:
+    """Uncertain tokens for the LLM refiner."""
+    return TEMPLATES["llm_request"]
+
+
+def llm_request_shared(group: str) -> str:
+    """Subscription filter that spreads LLM requests over the workers of `group` (MQTT v5 shared subscription)."""
+    return f"$share/{validate_id(group, 'group')}/{llm_request()}"
+
+
+def client_llm_reply(client_id: str) -> str:
+    """LLM verdicts for one client (its Response Topic for LLM requests)."""
+    return _build("client_llm_reply", client_id=client_id)
+
+
+def edge_update(edge_id: str, client_id: str) -> str:
+    """One client's threshold update to its edge."""
+    return _build("edge_update", edge_id=edge_id, client_id=client_id)
+
+
+def edge_update_filter(edge_id: str) -> str:
+    """Subscription filter for every client update of one edge."""
+    return TEMPLATES["edge_update"].format(edge_id=validate_id(edge_id, "edge_id"), client_id="+")
+
+
+def edge_model(edge_id: str) -> str:
+    """Retained cluster threshold model of one edge."""
+    return _build("edge_model", edge_id=edge_id)
+
+
+def global_update(edge_id: str) -> str:
+    """One edge's aggregate to the cloud."""
+    return _build("global_update", edge_id=edge_id)
+
+
+def global_update_filter() -> str:
+    """Subscription filter for every edge aggregate."""
+    return TEMPLATES["global_update"].format(edge_id="+")
+
+
+def global_model() -> str:
+    """Retained global threshold model."""
+    return TEMPLATES["global_model"]
+
+
+def all_topic_templates() -> list[str]:
+    """Every concrete topic template the builders produce (filters derive from these)."""
+    return list(TEMPLATES.values())
+
+
+def parse(topic: str) -> ParsedTopic:
+    """The template name and ids of a concrete FedHLM topic; ValueError for anything else."""
+    for name, pattern in _PATTERNS.items():
+        match = pattern.match(topic)
+        if match:
+            ids = match.groupdict()
+            try:
+                for key, value in ids.items():
+                    validate_id(value, key)
+            except ValueError as err:
+                raise ValueError(f"topic {topic!r} is not a FedHLM {PREFIX} topic: {err}") from None
+            return ParsedTopic(name, ids)
+    raise ValueError(f"topic {topic!r} is not a FedHLM {PREFIX} topic")
+
+
+def kind_of(topic: str) -> str:
+    """Traffic kind of a concrete topic: "llm", "p2p", "fl" or "status"."""
+    return KINDS[parse(topic).name]

@@ -1,0 +1,26 @@
+"""Shared fixtures. Keep each one generic: other test files build on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from fedhlm.broker import LocalBroker
+
+# Role ids of the test broker; the username is the role id (and the MQTT client id).
+BROKER_USERS = {
+    **{f"c{i}": "client" for i in range(4)},
+    "e0": "edge",
+    "e1": "edge",
+    "cloud": "cloud",
+    "llm": "llm",
+    "admin": "admin",
+}
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    """A private Mosquitto for one test (fresh sessions and retained messages), users BROKER_USERS."""
+    with LocalBroker(BROKER_USERS) as running:
+        yield running

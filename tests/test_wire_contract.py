@@ -1,0 +1,113 @@
+"""The language-neutral wire contract: AsyncAPI document and golden vectors agree with the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedhlm.transport import topics, vectors
+from fedhlm.transport.codec import SCHEMA_VERSION, TOPIC_PAYLOADS, decode, encode, from_json, to_json
+from fedhlm.transport.messages import MESSAGE_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+ASYNCAPI = ROOT / "transport" / "asyncapi.yaml"
+VECTORS = ROOT / "transport" / "vectors"
+ARRAY_SCHEMAS = {"<i4": "Int32Array", "<f4": "Float32Array", "<f2": "Float16Array"}
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return yaml.safe_load(ASYNCAPI.read_text())
+
+
+def resolve(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        assert node["$ref"].startswith("#/"), node["$ref"]
+        target: Any = doc
+        for part in node["$ref"][2:].split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def test_every_topic_template_is_a_channel_and_every_channel_a_template(doc: dict[str, Any]) -> None:
+    assert doc["asyncapi"].startswith("3.0")
+    addresses = {channel["address"] for channel in doc["channels"].values()}
+    assert addresses == set(topics.all_topic_templates())
+    for name, channel in doc["channels"].items():
+        assert channel["address"] == topics.TEMPLATES[name]  # channel ids are the builder names
+        params = set(re.findall(r"\{(\w+)\}", channel["address"]))
+        assert set(channel.get("parameters", {})) == params, name
+        for param in params:
+            assert resolve(doc, channel["parameters"][param])["description"]
+
+
+def test_each_channel_carries_the_message_the_codec_expects(doc: dict[str, Any]) -> None:
+    for name, channel in doc["channels"].items():
+        (message,) = channel["messages"].values()
+        envelope = resolve(doc, resolve(doc, message)["payload"])
+        assert envelope["required"] == ["v", "t", "b"]
+        assert resolve(doc, envelope["properties"]["v"])["const"] == SCHEMA_VERSION
+        assert envelope["properties"]["t"]["const"] == TOPIC_PAYLOADS[name].TYPE, name
+
+
+@pytest.mark.parametrize("tag", sorted(MESSAGE_TYPES))
+def test_body_schemas_list_the_dataclass_fields_in_wire_order(doc: dict[str, Any], tag: str) -> None:
+    cls = MESSAGE_TYPES[tag]
+    schema = doc["components"]["schemas"][cls.__name__]
+    names = [spec.name for spec in cls.field_specs()]
+    assert list(schema["properties"]) == names and schema["required"] == names
+    assert schema["additionalProperties"] is False
+    for spec in cls.field_specs():
+        prop = schema["properties"][spec.name]
+        if spec.kind == "array":
+            assert prop["$ref"].endswith("/" + ARRAY_SCHEMAS[spec.dtype]), spec.name
+            assert resolve(doc, prop)["properties"]["dtype"]["const"] == spec.dtype
+        elif spec.kind == "params":
+            assert prop["$ref"].endswith("/Params")
+        elif spec.kind == "choice":
+            assert prop["enum"] == list(spec.choices)
+        elif spec.kind == "float":
+            assert prop["type"] == "number"
+        elif spec.kind == "bool":
+            assert prop["type"] == "boolean"
+        else:
+            assert resolve(doc, prop)["type"] in {"string", "integer"}, spec.name
+
+
+def test_operations_cover_both_directions_with_mqtt_bindings(doc: dict[str, Any]) -> None:
+    actions: dict[str, set[str]] = {name: set() for name in doc["channels"]}
+    for op in doc["operations"].values():
+        channel = op["channel"]["$ref"].removeprefix("#/channels/")
+        actions[channel].add(op["action"])
+        assert op["bindings"]["mqtt"]["qos"] in (0, 1)
+        if op["action"] == "send":
+            kind = topics.KINDS[channel]
+            assert op["bindings"]["mqtt"]["qos"] == (1 if kind in ("fl", "status") else 0), channel
+            assert op["bindings"]["mqtt"]["retain"] == (channel in ("client_status", "edge_model", "global_model"))
+        if "reply" in op:
+            assert op["reply"]["channel"]["$ref"].removeprefix("#/channels/") in actions
+    assert all(found == {"send", "receive"} for found in actions.values()), actions
+
+
+def test_vectors_cover_every_message_type() -> None:
+    tags = {json.loads(path.read_text())["t"] for path in VECTORS.glob("*.json")}
+    assert tags == set(MESSAGE_TYPES)
+    assert sorted(p.stem for p in VECTORS.glob("*.json")) == sorted(p.stem for p in VECTORS.glob("*.msgpack"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in VECTORS.glob("*.json")))
+def test_codec_reproduces_each_vector_byte_for_byte_and_back(name: str) -> None:
+    obj = json.loads((VECTORS / f"{name}.json").read_text())
+    data = (VECTORS / f"{name}.msgpack").read_bytes()
+    assert encode(from_json(obj)) == data
+    assert to_json(decode(data)) == obj
+
+
+def test_vector_files_match_their_generator() -> None:
+    assert vectors.compare(VECTORS) == []
