@@ -1,0 +1,160 @@
+"""Start a whole FedHLM deployment (LLM worker, cloud, edges, clients) against one broker, run rounds, stop.
+
+This is what a simulation does with threads; each role still talks to the others only
+over MQTT, exactly as it would as its own process on another host (`fedhlm client ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedhlm.aggregation import Params
+from fedhlm.report import ByteCounts, TokenRecord
+from fedhlm.roles.client import Client, ClientSettings, TokenInput
+from fedhlm.roles.cloud import CloudServer
+from fedhlm.roles.edge import EdgeServer
+from fedhlm.roles.llm_service import LLMService, QFunction
+from fedhlm.threshold import ThresholdHead
+from fedhlm.transport.address import BrokerAddress
+from fedhlm.transport.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeploymentSpec:
+    """Who runs, where, and with what settings."""
+
+    assignment: dict[str, str]  # client id -> edge id
+    client: ClientSettings  # template; client_id / edge_id are filled per client
+    head_factory: Callable[[], ThresholdHead]
+    q_fn: QFunction
+    class_of: Callable[[int], int]
+    verify_mode: str = "greedy"
+    pad_id: int = 0
+    embedding_dim: int = 384
+    quorum: float = 0.75
+    deadline_s: float = 20.0
+    cloud_every: int = 2
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    checkpoint_dir: Path | None = None
+    llm_workers: int = 1
+    seed: int = 0
+    client_overrides: dict[str, dict] = field(default_factory=dict)  # client id -> settings to change
+
+    @property
+    def edges(self) -> list[str]:
+        return sorted(set(self.assignment.values()))
+
+    @property
+    def federated(self) -> bool:
+        return self.client.policy == "learned"
+
+
+class Deployment:
+    """The roles of one run. `address(user_id)` gives each role its way into the broker."""
+
+    def __init__(self, spec: DeploymentSpec, address: Callable[[str], BrokerAddress]) -> None:
+        self.spec = spec
+        self.address = address
+        self.llm: list[LLMService] = []
+        self.cloud: CloudServer | None = None
+        self.edges: dict[str, EdgeServer] = {}
+        self.clients: dict[str, Client] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def initial_params(self) -> Params:
+        return {k: v.detach().numpy().astype(np.float32) for k, v in self.spec.head_factory().state_dict().items()}
+
+    def start(self) -> "Deployment":
+        spec = self.spec
+        for i in range(spec.llm_workers):
+            worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.verify_mode,
+                                pad_id=spec.pad_id, seed=spec.seed + i)
+            self.llm.append(worker.start())
+        if spec.federated:
+            init = self.initial_params()
+            ckpt = spec.checkpoint_dir
+            self.cloud = CloudServer(
+                "cloud", self.address("cloud"), spec.edges, init, quorum=1.0, deadline_s=spec.deadline_s,
+                method=spec.aggregation, trim_fraction=spec.trim_fraction,
+                checkpoint=ckpt / "cloud.json" if ckpt else None,
+            ).start()
+            for edge in spec.edges:
+                members = [c for c, e in spec.assignment.items() if e == edge]
+                neighbours = [e for e in spec.edges if e != edge] if spec.client.p2p_scope == "neighbours" else []
+                self.edges[edge] = EdgeServer(
+                    edge, self.address(edge), members, init, quorum=spec.quorum, deadline_s=spec.deadline_s,
+                    method=spec.aggregation, trim_fraction=spec.trim_fraction, cloud_every=spec.cloud_every,
+                    global_wait_s=3 * spec.deadline_s, neighbours=neighbours,
+                    checkpoint=ckpt / f"{edge}.json" if ckpt else None,
+                ).start()
+        for cid, edge in spec.assignment.items():
+            settings = dataclasses.replace(spec.client, client_id=cid, edge_id=edge,
+                                           **spec.client_overrides.get(cid, {}))
+            client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim)
+            self.clients[cid] = client
+        with ThreadPoolExecutor(max_workers=min(32, len(self.clients))) as pool:
+            list(pool.map(lambda c: c.start(), self.clients.values()))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="client")
+        return self
+
+    def run_round(self, round_: int, inputs: dict[str, Sequence[TokenInput]], slm_ms: float = 0.0,
+                  skip: set[str] | None = None) -> list[TokenRecord]:
+        """Every client routes its inputs of this round, then (if federated) trains and syncs its head."""
+        assert self._pool is not None, "start() first"
+        skip = skip or set()
+
+        def one(cid: str) -> list[TokenRecord]:
+            client = self.clients[cid]
+            records = client.run_round(round_, inputs.get(cid, []), slm_ms)
+            if self.spec.federated:
+                client.finish_round(round_)
+            return records
+
+        futures = [self._pool.submit(one, cid) for cid in self.clients if cid not in skip]
+        return [r for f in futures for r in f.result()]
+
+    def byte_counts(self) -> ByteCounts:
+        """Bytes at the clients' endpoints: what the IoT uplink and downlink carried."""
+        counts = ByteCounts()
+        for client in self.clients.values():
+            counts.add(endpoint_bytes(client.endpoint))
+        return counts
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for client in self.clients.values():
+            _quietly(client.stop)
+        for edge in self.edges.values():
+            _quietly(edge.stop)
+        if self.cloud is not None:
+            _quietly(self.cloud.stop)
+        for worker in self.llm:
+            _quietly(worker.stop)
+
+
+def endpoint_bytes(endpoint: Endpoint) -> ByteCounts:
+    stats = endpoint.stats()
+    counts = ByteCounts()
+    for kind in ("llm", "p2p", "fl"):
+        counts.uplink[kind] = stats.sent_bytes.get(kind, 0)
+        counts.downlink[kind] = stats.received_bytes.get(kind, 0)
+        counts.messages_up[kind] = stats.sent_messages.get(kind, 0)
+    return counts
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("error while stopping a role")

@@ -1,0 +1,108 @@
+"""HeadModule: the threshold head alone as a LightningModule, for a client's local training each round.
+
+A federated client trains only its head, on the (features, beta) pairs its LLM verdicts
+gave it; it needs neither the SLM's weights nor a copy of them per client. `fit_head` runs
+the module's `training_step` through a quiet Lightning Trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from fedhlm.threshold import ThresholdHead, routing_loss
+
+OPTIMIZERS = ("sgd", "adam")
+
+# Lightning's Trainer touches process-wide state (loggers, seeds, warnings); threads of one
+# simulation take turns. A head fit is a few milliseconds of maths.
+_TRAINER_LOCK = threading.Lock()
+
+
+class HeadModule(LightningModule):
+    """Fits a ThresholdHead on the routing loss L = mean((1 - s) beta) + lam mean(s)."""
+
+    def __init__(self, head: ThresholdHead, lam: float = 0.1, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.head = head
+        self.lam = lam
+        self.lr = lr
+        self.optimizer = optimizer
+
+    def loss(self, features: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return routing_loss(self.head(features), beta, self.lam)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features, beta = batch
+        loss = self.loss(features, beta)
+        self.log("head_loss", loss, prog_bar=False, on_step=True, batch_size=features.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
+        # plain gradient steps: FedAvg of a few small local steps then follows the pooled loss's gradient,
+        # so the federated threshold converges to the central optimum (Adam's sign-like steps vote instead)
+        return torch.optim.SGD(params, lr=self.lr)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's banners and the expected warnings of tiny fits."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(val_dataloader|eval mode|LeafSpec|max_steps|num_workers|bottleneck).*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def fit_head(
+    head: ThresholdHead,
+    features: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    lam: float,
+    steps: int = 30,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+) -> dict[str, float]:
+    """Full-batch fit of `head` in place; returns loss before/after, tau and seconds."""
+    if features.ndim != 2 or features.shape[0] != beta.shape[0] or features.shape[0] == 0:
+        raise ValueError(f"need [N, F] features and [N] beta with N > 0, got {tuple(features.shape)} and {tuple(beta.shape)}")
+    module = HeadModule(head, lam=lam, lr=lr, optimizer=optimizer)
+    feats, beta = features.float(), beta.float()
+    with torch.no_grad():
+        before = float(module.loss(feats, beta))
+    start = time.perf_counter()
+    if steps > 0:
+        batches = [(feats, beta)] * steps  # one epoch of `steps` full batches: no per-epoch overhead
+        with _TRAINER_LOCK, quiet_lightning():
+            trainer = Trainer(
+                max_steps=steps, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                limit_val_batches=0,
+            )
+            trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    with torch.no_grad():
+        after = float(module.loss(feats, beta))
+    return {"loss_before": before, "loss_after": after, "tau": head.effective_tau(),
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,320 @@
+"""The client role: routes each SLM token (local, peer, LLM) and learns its threshold head with its edge.
+
+Cheapest first: a confident token stays local and sends nothing; an uncertain one is
+offered to the peers of the cluster (embedding similarity >= delta), then sent to the
+LLM as a top-k payload. Every LLM verdict yields a (features, beta) pair; at the end of a
+round the head is fitted on them (`HeadModule.training_step` through a Lightning Trainer)
+and the update goes to the edge at QoS 1; the edge's cluster model comes back retained.
+A client talks to the other roles only through its MQTT endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedhlm.aggregation import check_params, personalise
+from fedhlm.head_module import fit_head
+from fedhlm.peer_cache import PeerCache
+from fedhlm.report import TokenRecord
+from fedhlm.threshold import ThresholdHead
+from fedhlm.transport import topics
+from fedhlm.transport.address import BrokerAddress
+from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.messages import (
+    ClientStatus,
+    LLMVerdict,
+    PeerQuery,
+    PeerReply,
+    ThresholdModel,
+    ThresholdUpdate,
+    TokenRequest,
+)
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("learned", "static", "always", "never")
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """What the SLM produced for one input: drafted once (batched) and routed by the client."""
+
+    uid: int
+    label: int
+    context_ids: np.ndarray  # int32 prompt token ids
+    draft_token: int
+    topk_ids: np.ndarray  # int32
+    topk_probs: np.ndarray  # float32
+    tail_mass: float
+    features: np.ndarray  # float32 uncertainty features (entropy first)
+    embedding: np.ndarray | None = None  # float32 unit-norm context embedding, for P2P
+
+
+@dataclass
+class ClientSettings:
+    client_id: str
+    edge_id: str
+    policy: str = "learned"  # learned | static | always | never
+    static_tau: float = 0.5  # entropy threshold of the static policy
+    exploration: float = 0.05
+    lam: float = 0.1
+    local_steps: int = 30
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam, for the local head steps
+    lr_decay: float = 0.0  # lr / (1 + lr_decay * round): shrinking local steps make FedAvg settle on the pooled optimum
+    llm_timeout_s: float = 10.0
+    round_wait_s: float = 30.0  # how long to wait for the edge's model after an update
+    personalise: float = 0.0
+    p2p: bool = False
+    delta: float = 0.9
+    p2p_deadline_s: float = 0.04
+    p2p_scope: str = "cluster"
+    audit: float = 0.05
+    embedder_name: str = "all-MiniLM-L6-v2"
+    cache_entries: int = 2000
+    cache_ttl_s: float = 3600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+
+@dataclass
+class ClientCounters:
+    peer_queries: int = 0
+    peer_hits: int = 0
+    peer_answers: int = 0  # queries of others this client answered
+    peer_refused: int = 0  # queries ignored (other embedder, own query)
+    peer_ms: list[float] = field(default_factory=list)  # time spent in the peer step
+    fallbacks: int = 0
+    updates_sent: int = 0
+    models_received: int = 0
+    rounds_without_model: int = 0
+
+
+class Client:
+    """One IoT client. `class_of` maps a token id to its class (-1: not a class token)."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        address: BrokerAddress,
+        head: ThresholdHead,
+        class_of: Callable[[int], int],
+        embedding_dim: int = 384,
+    ) -> None:
+        self.s = settings
+        self.id = settings.client_id
+        self.head = head
+        self.class_of = class_of
+        self.rng = np.random.default_rng([settings.seed, _stable_hash(self.id)])
+        self.counters = ClientCounters()
+        self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.cache_ttl_s)
+        self._pairs_f: list[np.ndarray] = []
+        self._pairs_beta: list[float] = []
+        self._round_pairs = 0
+        self._seq = 0
+        self._model_lock = threading.Condition()
+        self._model: ThresholdModel | None = None
+        self.tau_history: list[tuple[int, float]] = []
+        will = (topics.client_status(self.id), ClientStatus(self.id, False, settings.edge_id, time.time()))
+        self.endpoint = Endpoint(address, persistent=True, will=will)
+
+    # -- life cycle ----------------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> "Client":
+        ep = self.endpoint
+        if self.s.policy == "learned":
+            ep.subscribe(topics.edge_model(self.s.edge_id), self._on_model, qos=1)
+        if self.s.p2p:
+            ep.subscribe(topics.edge_p2p_query(self.s.edge_id), self._on_peer_query, qos=0)
+        ep.start().wait_connected(timeout_s)
+        ep.publish(topics.client_status(self.id), ClientStatus(self.id, True, self.s.edge_id, time.time()), qos=1,
+                   retain=True)
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.endpoint.publish(topics.client_status(self.id), ClientStatus(self.id, False, self.s.edge_id,
+                                  time.time()), qos=1, retain=True)
+            self.endpoint.flush(2.0)
+        finally:
+            self.endpoint.close()
+
+    # -- routing -------------------------------------------------------------------
+    def offload(self, features: np.ndarray) -> bool:
+        """The hard routing decision for one token."""
+        if self.s.policy == "always":
+            return True
+        if self.s.policy == "never":
+            return False
+        if self.s.policy == "static":
+            return float(features[0]) > self.s.static_tau
+        with torch.no_grad():
+            return bool(self.head.route(torch.from_numpy(np.asarray(features, dtype=np.float32))))
+
+    def run_round(self, round_: int, inputs: Sequence[TokenInput], slm_ms: float = 0.0) -> list[TokenRecord]:
+        """Route every input of this round; `slm_ms` is the SLM's per-token compute time, added to latency."""
+        self._round_pairs = 0
+        return [self._route(round_, inp, slm_ms) for inp in inputs]
+
+    def _route(self, round_: int, inp: TokenInput, slm_ms: float) -> TokenRecord:
+        start = time.perf_counter()
+        draft_class = self.class_of(inp.draft_token)
+        base = dict(client_id=self.id, round=round_, uid=inp.uid, label=inp.label, draft=draft_class)
+        if not self.offload(inp.features):
+            if self.s.policy == "learned" and self.rng.random() < self.s.exploration:
+                return self._ask_llm(inp, "exploration", base, start, slm_ms)
+            return TokenRecord(**base, final=draft_class, route="local", latency_ms=slm_ms)
+        if self.s.p2p and inp.embedding is not None:
+            hit = self._ask_peers(inp)
+            if hit is not None:
+                peer_class = self.class_of(hit.token)
+                if self.rng.random() < self.s.audit:
+                    return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class)
+                latency = slm_ms + (time.perf_counter() - start) * 1000.0
+                return TokenRecord(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)
+        return self._ask_llm(inp, "uncertain", base, start, slm_ms)
+
+    def _ask_llm(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
+                 peer_class: int | None = None) -> TokenRecord:
+        self._seq += 1
+        request = TokenRequest(
+            client_id=self.id, session_id=f"{self.id}-{inp.uid}", seq=self._seq, round=base["round"],
+            context_ids=np.asarray(inp.context_ids, dtype=np.int32), draft_token=int(inp.draft_token),
+            topk_ids=np.asarray(inp.topk_ids, dtype=np.int32), topk_probs=np.asarray(inp.topk_probs, np.float32),
+            tail_mass=float(inp.tail_mass), features=np.asarray(inp.features, dtype=np.float32), reason=reason,
+        )
+        try:
+            verdict = self.endpoint.request(topics.llm_request(), request, topics.client_llm_reply(self.id),
+                                            timeout_s=self.s.llm_timeout_s, qos=1)
+        except (TimeoutError, ConnectionError) as exc:
+            self.counters.fallbacks += 1
+            log.warning("%s: LLM gave no verdict (%s); keeping the SLM token", self.id, exc)
+            latency = slm_ms + (time.perf_counter() - start) * 1000.0
+            return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
+        if not isinstance(verdict, LLMVerdict) or verdict.seq != request.seq:
+            self.counters.fallbacks += 1
+            latency = slm_ms + (time.perf_counter() - start) * 1000.0
+            return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
+        self._pairs_f.append(np.asarray(inp.features, dtype=np.float32))
+        self._pairs_beta.append(float(verdict.beta))
+        self._round_pairs += 1
+        if self.s.p2p and inp.embedding is not None:
+            self.cache.add(inp.embedding, verdict.final_token, "llm")
+        final = self.class_of(verdict.final_token)
+        latency = slm_ms + (time.perf_counter() - start) * 1000.0
+        return TokenRecord(**base, final=final, route="llm", reason=reason, latency_ms=latency, llm_final=final,
+                           peer_token=peer_class)
+
+    # -- peers -----------------------------------------------------------------------
+    def _ask_peers(self, inp: TokenInput) -> PeerReply | None:
+        """Ask the cluster; with scope 'neighbours', then the other clusters through the edge."""
+        self.counters.peer_queries += 1
+        start = time.perf_counter()
+        reply = self._peer_request(inp, hops=0)
+        if reply is None and self.s.p2p_scope == "neighbours":
+            reply = self._peer_request(inp, hops=1)  # hops=1: the edge forwards it to its neighbours
+        self.counters.peer_ms.append((time.perf_counter() - start) * 1000.0)
+        if reply is not None:
+            self.counters.peer_hits += 1
+        return reply
+
+    def _peer_request(self, inp: TokenInput, hops: int) -> PeerReply | None:
+        self._seq += 1
+        query = PeerQuery(
+            client_id=self.id, edge_id=self.s.edge_id, seq=self._seq, model_name=self.s.embedder_name,
+            embedding=np.asarray(inp.embedding, dtype=np.float16), hops=hops, delta=float(self.s.delta),
+        )
+        try:
+            answer = self.endpoint.request(topics.edge_p2p_query(self.s.edge_id), query,
+                                           topics.client_p2p_reply(self.id), timeout_s=self.s.p2p_deadline_s)
+        except (TimeoutError, ConnectionError):
+            return None
+        if isinstance(answer, PeerReply) and answer.similarity >= self.s.delta:
+            return answer
+        return None
+
+    def _on_peer_query(self, inbound: Inbound) -> None:
+        q = inbound.message
+        if not isinstance(q, PeerQuery) or q.client_id == self.id or q.hops == 1:
+            return  # our own query, or one our cluster already missed, on its way to the neighbours
+        if q.model_name != self.s.embedder_name or q.embedding.size != self.cache.dim:
+            self.counters.peer_refused += 1
+            log.info("%s: ignored a peer query embedded with %s/%d", self.id, q.model_name, q.embedding.size)
+            return
+        hit = self.cache.lookup(q.embedding.astype(np.float32), q.delta)
+        if hit is None or not inbound.response_topic:
+            return
+        self.counters.peer_answers += 1
+        self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)))
+
+    # -- federated learning ------------------------------------------------------------
+    def head_params(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32).reshape(v.shape) for k, v in self.head.state_dict().items()}
+
+    def finish_round(self, round_: int) -> dict[str, float] | None:
+        """Fit the head, send the update, adopt the edge's model; returns the fit's numbers."""
+        if self.s.policy != "learned":
+            return None
+        fit = None
+        if self._pairs_f and self.s.local_steps > 0:
+            feats = torch.from_numpy(np.stack(self._pairs_f))
+            beta = torch.tensor(self._pairs_beta, dtype=torch.float32)
+            lr = self.s.lr / (1.0 + self.s.lr_decay * round_)
+            fit = fit_head(self.head, feats, beta, lam=self.s.lam, steps=self.s.local_steps, lr=lr,
+                           optimizer=self.s.optimizer)
+        update = ThresholdUpdate(self.id, self.s.edge_id, round_, len(self._pairs_beta), self.head_params())
+        self.endpoint.publish(topics.edge_update(self.s.edge_id, self.id), update, qos=1)
+        self.counters.updates_sent += 1
+        model = self.wait_model(round_, self.s.round_wait_s)
+        if model is None:
+            self.counters.rounds_without_model += 1
+            log.warning("%s: no edge model for round %d within %.0f s; keeping the local head", self.id, round_,
+                        self.s.round_wait_s)
+        else:
+            self.adopt(model)
+        self.tau_history.append((round_, self.head.effective_tau()))
+        return fit
+
+    def _on_model(self, inbound: Inbound) -> None:
+        model = inbound.message
+        if not isinstance(model, ThresholdModel):
+            return
+        reason = check_params(model.params, self.head_params())
+        if reason:
+            log.warning("%s: rejected model from %s: %s", self.id, model.source_id, reason)
+            return
+        with self._model_lock:
+            if self._model is None or model.round >= self._model.round:
+                self._model = model
+                self.counters.models_received += 1
+            self._model_lock.notify_all()
+
+    def wait_model(self, round_: int, timeout_s: float) -> ThresholdModel | None:
+        deadline = time.monotonic() + timeout_s
+        with self._model_lock:
+            while self._model is None or self._model.round < round_:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._model_lock.wait(remaining)
+            return self._model
+
+    def adopt(self, model: ThresholdModel) -> None:
+        params = personalise(self.head_params(), model.params, self.s.personalise)
+        state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).reshape(self.head.state_dict()[k].shape)
+                 for k, v in params.items()}
+        self.head.load_state_dict(state)
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode())

@@ -1,0 +1,153 @@
+"""The LLM refiner as a service: takes uncertain tokens from MQTT, verifies them in batches, answers.
+
+Workers share the request topic through an MQTT v5 shared subscription
+(`$share/<group>/fedhlm/v1/llm/request`), so several refiner processes split the load and
+the broker hands each request to one of them. Requests that arrive close together are
+verified in one forward pass (up to `max_batch`, waiting at most `max_wait_ms`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedhlm.speculative import VerifyMode, verify_batch
+from fedhlm.transport import topics
+from fedhlm.transport.address import BrokerAddress
+from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.messages import LLMVerdict, TokenRequest
+
+log = logging.getLogger(__name__)
+
+# context token ids [B, L] (right padded), attention mask [B, L], last index [B] -> q [B, V]
+QFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LLMServiceStats:
+    requests: int = 0
+    batches: int = 0
+    errors: int = 0
+    compute_s: float = 0.0
+
+
+class LLMService:
+    """One refiner worker. `q_fn` is the LLM's next-token distribution for a batch of contexts."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        q_fn: QFunction,
+        *,
+        group: str = "llm",
+        mode: VerifyMode = "greedy",
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        pad_id: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.q_fn = q_fn
+        self.group = group
+        self.mode: VerifyMode = mode
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.pad_id = pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = LLMServiceStats()
+        self.endpoint = Endpoint(address, persistent=False)
+        self._queue: queue.Queue[Inbound | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name=f"llm-{address.username}", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> "LLMService":
+        self.endpoint.subscribe(topics.llm_request_shared(self.group), self._on_request, qos=1)
+        self.endpoint.start().wait_connected(timeout_s)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.endpoint.close()
+
+    def _on_request(self, inbound: Inbound) -> None:
+        if not isinstance(inbound.message, TokenRequest):
+            log.warning("llm: dropped %s on %s: not a token request", type(inbound.message).__name__, inbound.topic)
+            return
+        if not inbound.response_topic:
+            log.warning("llm: dropped a request from %s: no response topic", inbound.message.client_id)
+            return
+        self._queue.put(inbound)
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                self._answer(batch)
+            except Exception:  # a bad batch must not kill the worker
+                self.stats.errors += len(batch)
+                log.exception("llm: failed to verify a batch of %d", len(batch))
+
+    def _answer(self, batch: list[Inbound]) -> None:
+        requests: list[TokenRequest] = [b.message for b in batch]  # type: ignore[misc]
+        start = time.perf_counter()
+        input_ids, mask, last = pad_contexts([r.context_ids for r in requests], self.pad_id)
+        with torch.no_grad():
+            q = self.q_fn(input_ids, mask, last)
+        accepted = torch.zeros(len(requests), dtype=torch.bool)
+        token = torch.zeros(len(requests), dtype=torch.long)
+        beta = torch.zeros(len(requests))
+        q_draft = torch.zeros(len(requests))
+        by_k: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_k.setdefault(r.topk_ids.size, []).append(i)
+        for rows in by_k.values():  # one verification per top-k size (normally a single group)
+            idx = torch.tensor(rows)
+            ids = torch.from_numpy(np.stack([requests[i].topk_ids for i in rows]).astype(np.int64))
+            probs = torch.from_numpy(np.stack([requests[i].topk_probs for i in rows]).astype(np.float32))
+            drafts = torch.tensor([requests[i].draft_token for i in rows], dtype=torch.long)
+            v = verify_batch(ids, probs, None, q[idx], drafts, generator=self.generator, mode=self.mode)
+            accepted[idx], token[idx], beta[idx], q_draft[idx] = v.accepted, v.token, v.beta, v.q_draft
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        self.stats.requests += len(batch)
+        self.stats.batches += 1
+        self.stats.compute_s += elapsed_ms / 1000.0
+        for i, (inbound, r) in enumerate(zip(batch, requests)):
+            verdict = LLMVerdict(
+                client_id=r.client_id, session_id=r.session_id, seq=r.seq,
+                accepted=bool(accepted[i]), final_token=int(token[i]),
+                beta=float(beta[i].clamp(0, 1)), q_draft=float(q_draft[i].clamp(0, 1)),
+                llm_ms=elapsed_ms,
+            )
+            self.endpoint.reply(inbound, verdict, qos=1)
+
+
+def pad_contexts(contexts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L], attention mask [B, L] and the last real position [B]."""
+    length = max(int(c.size) for c in contexts)
+    ids = torch.full((len(contexts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), length), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, : c.size] = torch.from_numpy(c.astype("int64"))
+        mask[i, : c.size] = 1
+    return ids, mask, mask.sum(dim=1) - 1
