@@ -12,7 +12,6 @@ import sys
 # subcommand -> (module, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("fedhlm.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
-    "demo": ("fedhlm.demo", "exchange messages between a client, an edge and a cloud over a private broker"),
     "bench": ("fedhlm.bench", "benchmarks: `fedhlm bench transport|scale|device`"),
     "fit": ("fedhlm.lightning_cli", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
     "validate": ("fedhlm.lightning_cli", "validate a model with the Lightning CLI"),

@@ -24,25 +24,26 @@ class DataConfig:
     path: str | None = None  # file or folder; default: FEDHLM_DATA, then ../shared/data/ag_news
     inputs: int = 400  # test inputs spread over the clients (0 = the whole test split)
     alpha: float | None = None  # Dirichlet concentration over labels; None = IID
-    max_length: int = 64
 
 
 @dataclass
 class ModelConfig:
-    slm: str = "slm"  # name of the cached SLM (trained once when missing)
-    llm: str = "llm"
-    train_if_missing: bool = True
+    # `fedhlm fit` configs of the two models; a model missing from the cache is trained once from them
+    slm: str = "configs/slm.yaml"
+    llm: str = "configs/llm.yaml"
 
 
 @dataclass
 class RoutingConfig:
-    top_k: int = 4  # entries of the SLM distribution sent to the LLM (the rest as one tail mass)
+    top_k: int = 8  # entries of the SLM distribution sent to the LLM (the rest as one tail mass)
     lam: float = 0.1  # price of one transmission, in units of rejection risk
     exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
-    init_tau: float = 0.3  # starting entropy threshold (nats)
-    temperature: float = 0.05  # sigmoid temperature T of s = sigmoid((u - tau) / T)
-    local_steps: int = 30  # head optimiser steps per round
-    lr: float = 0.05
+    init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
+    temperature: float = 0.1  # sigmoid temperature T of s = sigmoid((u - tau) / T)
+    local_steps: int = 20  # head optimiser steps per round
+    lr: float = 1.0
+    optimizer: str = "sgd"  # sgd | adam
+    lr_decay: float = 1.0  # local lr / (1 + lr_decay * round)
     verify: str = "greedy"  # greedy: the LLM's argmax replaces a rejected draft; sample: speculative sampling
     llm_timeout_s: float = 10.0
 
@@ -94,6 +95,7 @@ METHODS = ("slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p", "fedhlm")
 _CHOICES = {
     "data.source": ("auto", "ag_news", "csv", "synthetic"),
     "routing.verify": ("greedy", "sample"),
+    "routing.optimizer": ("sgd", "adam"),
     "federation.aggregation": ("fedavg", "median", "trimmed_mean"),
     "federation.clustering": ("round_robin", "given", "kmeans_labels", "kmeans_embeddings"),
     "p2p.scope": ("cluster", "neighbours"),
@@ -102,13 +104,13 @@ _CHOICES = {
 _RANGES = {
     "data.inputs": (0, None, True, True),
     "data.alpha": (0, None, False, True),
-    "data.max_length": (8, 512, True, True),
     "routing.top_k": (1, None, True, True),
     "routing.lam": (0, None, True, True),
     "routing.exploration": (0, 1, True, True),
     "routing.temperature": (0, None, False, True),
     "routing.local_steps": (0, None, True, True),
     "routing.lr": (0, None, False, True),
+    "routing.lr_decay": (0, None, True, True),
     "routing.llm_timeout_s": (0, None, False, True),
     "federation.clients": (1, None, True, True),
     "federation.edges": (1, None, True, True),

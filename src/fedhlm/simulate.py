@@ -1,0 +1,439 @@
+"""`fedhlm simulate`: the end-to-end run over Mosquitto, with the baselines, a JSON report and plots.
+
+Every method of the report runs on the same test inputs, split the same way among the
+same clients: the SLM alone, the LLM for every token, U-HLM's static threshold, FedHLM
+without peers and FedHLM. Each method that talks gets a fresh private broker, so no
+retained model or queued message of one method leaks into the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhlm.config import ConfigError, SimConfig, load_config
+
+log = logging.getLogger("fedhlm.simulate")
+
+FULL_VOCAB_FP32_BYTES = 30522 * 4  # a full fp32 distribution over MiniLM's vocabulary
+
+
+# ---- plan: who holds which inputs, in which round ------------------------------------------------
+def client_ids(n: int) -> list[str]:
+    return [f"c{i:03d}" for i in range(n)]
+
+
+def plan_rounds(parts: Sequence[Sequence[int]], ids: Sequence[str], rounds: int) -> list[dict[str, list[int]]]:
+    """Per round, client id -> indices into the test inputs (each client's share cut into `rounds` slices)."""
+    plan: list[dict[str, list[int]]] = [{} for _ in range(rounds)]
+    for cid, part in zip(ids, parts):
+        for r, chunk in enumerate(np.array_split(np.asarray(part, dtype=int), rounds)):
+            plan[r][cid] = chunk.tolist()
+    return plan
+
+
+# ---- one method -------------------------------------------------------------------------------------
+def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p2p: bool, lam: float | None = None,
+               delta: float | None = None, static_tau: float = 0.5, progress=None) -> dict[str, Any]:
+    """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
+    from fedhlm.broker import LocalBroker
+    from fedhlm.deployment import Deployment, DeploymentSpec
+    from fedhlm.report import TokenRecord
+    from fedhlm.roles.client import ClientSettings
+    from fedhlm.threshold import ThresholdHead
+    from fedhlm.transport.address import BrokerAddress
+
+    models, inputs, plan, assignment = ctx["models"], ctx["inputs"], ctx["plan"], ctx["assignment"]
+    slm_ms = ctx["slm_ms"]
+    lam = cfg.routing.lam if lam is None else lam
+    delta = cfg.p2p.delta if delta is None else delta
+    if policy == "never":  # the SLM alone: nothing to send, no broker needed
+        records = []
+        for r, by_client in enumerate(plan):
+            for cid, idx in by_client.items():
+                for i in idx:
+                    d = inputs[i]
+                    c = models.class_of(d.draft_token)
+                    records.append(TokenRecord(cid, r, d.uid, d.label, c, c, "local", latency_ms=slm_ms))
+            if progress is not None:
+                progress.update(1)
+        return {"records": records, "bytes": None, "federated": None, "dep": None}
+
+    settings = ClientSettings(
+        client_id="-", edge_id="-", policy=policy, static_tau=static_tau, exploration=cfg.routing.exploration,
+        lam=lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
+        lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
+        round_wait_s=2 * cfg.federation.round_deadline_s, personalise=cfg.federation.personalise,
+        p2p=p2p, delta=delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000.0, p2p_scope=cfg.p2p.scope,
+        audit=cfg.p2p.audit, embedder_name=ctx["embedder_name"], cache_entries=cfg.p2p.cache_entries,
+        cache_ttl_s=cfg.p2p.ttl_s, seed=cfg.seed,
+    )
+    spec = DeploymentSpec(
+        assignment=assignment, client=settings,
+        head_factory=lambda: ThresholdHead(tau=ctx["init_tau"], temperature=cfg.routing.temperature),
+        q_fn=models.q_fn, class_of=models.class_of, verify_mode=cfg.routing.verify,
+        pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=ctx["embedding_dim"],
+        quorum=cfg.federation.quorum, deadline_s=cfg.federation.round_deadline_s,
+        cloud_every=cfg.federation.cloud_every, aggregation=cfg.federation.aggregation, seed=cfg.seed,
+    )
+    users = {**{c: "client" for c in assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
+             "llm": "llm", "admin": "admin"}
+    if cfg.broker:
+        base = BrokerAddress.from_url(cfg.broker)
+        broker_cm = nullcontext(None)
+    else:
+        broker_cm = LocalBroker(users)
+    records = []
+    fed_rounds: list[dict[str, Any]] = []
+    with broker_cm as broker:
+        address = broker.address if broker is not None else (lambda _user: base)
+        dep = Deployment(spec, address).start()
+        try:
+            for r, by_client in enumerate(plan):
+                round_inputs = {cid: [inputs[i] for i in idx] for cid, idx in by_client.items()}
+                records.extend(dep.run_round(r, round_inputs, slm_ms))
+                if spec.federated:
+                    fed_rounds.append(federated_round(dep, r))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix_str(f"{name} r{r} llm={sum(1 for t in records if t.route == 'llm')}")
+        finally:
+            counts = dep.byte_counts()
+            telemetry = deployment_telemetry(dep)
+            dep.stop()
+    return {"records": records, "bytes": counts, "federated": fed_rounds if spec.federated else None,
+            "dep": telemetry}
+
+
+def federated_round(dep, r: int) -> dict[str, Any]:
+    """Effective entropy thresholds after round r: every client, every edge, the global model."""
+    glob = dep.cloud.history[-1]["tau"] if dep.cloud is not None and dep.cloud.history else None
+    return {
+        "round": r,
+        "clients": {cid: c.tau_history[-1][1] for cid, c in dep.clients.items() if c.tau_history},
+        "edges": {eid: e.history[-1]["tau"] for eid, e in dep.edges.items() if e.history},
+        "global": glob,
+    }
+
+
+def deployment_telemetry(dep) -> dict[str, Any]:
+    clients = dep.clients.values()
+    peer_ms = [x for c in clients for x in c.counters.peer_ms]
+    return {
+        "fallbacks": sum(c.counters.fallbacks for c in clients),
+        "peer_queries": sum(c.counters.peer_queries for c in clients),
+        "peer_hits": sum(c.counters.peer_hits for c in clients),
+        "peer_answers": sum(c.counters.peer_answers for c in clients),
+        "peer_ms_p50": float(np.percentile(peer_ms, 50)) if peer_ms else 0.0,
+        "peer_ms_mean": float(np.mean(peer_ms)) if peer_ms else 0.0,
+        "updates_sent": sum(c.counters.updates_sent for c in clients),
+        "models_received": sum(c.counters.models_received for c in clients),
+        "rounds_without_model": sum(c.counters.rounds_without_model for c in clients),
+        "updates_aggregated": sum(e.updates_accepted for e in dep.edges.values()),
+        "updates_rejected": sum(sum(e.rejected.values()) for e in dep.edges.values()),
+        "duplicates": sum(e.duplicates for e in dep.edges.values()),
+        "llm_requests": sum(w.stats.requests for w in dep.llm),
+        "llm_batches": sum(w.stats.batches for w in dep.llm),
+        "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),
+        "pairs": {cid: (np.stack(c._pairs_f)[:, 0].tolist(), list(c._pairs_beta)) for cid, c in dep.clients.items()
+                  if c._pairs_f},
+    }
+
+
+def method_entry(result: dict[str, Any]) -> dict[str, Any]:
+    from fedhlm.report import ByteCounts, summarise
+
+    entry = summarise(result["records"], result["bytes"] or ByteCounts())
+    dep = result.get("dep") or {}
+    if dep:
+        queries = dep["peer_queries"]
+        entry["peer"].update({
+            "queries": queries, "hit_rate": dep["peer_hits"] / queries if queries else None,
+            "added_latency_ms_p50": dep["peer_ms_p50"], "added_latency_ms_mean": dep["peer_ms_mean"],
+        })
+        entry["fl"] = {k: dep[k] for k in ("updates_sent", "updates_aggregated", "updates_rejected", "duplicates",
+                                            "models_received", "rounds_without_model")}
+        entry["llm_service"] = {k: dep[k] for k in ("llm_requests", "llm_batches", "llm_compute_s")}
+    return entry
+
+
+# ---- the whole run ----------------------------------------------------------------------------------
+def prepare(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
+    """Data, models, drafts, partition and clusters: everything the methods share."""
+    from fedhlm.clustering import assign_clients
+    from fedhlm.data import label_histograms, partition, stratified_subset
+    from fedhlm.data.module import NewsDataModule
+    from fedhlm.embedder import ContextEmbedder
+    from fedhlm.hybrid import HybridModels, context_texts
+
+    data_overrides = {"source": cfg.data.source, "path": cfg.data.path}
+    models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=data_overrides, top_k=cfg.routing.top_k,
+                          progress=progress)
+    # the SLM's own data module gives the split it was trained on: the test inputs are held out
+    datamodule = NewsDataModule(**models.configs["slm"]["data"])
+    datamodule.setup()
+    source_name, splits = datamodule.source_name, datamodule.splits
+    test = list(splits.test)
+    if cfg.data.inputs and cfg.data.inputs < len(test):
+        test = stratified_subset(test, cfg.data.inputs, seed=cfg.seed)
+    calib = list(splits.calib)
+    embedder = ContextEmbedder() if "fedhlm" in cfg.methods or cfg.delta_sweep else None
+    embeddings = embedder.encode(context_texts(test)) if embedder is not None else None
+    drafts = models.draft(test, embeddings)
+    calib_drafts = models.draft(calib)
+    ids = client_ids(cfg.federation.clients)
+    labels = [d.label for d in drafts.inputs]
+    parts = partition(labels, len(ids), alpha=cfg.data.alpha, seed=cfg.seed)
+    hist = label_histograms(labels, parts)
+    profiles = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    assignment = assign_clients(ids, cfg.federation.edges, cfg.federation.clustering, profiles=profiles,
+                                given=cfg.federation.assignment, seed=cfg.seed)
+    _, llm_final = models.llm_verdicts(drafts.inputs, "greedy")
+    return {
+        "source": source_name, "models": models, "inputs": drafts.inputs, "slm_ms": drafts.ms_per_token,
+        "calib": calib_drafts.inputs, "plan": plan_rounds(parts, ids, cfg.federation.rounds),
+        "assignment": assignment, "label_histograms": hist.tolist(),
+        "embedder_name": embedder.name if embedder else "none", "embedding_dim": embedder.dim if embedder else 384,
+        "llm_greedy_class": llm_final, "split_sizes": splits.sizes(),
+    }
+
+
+def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run every configured method and the sweeps; write report.json and the plots into out_dir."""
+    from tqdm import tqdm
+
+    from fedhlm import plots
+    from fedhlm.report import check_consistency, per_round
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    report: dict[str, Any] = {"status": "running", "config": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
+                              "methods": {}, "rounds": {"by_method": {}}}
+    if report["config"].get("broker"):
+        from fedhlm.transport.address import redact
+
+        report["config"]["broker"] = redact(report["config"]["broker"])
+    try:
+        print("[fedhlm] preparing data and models ...", flush=True)
+        ctx = prepare(cfg, progress=show_progress)
+        report["data"] = {"source": ctx["source"], "test_inputs": len(ctx["inputs"]), "splits": ctx["split_sizes"],
+                          "label_histograms": ctx["label_histograms"], "assignment": ctx["assignment"]}
+        if ctx["source"] == "synthetic":
+            print("[fedhlm] WARNING: AG News not found; running on the GENERATED synthetic corpus", flush=True)
+            report["data"]["warning"] = "AG News not found: results are on the generated synthetic corpus"
+        report["models"] = {k: str(v) for k, v in ctx["models"].folders.items()}
+        report["slm_ms_per_token"] = ctx["slm_ms"]
+        static = ctx["models"].static_threshold(ctx["calib"], cfg.routing.lam, cfg.routing.verify)
+        report["static_hlm"] = static
+        ctx["init_tau"] = static["tau"] if cfg.routing.init_tau is None else cfg.routing.init_tau
+        runs = {
+            "slm_only": dict(policy="never", p2p=False),
+            "llm_only": dict(policy="always", p2p=False),
+            "static_hlm": dict(policy="static", p2p=False, static_tau=static["tau"]),
+            "fedhlm_no_p2p": dict(policy="learned", p2p=False),
+            "fedhlm": dict(policy="learned", p2p=True),
+        }
+        steps = cfg.federation.rounds * (len(cfg.methods) + 2 * len(cfg.lambda_sweep) + len(cfg.delta_sweep))
+        bar = tqdm(total=steps, desc="rounds", unit="round", disable=not show_progress)
+        results = {}
+        for name in cfg.methods:
+            result = run_method(name, cfg, ctx, progress=bar, **runs[name])
+            results[name] = result
+            report["methods"][name] = method_entry(result)
+            report["rounds"]["by_method"][name] = per_round(result["records"])
+        if "fedhlm" in results or "fedhlm_no_p2p" in results:
+            fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
+            report["federated"] = federated_section(results[fed_name], cfg)
+        report["lambda_sweep"] = lambda_sweep(cfg, ctx, bar) if cfg.lambda_sweep else {}
+        report["delta_sweep"] = delta_sweep(cfg, ctx, bar) if cfg.delta_sweep else []
+        bar.close()
+        report["consistency_problems"] = check_consistency(report["methods"])
+        report["targets"] = targets(report)
+        report["status"] = "complete"
+    except KeyboardInterrupt:
+        report["status"] = "interrupted"
+        print("\n[fedhlm] interrupted: writing what was measured so far", flush=True)
+    finally:
+        report["wall_s"] = round(time.time() - started, 2)
+        write_report(report, out_dir)
+    return report
+
+
+def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
+    """Convergence of the learned thresholds against the central optimum on the pooled pairs."""
+    import torch
+
+    from fedhlm.threshold import ThresholdHead, central_threshold, routing_loss
+
+    pairs = result["dep"]["pairs"]
+    u = np.concatenate([np.asarray(p[0]) for p in pairs.values()]) if pairs else np.zeros(0)
+    beta = np.concatenate([np.asarray(p[1]) for p in pairs.values()]) if pairs else np.zeros(0)
+    rounds = result["federated"] or []
+    section: dict[str, Any] = {"rounds": rounds, "pairs": int(u.size)}
+    if u.size:
+        T, lam = cfg.routing.temperature, cfg.routing.lam
+        central_tau = central_threshold(u, beta, lam, method="sigmoid", temperature=T)
+
+        def loss(tau: float) -> float:
+            head = ThresholdHead(tau=tau, temperature=T)
+            feats = torch.zeros(u.size, 4)
+            feats[:, 0] = torch.from_numpy(u).float()
+            with torch.no_grad():
+                return float(routing_loss(head(feats), torch.from_numpy(beta).float(), lam))
+
+        final = next((r["global"] for r in reversed(rounds) if r.get("global") is not None), None)
+        if final is None and rounds and rounds[-1]["edges"]:
+            final = float(np.mean(list(rounds[-1]["edges"].values())))
+        section.update({"central_tau": central_tau, "central_loss": loss(central_tau), "final_tau": final,
+                        "federated_loss": loss(final) if final is not None else None,
+                        "tau_gap": (abs(final - central_tau) / abs(central_tau)) if final is not None and central_tau else None})
+    recs = result["records"]
+    tel = result["dep"]
+    section["transmissions"] = {"exploration": sum(1 for t in recs if t.reason == "exploration"),
+                                "updates": tel["updates_sent"], "models": tel["models_received"]}
+    return section
+
+
+def lambda_sweep(cfg: SimConfig, ctx: dict[str, Any], bar) -> dict[str, list[dict[str, float]]]:
+    """Accuracy vs LLM share for each lambda: FedHLM (no P2P, to isolate the threshold) and the static HLM."""
+    out: dict[str, list[dict[str, float]]] = {"fedhlm_no_p2p": [], "static_hlm": []}
+    for lam in cfg.lambda_sweep:
+        res = method_entry(run_method("fedhlm_no_p2p", cfg, ctx, policy="learned", p2p=False, lam=lam, progress=bar))
+        out["fedhlm_no_p2p"].append({"lambda": lam, "accuracy": res["accuracy"], "llm_share": res["llm_share"]})
+        tau = ctx["models"].static_threshold(ctx["calib"], lam, cfg.routing.verify)["tau"]
+        res = method_entry(run_method("static_hlm", cfg, ctx, policy="static", p2p=False, static_tau=tau,
+                                      progress=bar))
+        out["static_hlm"].append({"lambda": lam, "tau": tau, "accuracy": res["accuracy"], "llm_share": res["llm_share"]})
+    return out
+
+
+def delta_sweep(cfg: SimConfig, ctx: dict[str, Any], bar) -> list[dict[str, Any]]:
+    points = []
+    for delta in cfg.delta_sweep:
+        res = method_entry(run_method("fedhlm", cfg, ctx, policy="learned", p2p=True, delta=delta, progress=bar))
+        peer = res["peer"]
+        points.append({"delta": delta, "hit_rate": peer.get("hit_rate") or 0.0,
+                       "wrong_reuse_rate": peer.get("wrong_reuse_rate"), "audited": peer["audited"],
+                       "added_latency_ms_p50": peer.get("added_latency_ms_p50"), "llm_share": res["llm_share"],
+                       "accuracy": res["accuracy"]})
+    return points
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals beside what this run measured."""
+    m = report["methods"]
+    out = []
+
+    def add(goal: str, measured: Any, met: bool | None) -> None:
+        out.append({"goal": goal, "measured": measured, "met": met})
+
+    if "fedhlm" in m:
+        add("FedHLM sends the LLM at most 5% of tokens (exploration and audits counted)", m["fedhlm"]["llm_share"],
+            m["fedhlm"]["llm_share"] <= 0.05)
+        if "llm_only" in m and m["llm_only"]["accuracy"] > 0:
+            ratio = m["fedhlm"]["accuracy"] / m["llm_only"]["accuracy"]
+            add("FedHLM accuracy >= 98% of LLM-only accuracy", ratio, ratio >= 0.98)
+        per_token = m["fedhlm"]["uplink_bytes_per_llm_token"]
+        add("uplink bytes per offloaded token <= 1/1000 of a full fp32 vocabulary distribution "
+            f"({FULL_VOCAB_FP32_BYTES / 1000:.1f} B)", per_token, per_token <= FULL_VOCAB_FP32_BYTES / 1000)
+    if "fedhlm" in m and "fedhlm_no_p2p" in m:
+        add("P2P lowers LLM transmissions vs no P2P", {"fedhlm": m["fedhlm"]["tokens"]["llm"],
+            "fedhlm_no_p2p": m["fedhlm_no_p2p"]["tokens"]["llm"]},
+            m["fedhlm"]["tokens"]["llm"] < m["fedhlm_no_p2p"]["tokens"]["llm"])
+    sweep = report.get("lambda_sweep") or {}
+    if sweep.get("fedhlm_no_p2p") and sweep.get("static_hlm"):
+        st = sorted(sweep["static_hlm"], key=lambda p: p["llm_share"])
+        worst = None
+        for p in sweep["fedhlm_no_p2p"]:
+            ref = float(np.interp(p["llm_share"], [s["llm_share"] for s in st], [s["accuracy"] for s in st]))
+            gap = p["accuracy"] - ref
+            worst = gap if worst is None else min(worst, gap)
+        add("across the lambda sweep FedHLM accuracy >= static HLM at the same LLM share (worst gap)", worst,
+            worst is not None and worst >= -0.005)
+    return out
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("fedhlm", "torch", "lightning", "transformers", "paho-mqtt", "sentence-transformers", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    from fedhlm import plots
+
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=_json_default))
+    if report.get("methods"):
+        try:
+            report["plots"] = [str(p) for p in plots.write_all(report, out_dir)]
+            path.write_text(json.dumps(report, indent=2, default=_json_default))
+        except Exception:
+            log.exception("plots failed")
+    print_table(report)
+    print(f"[fedhlm] report: {path}", flush=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    methods = report.get("methods", {})
+    if not methods:
+        return
+    print(f"\n{'method':15s} {'acc':>6s} {'LLM%':>6s} {'local':>6s} {'peer':>5s} {'llm':>5s} {'expl':>5s} "
+          f"{'up KB':>8s} {'down KB':>8s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    for name, m in methods.items():
+        t, b, lat = m["tokens"], m["bytes"], m["latency_ms"]
+        print(f"{name:15s} {100 * m['accuracy']:6.2f} {100 * m['llm_share']:6.2f} {t['local']:6d} {t['peer']:5d} "
+              f"{t['llm']:5d} {t['exploration']:5d} {b['uplink'] / 1024:8.1f} {b['downlink'] / 1024:8.1f} "
+              f"{lat['p50']:7.2f} {lat['p99']:7.2f}")
+    for t in report.get("targets", []):
+        mark = "MET " if t["met"] else "MISS"
+        print(f"  [{mark}] {t['goal']}: {t['measured']}")
+    print(f"status: {report.get('status')}, wall {report.get('wall_s')} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedhlm simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set federation.clients=20 (repeatable)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    parser.add_argument("--broker", default=None, help="use this broker (mqtt://user:pass@host:port) instead of a private one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.broker:
+        overrides.append(f"broker={args.broker}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"fedhlm simulate: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out or cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    report = simulate(cfg, out, show_progress=not args.no_progress)
+    return 0 if report["status"] == "complete" else 130

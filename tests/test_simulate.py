@@ -1,0 +1,94 @@
+"""`fedhlm simulate` end to end: tiny models, the generated corpus, a real private Mosquitto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedhlm import simulate as sim
+from fedhlm.config import load_config
+
+TINY_BACKBONE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position": 64,
+                 "embeddings_from": None}
+DATA = {"source": "synthetic", "synthetic_size": 320, "max_length": 32, "batch_size": 32, "seed": 0}
+TRAINER = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 2}
+
+
+def tiny_configs(tmp_path) -> tuple[str, str]:
+    slm = tmp_path / "slm.yaml"
+    llm = tmp_path / "llm.yaml"
+    slm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.slm.SLMModule",
+                                             "init_args": {"pretrained": None, **TINY_BACKBONE, "topk": 4}},
+                                   "data": DATA, "trainer": TRAINER}))
+    llm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.llm.LLMRefiner",
+                                             "init_args": {"pretrained": None, **TINY_BACKBONE}},
+                                   "data": DATA, "trainer": TRAINER}))
+    return str(slm), str(llm)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_configs(tmp_path)
+    return load_config(overrides=[
+        f"models.slm={slm}", f"models.llm={llm}", "data.source=synthetic", "data.inputs=48",
+        "federation.clients=4", "federation.edges=2", "federation.rounds=2", "federation.round_deadline_s=5",
+        "routing.exploration=0.2", "p2p.delta=0.5", "p2p.audit=0.3", "routing.top_k=4",
+    ])
+
+
+@pytest.mark.slow
+def test_small_simulation_writes_a_consistent_report(tiny_cfg, tmp_path) -> None:
+    out = tmp_path / "run"
+    report = sim.simulate(tiny_cfg, out, show_progress=False)
+    assert report["status"] == "complete"
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved["methods"]) == {"slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p", "fedhlm"}
+    assert saved["consistency_problems"] == []
+    for name, m in saved["methods"].items():
+        t = m["tokens"]
+        assert t["local"] + t["peer"] + t["llm"] == t["total"] == 48, name
+        assert 0.0 <= m["accuracy"] <= 1.0
+    b = {name: m["bytes"] for name, m in saved["methods"].items()}
+    assert b["slm_only"]["uplink"] == 0 and b["slm_only"]["downlink"] == 0
+    assert saved["methods"]["llm_only"]["tokens"]["llm"] == 48
+    assert b["llm_only"]["llm"] > 0 and b["llm_only"]["p2p"] == 0 and b["llm_only"]["fl"] == 0
+    assert b["fedhlm_no_p2p"]["fl"] > 0 and b["fedhlm_no_p2p"]["p2p"] == 0
+    assert b["fedhlm"]["fl"] > 0
+    assert (b["fedhlm"]["p2p"] > 0) == (saved["methods"]["fedhlm"]["peer"]["queries"] > 0)
+    fed = saved["federated"]
+    assert [r["round"] for r in fed["rounds"]] == [0, 1]
+    assert set(fed["rounds"][-1]["clients"]) == {"c000", "c001", "c002", "c003"}
+    assert fed["transmissions"]["updates"] == 4 * 2
+    assert any(t["goal"].startswith("FedHLM sends the LLM") for t in saved["targets"])
+    for png in ("llm_per_round.png", "accuracy_vs_transmissions.png", "threshold_convergence.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_config_error_names_the_field_before_anything_starts(tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    rc = sim.main(["--set", "federation.quorum=2", "--out", str(out)])
+    assert rc == 2
+    assert "federation.quorum" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_interrupted_run_still_writes_its_partial_report(tiny_cfg, tmp_path, monkeypatch) -> None:
+    real = sim.run_method
+    calls = {"n": 0}
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "run_method", interrupt_on_third)
+    out = tmp_path / "partial"
+    report = sim.simulate(tiny_cfg, out, show_progress=False)
+    saved = json.loads((out / "report.json").read_text())
+    assert report["status"] == saved["status"] == "interrupted"
+    assert set(saved["methods"]) == {"slm_only", "llm_only"}
