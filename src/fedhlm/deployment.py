@@ -58,6 +58,10 @@ class DeploymentSpec:
     def federated(self) -> bool:
         return self.client.policy == "learned"
 
+    @property
+    def neighbour_p2p(self) -> bool:
+        return self.client.p2p and self.client.p2p_scope == "neighbours"
+
 
 class Deployment:
     """The roles of one run. `address(user_id)` gives each role its way into the broker."""
@@ -80,7 +84,7 @@ class Deployment:
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.verify_mode,
                                 pad_id=spec.pad_id, seed=spec.seed + i)
             self.llm.append(worker.start())
-        if spec.federated:
+        if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
             init = self.initial_params()
             ckpt = spec.checkpoint_dir
             self.cloud = CloudServer(
