@@ -170,6 +170,7 @@ class Endpoint:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_socket_open = self._on_socket_open
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # SUBACKs
@@ -460,6 +461,13 @@ class Endpoint:
         log.warning("%s: dropped payload on %s: %s (%s)", self.client_id, topic, reason, detail)
 
     # -- paho callbacks (network thread: keep them short, never raise) ---------------------
+    def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
+        # Nagle would hold a PUBLISH queued behind an unacknowledged PUBACK for the peer's ~40 ms delayed ACK
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            log.debug("%s: could not set TCP_NODELAY", self.client_id)
+
     def _on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:  # noqa: ANN001
         try:
             if reason_code.is_failure:
