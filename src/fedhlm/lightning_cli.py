@@ -1,0 +1,117 @@
+"""``fedhlm fit|validate|test``: the Lightning CLI over the SLM / LLM modules and NewsDataModule.
+
+The schema is the constructors' signatures (``--print_config`` shows it):
+``model: {class_path: fedhlm.slm.SLMModule | fedhlm.llm.LLMRefiner, init_args: ...}``,
+``data:`` NewsDataModule's arguments, ``trainer:`` Lightning's. After ``fit`` the model
+is tested and written into the model cache (:mod:`fedhlm.model_cache`) under the hash of
+its configuration; ``validate``/``test`` without ``--ckpt_path`` load that cached model
+when it exists, so ``fedhlm test --config configs/slm.yaml`` evaluates what ``fit`` made.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fedhlm.classifier import NextTokenClassifier
+from fedhlm.data.module import NewsDataModule
+from fedhlm.llm import LLMRefiner  # noqa: F401  (registers the subclass for short class names)
+from fedhlm.model_cache import full_config, is_complete, kind_of, model_dir, save_to_cache, training_metrics
+from fedhlm.slm import SLMModule  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class FedHLMCLI(LightningCLI):
+    """LightningCLI plus the model cache: save after fit, load for validate/test."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--cache", type=bool, default=True,
+                            help="after fit, test and save the model into the model cache; "
+                                 "for validate/test, load the cached model of this config")
+        parser.add_argument("--cache_name", type=str | None, default=None,
+                            help="name of the cached model (default: its kind, slm or llm)")
+
+    # ---- cache bookkeeping -----------------------------------------------------------------
+    def _cfg(self) -> Namespace:
+        return self.config[self.subcommand]
+
+    def _cache_folder(self):
+        cfg = self._cfg()
+        model_cfg = _plain(cfg.model)
+        model_args = model_cfg.get("init_args", {}) if isinstance(model_cfg, dict) else {}
+        kind = kind_of(self.model)
+        full = full_config(kind, model_args, _plain(cfg.data), _plain(cfg.trainer))
+        return kind, full, model_dir(cfg.cache_name or kind, full)
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        cfg = self._cfg()
+        if not cfg.cache:
+            return
+        if self.trainer.fast_dev_run:
+            log.warning("fast_dev_run: the model is not saved into the cache")
+            return
+        seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        _, full, folder = self._cache_folder()
+        tested = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        metrics = training_metrics(self.model, self.datamodule, full, seconds, tested[0] if tested else {})
+        save_to_cache(self.model, folder, metrics)
+        print(f"saved {metrics['kind']} model to {folder} (test acc {metrics.get('test_acc', float('nan')):.4f})")
+
+    def _load_cached(self) -> None:
+        cfg = self._cfg()
+        if not cfg.cache or cfg.get("ckpt_path"):
+            return
+        _, _, folder = self._cache_folder()
+        if is_complete(folder):
+            self.model.load_backbone(str(folder))
+            print(f"evaluating the cached model {folder}")
+        else:
+            log.warning("no cached model for this configuration (%s): evaluating the model as initialised", folder)
+
+    def before_validate(self) -> None:
+        self._load_cached()
+
+    def before_test(self) -> None:
+        self._load_cached()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedhlm fit|validate|test [--config FILE] [overrides]``; argv[0] is the subcommand."""
+    argv = list(argv or [])
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(f"usage: fedhlm {{{','.join(SUBCOMMANDS)}}} --config configs/slm.yaml [--print_config] [overrides]")
+        return 2
+    with warnings.catch_warnings():
+        # `fedhlm` passes its own argv on; LightningCLI warns when sys.argv also holds arguments
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        FedHLMCLI(
+            NextTokenClassifier,
+            NewsDataModule,
+            subclass_mode_model=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,  # the modules' configure_optimizers are the only optimisers
+            trainer_defaults={"logger": False, "enable_checkpointing": False},
+            args=argv,
+        )
+    return 0

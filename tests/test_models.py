@@ -1,0 +1,321 @@
+"""The SLM and LLM modules, their HF models, the model cache: tiny random models, real maths."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedhlm.data import NewsItem, encode_prompts, load_tokenizer, verbaliser_token_ids
+from fedhlm.hf_models import (
+    BackboneSpec,
+    ModelFolderError,
+    build_bert_decoder,
+    load_causal_lm,
+    minilm_path,
+    project_embeddings,
+    save_model,
+)
+from fedhlm.llm import LLMRefiner, SessionMismatch
+from fedhlm.model_cache import cached_models, get_or_train, latest
+from fedhlm.model_cache import main as models_main
+from fedhlm.slm import SLMModule
+from fedhlm.threshold import central_threshold
+from fedhlm.uncertainty import FEATURE_NAMES
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ag_news_path() -> Path | None:
+    env = os.environ.get("FEDHLM_DATA")
+    for candidate in ([Path(env)] if env else []) + [REPO / ".." / "shared" / "data" / "ag_news" / "ag_news_dev.csv"]:
+        if candidate.is_file():
+            return candidate
+        if candidate.is_dir() and (candidate / "ag_news_dev.csv").is_file():
+            return candidate / "ag_news_dev.csv"
+    return None
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_folder(tmp_path_factory, tokenizer) -> Path:
+    model = build_bert_decoder(BackboneSpec(**TINY, seed=1), vocab_size=len(tokenizer))
+    return save_model(model, tmp_path_factory.mktemp("tiny_llm"), tokenizer)
+
+
+@pytest.fixture
+def tiny_slm() -> SLMModule:
+    return SLMModule(**TINY, topk=4)
+
+
+@pytest.fixture
+def tiny_llm(tiny_llm_folder) -> LLMRefiner:
+    return LLMRefiner(pretrained=str(tiny_llm_folder), max_sessions=2)
+
+
+def prompts(tokenizer, n: int = 6) -> dict[str, torch.Tensor]:
+    words = ["stocks fell as markets", "the team won the final", "the new chip speeds up", "leaders met at the summit"]
+    items = [NewsItem(i, i % 4, f"headline {i}", words[i % 4] + " today" * (i % 3)) for i in range(n)]
+    return encode_prompts(tokenizer, items)
+
+
+# ---- loading and errors -----------------------------------------------------------------
+def test_missing_model_folder_error_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelFolderError, match=str(missing)):
+        load_causal_lm(missing)
+    with pytest.raises(ModelFolderError, match=str(missing)):
+        SLMModule(pretrained=str(missing))
+
+
+def test_corrupt_config_error_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match=str(tmp_path / "config.json")):
+        load_causal_lm(tmp_path)
+
+
+def test_corrupt_weights_error_names_the_folder(tmp_path, tiny_llm_folder):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_llm_folder / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((tiny_llm_folder / "model.safetensors").read_bytes()[:300])
+    with pytest.raises(ModelFolderError, match=f"cannot load a causal LM from {bad}"):
+        load_causal_lm(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=f"{bad} has no weights"):
+        load_causal_lm(bad)
+
+
+def test_minilm_loads_as_causal_decoder_with_tied_embeddings():
+    llm = load_causal_lm("minilm")
+    assert llm.config.is_decoder and llm.config.hidden_size == 384
+    assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+    # causal: changing a later token leaves earlier positions' logits unchanged
+    ids = torch.tensor([[101, 2088, 2998, 2449, 2671, 8476, 1024]])
+    other = ids.clone()
+    other[0, 5] = 2003
+    with torch.no_grad():
+        a, b = llm(input_ids=ids).logits, llm(input_ids=other).logits
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-5) and not torch.allclose(a[0, 5:], b[0, 5:])
+
+
+def test_pca_projection_keeps_the_centred_geometry():
+    x = torch.randn(200, 16) @ torch.randn(16, 16)
+    full, basis = project_embeddings(x, 16)
+    c = full - full.mean(0)
+    xc = x - x.mean(0)
+    assert torch.allclose(c @ c.T, xc @ xc.T, atol=1e-3)  # a rotation when dim == D
+    low, _ = project_embeddings(x, 4)
+    var = (low - low.mean(0)).var(0)
+    assert torch.all(var[:-1] >= var[1:] - 1e-5)  # components by decreasing variance
+
+
+def test_slm_embeddings_start_from_a_projection_of_the_larger_model(tokenizer, tiny_llm_folder):
+    spec = BackboneSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, embeddings_from=str(tiny_llm_folder))
+    slm = build_bert_decoder(spec, vocab_size=len(tokenizer))
+    src = load_causal_lm(tiny_llm_folder).get_input_embeddings().weight.detach()
+    expected, _ = project_embeddings(src, 16)
+    assert torch.allclose(slm.get_input_embeddings().weight, expected, atol=1e-5)
+    assert slm.get_output_embeddings().weight.data_ptr() == slm.get_input_embeddings().weight.data_ptr()
+
+
+def test_any_hf_causal_lm_sharing_the_tokenizer_works_as_slm_and_llm(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128))
+    folder = save_model(gpt2, tmp_path / "gpt2")
+    slm = SLMModule(pretrained=str(folder), topk=4)
+    llm = LLMRefiner(pretrained=str(folder))
+    batch = prompts(tokenizer)
+    out = slm.route_batch(batch)
+    assert out["features"].shape == (6, len(FEATURE_NAMES))
+    ids = batch["input_ids"][0, : batch["last_index"][0] + 1]
+    q_cached = llm.session_q("g", ids[:4], 0)
+    q_cached = llm.session_q("g", ids[4:], 4)
+    assert torch.allclose(q_cached, llm.reencoded_q(ids), atol=1e-5)
+
+
+# ---- SLM module ---------------------------------------------------------------------------
+def test_predict_step_returns_routing_view_per_input(tiny_slm, tokenizer):
+    batch = prompts(tokenizer)
+    out = tiny_slm.route_batch(batch)
+    assert out["draft_token"].shape == (6,) and out["topk_ids"].shape == (6, 4)
+    assert torch.allclose(out["class_probs"].sum(-1), torch.ones(6))
+    verbalisers = torch.tensor(verbaliser_token_ids(tokenizer))
+    assert torch.equal(out["draft_token"], verbalisers[out["class_pred"]])  # greedy draft = class prediction
+    assert (out["topk_ids"] == out["draft_token"].unsqueeze(-1)).any(-1).all()  # the upload holds the draft
+    assert torch.allclose(out["topk_probs"].sum(-1) + out["tail_mass"], torch.ones(6), atol=1e-5)
+    assert torch.allclose(out["route_prob"], tiny_slm.head(out["features"]))
+    assert torch.equal(out["route"], out["features"][:, 0] > tiny_slm.head.effective_tau())
+    assert torch.equal(out["labels"], batch["labels"])
+
+
+def test_lm_target_learns_the_verbaliser_token(tiny_slm, tokenizer):
+    batch = prompts(tokenizer, 8)
+    opt = torch.optim.AdamW(tiny_slm.model.parameters(), lr=3e-3)
+    first = tiny_slm.lm_target_loss(batch).item()
+    for _ in range(40):
+        opt.zero_grad()
+        tiny_slm.lm_target_loss(batch).backward()
+        opt.step()
+    assert tiny_slm.lm_target_loss(batch).item() < 0.5 * first
+    pred, _ = tiny_slm.classify(batch)
+    assert torch.equal(pred, batch["labels"])
+
+
+def test_distillation_adds_the_kl_to_the_teachers_class_distribution(tiny_llm_folder, tokenizer):
+    student = SLMModule(**TINY, teacher=str(tiny_llm_folder), distill_weight=0.5, distill_temperature=2.0).eval()
+    batch = prompts(tokenizer, 8)
+    logits = student.next_logits(batch)
+    plain = student.lm_loss(logits, batch["labels"])
+    teacher = LLMRefiner(pretrained=str(tiny_llm_folder)).q_probs(batch).log()  # log-probs: same softmax
+    s = torch.log_softmax(student.class_logits(logits) / 2.0, -1)
+    t = torch.softmax(teacher.index_select(-1, student._verbalisers) / 2.0, -1)
+    kl = (t * (t.log() - s)).sum(-1).mean()
+    assert kl.item() > 0
+    assert student.lm_target_loss(batch).item() == pytest.approx((plain + 0.5 * 4.0 * kl).item(), rel=1e-4)
+
+
+def test_fit_head_reaches_the_central_threshold_quickly(tiny_slm):
+    g = torch.Generator().manual_seed(0)
+    u = 2 * torch.rand(2000, generator=g)
+    beta = (0.4 * u + 0.05).clamp(0, 1)
+    feats = torch.stack([u, torch.rand(2000), torch.rand(2000), torch.rand(2000)], dim=-1)
+    tiny_slm.fit_head(feats, beta, lam=0.45, steps=5, lr=0.05)  # warm-up: first Trainer pays imports
+    result = tiny_slm.fit_head(feats, beta, lam=0.45, steps=200, lr=0.05)
+    target = central_threshold(u, beta, 0.45, method="sigmoid", temperature=float(tiny_slm.head.temperature))
+    assert result["tau"] == pytest.approx(target, rel=0.02)
+    assert result["loss_after"] < result["loss_before"]
+    assert result["seconds"] < 3.0
+    assert tiny_slm.fit_target == "lm" and all(p.requires_grad for p in tiny_slm.model.parameters())
+
+
+def test_head_target_from_prompts_uses_the_teacher_verdicts(tiny_llm_folder, tokenizer):
+    slm = SLMModule(**TINY, teacher=str(tiny_llm_folder), fit_target="head", verify_mode="greedy")
+    batch = prompts(tokenizer)
+    feats, beta = slm.head_pairs(batch)
+    teacher_best = LLMRefiner(pretrained=str(tiny_llm_folder)).q_probs(batch).argmax(-1)
+    drafts = slm.route_batch(batch)["draft_token"]
+    assert torch.equal(beta, (drafts != teacher_best).float())  # greedy beta: 1 iff the LLM disagrees
+    assert feats.shape == (6, len(FEATURE_NAMES))
+
+
+def test_save_and_reload_keeps_logits_and_head(tmp_path, tiny_slm, tokenizer, monkeypatch):
+    from fedhlm.model_cache import save_to_cache
+
+    batch = prompts(tokenizer)
+    with torch.no_grad():
+        tiny_slm.head.tau.fill_(0.123)
+    tiny_slm.fit_target = "head"  # a trained head is saved with the model
+    folder = save_to_cache(tiny_slm, tmp_path / "slm-abc", {"kind": "slm", "test_acc": 0.5})
+    again = SLMModule(pretrained=str(folder))
+    assert torch.allclose(again.route_batch(batch)["class_probs"], tiny_slm.route_batch(batch)["class_probs"], atol=1e-6)
+    assert again.head.effective_tau() == pytest.approx(0.123)
+
+
+# ---- LLM refiner -----------------------------------------------------------------------------
+def test_kv_cache_session_gives_the_same_q_as_full_reencoding(tiny_llm, tokenizer):
+    ids = tokenizer("markets rallied on tuesday as investors cheered strong earnings", add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.cls_token_id, *ids]
+    tiny_llm.session_q("a", ids[:3], 0)
+    for start, stop in [(3, 4), (4, 7), (7, len(ids))]:
+        q = tiny_llm.session_q("a", ids[start:stop], start)
+        assert torch.allclose(q, tiny_llm.reencoded_q(ids[:stop]), atol=1e-6)
+    assert tiny_llm.sessions["a"].length == len(ids)
+
+
+def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
+    ids = [101, *range(2000, 2040)]
+    tiny_llm.session_q("s", ids[:-1], 0)
+    seen = []
+    handle = tiny_llm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        q = tiny_llm.session_q("s", ids[-1:], len(ids) - 1)
+        draft = int(q.argmax())
+        accepted, token, beta, q_draft = tiny_llm.verify_in_session(
+            "s", [], len(ids), torch.tensor([draft]), torch.tensor([1.0]), 0.0, draft
+        )
+    finally:
+        handle.remove()
+    assert seen == [1]  # one new token encoded; the empty follow-up reuses the stored q
+    # p' is one-hot on the draft: beta = 1 - q(draft), and a rejection resamples elsewhere
+    assert beta == pytest.approx(1 - float(q[draft]), abs=1e-6) and q_draft == pytest.approx(float(q[draft]))
+    assert (token == draft) == accepted
+
+
+def test_sessions_are_evicted_least_recently_used_and_out_of_step_requests_refused(tiny_llm):
+    tiny_llm.session_q("a", [101, 2000], 0)
+    tiny_llm.session_q("b", [101, 2001], 0)
+    tiny_llm.session_q("a", [2002], 2)  # a is now the most recent
+    tiny_llm.session_q("c", [101], 0)  # max_sessions=2 evicts b
+    assert list(tiny_llm.sessions) == ["a", "c"]
+    with pytest.raises(SessionMismatch, match="session b: not held"):
+        tiny_llm.session_q("b", [2003], 2)
+    with pytest.raises(SessionMismatch, match="holds 3 tokens, request starts at 5"):
+        tiny_llm.session_q("a", [2003], 5)
+    assert tiny_llm.end_session("a") and not tiny_llm.end_session("a")
+
+
+def test_refiner_verifies_a_batch_of_client_uploads(tiny_slm, tiny_llm, tokenizer):
+    batch = prompts(tokenizer)
+    upload = tiny_slm.route_batch(batch)
+    request = {**batch, **{k: upload[k] for k in ("topk_ids", "topk_probs", "tail_mass", "draft_token")}}
+    verdicts, classes = tiny_llm.verify(request, generator=torch.Generator().manual_seed(0))
+    q = tiny_llm.q_probs(batch)
+    q_x = q.gather(1, upload["draft_token"].unsqueeze(1)).squeeze(1)
+    assert torch.allclose(verdicts.q_draft, q_x, atol=1e-6)
+    assert torch.allclose(verdicts.beta, (1 - q_x / upload["p_draft"]).clamp_min(0), atol=1e-5)
+    assert torch.equal(verdicts.token[verdicts.accepted], upload["draft_token"][verdicts.accepted])
+    assert torch.equal(classes, tiny_llm.class_of_token(verdicts.token))
+
+
+# ---- model cache ------------------------------------------------------------------------------
+def test_get_or_train_trains_once_and_lists_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path))
+    config = {
+        "model": TINY,
+        "data": {"source": "synthetic", "synthetic_size": 200, "batch_size": 16},
+        "trainer": {"max_steps": 3, "limit_val_batches": 1, "limit_test_batches": 2, "accelerator": "cpu"},
+    }
+    path = get_or_train("slm", config, progress=False)
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert path.parent == tmp_path / "models" and path.name.startswith("slm-")
+    assert metrics["data_source"] == "synthetic" and metrics["params"] > 0 and 0 <= metrics["test_acc"] <= 1
+    stamp = (path / "metrics.json").stat().st_mtime
+    start = time.perf_counter()
+    assert get_or_train("slm", config, progress=False) == path
+    assert time.perf_counter() - start < 1.0 and (path / "metrics.json").stat().st_mtime == stamp
+    assert latest("slm") == path and [f for f, _ in cached_models()] == [path]
+    # a different setting is a different model
+    other = {**config, "model": {**TINY, "seed": 1}}
+    assert get_or_train("slm", other, progress=False) != path
+    assert models_main([]) == 0
+    assert "slm-" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_models_trained_briefly_on_ag_news_rank_llm_over_slm_over_chance(tmp_path, monkeypatch):
+    csv = ag_news_path()
+    if csv is None:
+        pytest.skip("AG News slice not found (set FEDHLM_DATA or place ../shared/data/ag_news/ag_news_dev.csv)")
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path))
+    data = {"source": "ag_news", "path": str(csv), "limit": 1200, "batch_size": 32, "max_length": 48}
+    trainer = {"accelerator": "cpu", "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    slm = get_or_train("slm", {"data": data, "model": {"lr": 3e-3, "warmup_steps": 10},
+                              "trainer": {**trainer, "max_epochs": 3}}, progress=False)
+    llm = get_or_train("llm", {"data": data, "model": {"lr": 1e-4, "warmup_steps": 5},
+                              "trainer": {**trainer, "max_epochs": 1}}, progress=False)
+    slm_acc = json.loads((slm / "metrics.json").read_text())["test_acc"]
+    llm_acc = json.loads((llm / "metrics.json").read_text())["test_acc"]
+    print(f"AG News brief: SLM {slm_acc:.3f} LLM {llm_acc:.3f}")
+    assert llm_acc > slm_acc > 0.4, (llm_acc, slm_acc)
