@@ -64,6 +64,9 @@ def test_context_resolved_by_one_client_is_reused_by_its_peer(p2p_broker) -> Non
         assert second.route == "peer" and second.final == 2 and second.peer_token == 2
         assert dep.llm[0].stats.requests == 1  # the second token never reached the LLM
         assert dep.clients["c000"].counters.peer_answers == 1
+        time.sleep(0.2)  # let the echoes of the clients' own queries arrive
+        for client in dep.clients.values():  # its own query echoed on the cluster topic is no "late reply"
+            assert client.endpoint.stats().dropped["late_reply"] == 0
     finally:
         dep.stop()
 

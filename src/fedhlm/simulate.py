@@ -171,8 +171,14 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
 # ---- the whole run ----------------------------------------------------------------------------------
 def prepare(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
     """Data, models, drafts, partition and clusters: everything the methods share."""
-    from fedhlm.clustering import assign_clients
-    from fedhlm.data import label_histograms, partition, stratified_subset
+    ctx = prepare_inputs(cfg, progress)
+    ctx.update(plan_clients(cfg, ctx["inputs"]))
+    return ctx
+
+
+def prepare_inputs(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
+    """The models, the test inputs drafted by the SLM (batched, timed) and the calibration drafts."""
+    from fedhlm.data import stratified_subset
     from fedhlm.data.module import NewsDataModule
     from fedhlm.embedder import ContextEmbedder
     from fedhlm.hybrid import HybridModels, context_texts
@@ -187,26 +193,30 @@ def prepare(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
     test = list(splits.test)
     if cfg.data.inputs and cfg.data.inputs < len(test):
         test = stratified_subset(test, cfg.data.inputs, seed=cfg.seed)
-    calib = list(splits.calib)
     embedder = ContextEmbedder() if "fedhlm" in cfg.methods or cfg.delta_sweep else None
     embeddings = embedder.encode(context_texts(test)) if embedder is not None else None
     drafts = models.draft(test, embeddings)
-    calib_drafts = models.draft(calib)
+    return {
+        "source": source_name, "models": models, "inputs": drafts.inputs, "slm_ms": drafts.ms_per_token,
+        "calib": models.draft(list(splits.calib)).inputs, "split_sizes": splits.sizes(),
+        "embedder_name": embedder.name if embedder else "none", "embedding_dim": embedder.dim if embedder else 384,
+    }
+
+
+def plan_clients(cfg: SimConfig, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Share the inputs among the clients (IID or Dirichlet), cluster the clients onto edges, cut rounds."""
+    from fedhlm.clustering import assign_clients
+    from fedhlm.data import label_histograms, partition
+
     ids = client_ids(cfg.federation.clients)
-    labels = [d.label for d in drafts.inputs]
+    labels = [d.label for d in inputs]
     parts = partition(labels, len(ids), alpha=cfg.data.alpha, seed=cfg.seed)
     hist = label_histograms(labels, parts)
     profiles = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     assignment = assign_clients(ids, cfg.federation.edges, cfg.federation.clustering, profiles=profiles,
                                 given=cfg.federation.assignment, seed=cfg.seed)
-    _, llm_final = models.llm_verdicts(drafts.inputs, "greedy")
-    return {
-        "source": source_name, "models": models, "inputs": drafts.inputs, "slm_ms": drafts.ms_per_token,
-        "calib": calib_drafts.inputs, "plan": plan_rounds(parts, ids, cfg.federation.rounds),
-        "assignment": assignment, "label_histograms": hist.tolist(),
-        "embedder_name": embedder.name if embedder else "none", "embedding_dim": embedder.dim if embedder else 384,
-        "llm_greedy_class": llm_final, "split_sizes": splits.sizes(),
-    }
+    return {"plan": plan_rounds(parts, ids, cfg.federation.rounds), "assignment": assignment,
+            "label_histograms": hist.tolist()}
 
 
 def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class Endpoint:
         self._connect_mids: set[int] = set()  # the ones sent by on_connect (wait_connected waits for them)
         self._sub_errors: dict[str, str] = {}
         self._pending: dict[bytes, _PendingRequest] = {}
-        self._finished: OrderedDict[bytes, None] = OrderedDict()
+        self._finished: OrderedDict[bytes, str] = OrderedDict()  # correlation id -> its response topic
         self._unacked: dict[int, tuple[str, mqtt.MQTTMessageInfo]] = {}
         self._refused: OrderedDict[int, tuple[float, str]] = OrderedDict()
         self._counters = _Counters()
@@ -436,7 +436,7 @@ class Endpoint:
         finally:
             with self._lock:
                 if self._pending.pop(correlation, None) is not None:
-                    self._finish(correlation)
+                    self._finish(correlation, response_topic)
 
     def _ensure_reply_subscription(self, response_topic: str, timeout_s: float) -> None:
         with self._lock:
@@ -444,9 +444,9 @@ class Endpoint:
         if not covered:
             self.subscribe(response_topic, None, qos=1, timeout_s=timeout_s)
 
-    def _finish(self, correlation: bytes) -> None:
+    def _finish(self, correlation: bytes, response_topic: str) -> None:
         """Remember an answered or expired correlation id (caller holds the lock)."""
-        self._finished[correlation] = None
+        self._finished[correlation] = response_topic
         while len(self._finished) > _FINISHED_IDS_KEPT:
             self._finished.popitem(last=False)
 
@@ -555,7 +555,9 @@ class Endpoint:
         handler = None
         with self._lock:
             pending = self._pending.get(correlation) if correlation is not None else None
-            late = correlation is not None and correlation in self._finished
+            # a late reply arrives on the request's response topic; our own request echoed back on a topic we
+            # also subscribe to (a peer query on the cluster topic) carries the id too, but is not a reply
+            late = correlation is not None and self._finished.get(correlation) == topic
             if pending is None or pending.response_topic != topic:
                 handler = next((s.handler for f, s in self._subs.items() if _filter_matches(f, topic)), None)
         if pending is not None and pending.response_topic == topic:
@@ -584,7 +586,7 @@ class Endpoint:
                 late = True
             else:
                 late = False
-                self._finish(correlation)
+                self._finish(correlation, topic)
         if late:
             self._drop(topic, "late_reply", "reply for an expired or already answered request")
             return
