@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from fedhlm.transport.address import BrokerAddress
 
@@ -91,6 +92,14 @@ def render_acl(users: Mapping[str, str], template_dir: Path) -> str:
     return "\n".join(parts)
 
 
+class TLSFiles(NamedTuple):
+    """PEM files of a TLS listener: the broker's certificate and key, and the CA that signed it."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -103,6 +112,8 @@ class LocalBroker:
     `users` maps each role id of the run to its role; passwords are generated here and
     handed out through `address(user_id)`. `stop()`/`start()` restart the same broker on the
     same port with the same persistence directory, which is how restarts are tested.
+    `tls=(certfile, keyfile, cafile)` adds a TLS listener (`broker/tls.conf`) on `tls_port`;
+    `address(user_id, tls=True)` points a role at it.
     """
 
     def __init__(
@@ -114,6 +125,8 @@ class LocalBroker:
         port: int | None = None,
         passwords: Mapping[str, str] | None = None,
         startup_timeout_s: float = 10.0,
+        tls: TLSFiles | tuple[str | Path, str | Path, str | Path] | None = None,
+        tls_port: int | None = None,
     ) -> None:
         users = dict(users or {"admin": "admin"})
         for user_id, role in users.items():
@@ -123,6 +136,12 @@ class LocalBroker:
         self.users = users
         self.host = host
         self.port = port or free_port(host)
+        self.tls = TLSFiles(*(Path(f).resolve() for f in tls)) if tls is not None else None
+        if self.tls is not None:
+            for name, path in self.tls._asdict().items():
+                if not path.is_file():
+                    raise FileNotFoundError(f"tls {name}: {path} is not a file")
+        self.tls_port = (tls_port or free_port(host)) if self.tls is not None else None
         self._passwords = {u: (passwords or {}).get(u) or secrets.token_urlsafe(18) for u in users}
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="fedhlm-broker-"))
@@ -160,6 +179,9 @@ class LocalBroker:
             "user": getpass.getuser(),
         }
         text = (template_dir / "mosquitto.conf").read_text()
+        if self.tls is not None:
+            text = text.rstrip() + "\n\n" + (template_dir / "tls.conf").read_text()
+            values |= {"tls_port": str(self.tls_port), **{k: str(v) for k, v in self.tls._asdict().items()}}
         for key, value in values.items():
             text = text.replace("{" + key + "}", value)
         self.config_file.write_text(text)
@@ -182,9 +204,12 @@ class LocalBroker:
                 self._proc = None
                 raise RuntimeError(f"mosquitto exited at start-up: {err.strip()} {tail.strip()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    log.info("private broker up at %s (run dir %s)", self.url, self.run_dir)
-                    return self
+                for port in (self.port, self.tls_port):
+                    if port is not None:
+                        with socket.create_connection((self.host, port), timeout=0.2):
+                            pass
+                log.info("private broker up at %s (run dir %s)", self.url, self.run_dir)
+                return self
             except OSError:
                 time.sleep(0.02)
         self.kill()
@@ -223,6 +248,10 @@ class LocalBroker:
         self._proc = None
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -248,11 +277,16 @@ class LocalBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def address(self, user_id: str) -> BrokerAddress:
-        """Host, port and the credentials of one role of the run."""
+    def address(self, user_id: str, tls: bool = False) -> BrokerAddress:
+        """Host, port and the credentials of one role of the run (on the TLS listener with `tls=True`)."""
         if user_id not in self._passwords:
             raise KeyError(f"no broker user {user_id!r}; known: {sorted(self._passwords)[:10]}...")
-        return BrokerAddress(self.host, self.port, user_id, self._passwords[user_id])
+        if not tls:
+            return BrokerAddress(self.host, self.port, user_id, self._passwords[user_id])
+        if self.tls is None or self.tls_port is None:
+            raise ValueError("this broker has no TLS listener: pass tls=(certfile, keyfile, cafile)")
+        return BrokerAddress(self.host, self.tls_port, user_id, self._passwords[user_id], tls=True,
+                             ca_certs=str(self.tls.cafile))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ class RoutingConfig:
     lr_decay: float = 1.0  # local lr / (1 + lr_decay * round)
     verify: str = "greedy"  # greedy: the LLM's argmax replaces a rejected draft; sample: speculative sampling
     llm_timeout_s: float = 10.0
+    llm_retries: int = 1  # resends of a request that got no verdict (a dead shared-subscription worker keeps it)
+    noise_std: float = 0.0  # Gaussian noise on uploaded threshold updates (privacy)
 
 
 @dataclass
@@ -112,6 +114,8 @@ _RANGES = {
     "routing.lr": (0, None, False, True),
     "routing.lr_decay": (0, None, True, True),
     "routing.llm_timeout_s": (0, None, False, True),
+    "routing.llm_retries": (0, None, True, True),
+    "routing.noise_std": (0, None, True, True),
     "federation.clients": (1, None, True, True),
     "federation.edges": (1, None, True, True),
     "federation.rounds": (1, None, True, True),

@@ -144,9 +144,14 @@ class HybridModels:
         beta, _ = self.llm_verdicts(calib, mode)
         u = np.array([d.features[0] for d in calib])
         a, b = fit_linear_beta(u, beta)
-        tau = closed_form_tau(u, beta, lam)
+        try:
+            tau, degenerate = closed_form_tau(u, beta, lam), False
+        except ValueError:  # beta does not grow with u: the line says "send everything" or "send nothing"
+            tau = float(u.min()) - 1e-6 if float(beta.mean()) > lam else float(u.max()) + 1e-6
+            degenerate = True
         corr = float(np.corrcoef(u, beta)[0, 1]) if len(u) > 2 and beta.std() > 0 else float("nan")
-        return {"tau": float(tau), "slope": float(a), "intercept": float(b), "corr_entropy_beta": corr,
+        return {"tau": float(tau), "slope": float(a), "intercept": float(b), "degenerate_fit": degenerate,
+                "corr_entropy_beta": corr,
                 "calibration_inputs": len(calib)}
 
 

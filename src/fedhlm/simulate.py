@@ -74,6 +74,7 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
         client_id="-", edge_id="-", policy=policy, static_tau=static_tau, exploration=cfg.routing.exploration,
         lam=lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
         lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
+        llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
         round_wait_s=2 * cfg.federation.round_deadline_s, personalise=cfg.federation.personalise,
         p2p=p2p, delta=delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000.0, p2p_scope=cfg.p2p.scope,
         audit=cfg.p2p.audit, embedder_name=ctx["embedder_name"], cache_entries=cfg.p2p.cache_entries,
@@ -111,6 +112,7 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
         finally:
             counts = dep.byte_counts()
             telemetry = deployment_telemetry(dep)
+            telemetry["broker_peak_rss_mb"] = process_peak_rss_mb(broker.pid if broker is not None else None)
             dep.stop()
     return {"records": records, "bytes": counts, "federated": fed_rounds if spec.federated else None,
             "dep": telemetry}
@@ -127,8 +129,24 @@ def federated_round(dep, r: int) -> dict[str, Any]:
     }
 
 
+def process_peak_rss_mb(pid: int | None) -> float | None:
+    """Peak resident memory of a process (the broker), from /proc; None where unknown."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
 def deployment_telemetry(dep) -> dict[str, Any]:
     clients = dep.clients.values()
+    endpoints = [c.endpoint for c in clients] + [e.endpoint for e in dep.edges.values()] + [w.endpoint for w in dep.llm]
+    if dep.cloud is not None:
+        endpoints.append(dep.cloud.endpoint)
     peer_ms = [x for c in clients for x in c.counters.peer_ms]
     return {
         "fallbacks": sum(c.counters.fallbacks for c in clients),
@@ -143,6 +161,7 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "updates_aggregated": sum(e.updates_accepted for e in dep.edges.values()),
         "updates_rejected": sum(sum(e.rejected.values()) for e in dep.edges.values()),
         "duplicates": sum(e.duplicates for e in dep.edges.values()),
+        "messages_sent_total": sum(sum(ep.stats().sent_messages.values()) for ep in endpoints),
         "llm_requests": sum(w.stats.requests for w in dep.llm),
         "llm_batches": sum(w.stats.batches for w in dep.llm),
         "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),

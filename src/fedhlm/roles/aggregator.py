@@ -3,7 +3,10 @@
 An aggregator subscribes to its update topic (QoS 1, persistent session, so updates sent
 while it is restarting wait at the broker), checks every update (finite, in range, same
 shape as its model), feeds a `RoundCollector` and closes a round when it is complete or
-when the deadline passed with a quorum. What happens with the aggregate is the subclass's.
+when the deadline passed with a quorum. Participants known to be offline (their Last Will
+said so, see `set_presence`) are not waited for: once every other one has reported and
+they make a quorum, the round closes without waiting for the deadline. What happens with
+the aggregate is the subclass's.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class RoundAggregator:
         self.rejected: Counter[str] = Counter()  # reason -> count
         self.duplicates = 0
         self.updates_accepted = 0
+        self.absent: set[str] = set()  # participants whose status says offline
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._tick_s = tick_s
@@ -101,6 +105,7 @@ class RoundAggregator:
             return
         with self._lock:
             outcome = self.collector.add(sender, round_, WeightedParams(params, num_samples))
+            self.absent.discard(sender)  # it is evidently alive, whatever its last status said
         if outcome == "accepted":
             self.updates_accepted += 1
         elif outcome == "duplicate":
@@ -113,6 +118,19 @@ class RoundAggregator:
     def unpack(self, inbound: Inbound) -> tuple[str, int, Params, int] | str:
         """(sender, round, params, samples) of an update, or why it is not one we take."""
         raise NotImplementedError
+
+    def set_presence(self, participant: str, online: bool) -> None:
+        """Record a participant going offline (its Last Will) or coming back."""
+        if participant not in self.collector.participants:
+            return
+        with self._lock:
+            changed = (participant in self.absent) == online
+            if online:
+                self.absent.discard(participant)
+            else:
+                self.absent.add(participant)
+        if changed:
+            log.info("%s: %s is %s", self.id, participant, "online" if online else "offline")
 
     # -- rounds --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -128,7 +146,7 @@ class RoundAggregator:
             c = self.collector
             # past twice the deadline without a quorum: close with whatever came, never block forever
             starving = now >= c.opened_at + 2 * c.deadline_s and bool(c.received)
-            if not (c.ready(now) or starving):
+            if not (c.ready(now) or starving or self._present_reported()):
                 return False
             round_ = c.round
             params, samples, who = c.close(now, self.method, self.trim_fraction)
@@ -139,6 +157,14 @@ class RoundAggregator:
         self.on_round(round_, who)
         self._save()
         return True
+
+    def _present_reported(self) -> bool:
+        """Everyone not known offline has reported and they make a quorum: the deadline would add nothing."""
+        c = self.collector
+        got = c.received
+        if not self.absent or len(got) < c.quorum_count:
+            return False
+        return all(p in got for p in c.participants - self.absent)
 
     def on_round(self, round_: int, who: list[str]) -> None:
         raise NotImplementedError

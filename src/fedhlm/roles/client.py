@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from fedhlm.aggregation import check_params, personalise
-from fedhlm.head_module import fit_head
 from fedhlm.peer_cache import PeerCache
 from fedhlm.report import TokenRecord
 from fedhlm.threshold import ThresholdHead
@@ -70,7 +69,8 @@ class ClientSettings:
     lr: float = 0.05
     optimizer: str = "sgd"  # sgd | adam, for the local head steps
     lr_decay: float = 0.0  # lr / (1 + lr_decay * round): shrinking local steps make FedAvg settle on the pooled optimum
-    llm_timeout_s: float = 10.0
+    llm_timeout_s: float = 10.0  # per attempt: no verdict by then and the client keeps its own token
+    llm_retries: int = 1  # resends of a request that got no verdict (a crashed LLM worker loses what it held)
     round_wait_s: float = 30.0  # how long to wait for the edge's model after an update
     personalise: float = 0.0
     p2p: bool = False
@@ -82,10 +82,17 @@ class ClientSettings:
     cache_entries: int = 2000
     cache_ttl_s: float = 3600.0
     seed: int = 0
+    noise_std: float = 0.0  # Gaussian noise on the uploaded head parameters (never on the local head)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.llm_timeout_s <= 0:
+            raise ValueError(f"llm_timeout_s must be > 0, got {self.llm_timeout_s}")
+        if self.llm_retries < 0:
+            raise ValueError(f"llm_retries must be >= 0, got {self.llm_retries}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
 
 
 @dataclass
@@ -96,6 +103,7 @@ class ClientCounters:
     peer_refused: int = 0  # queries ignored (other embedder, own query)
     peer_ms: list[float] = field(default_factory=list)  # time spent in the peer step
     fallbacks: int = 0
+    llm_retries: int = 0  # requests sent again after a timeout
     updates_sent: int = 0
     models_received: int = 0
     rounds_without_model: int = 0
@@ -117,6 +125,9 @@ class Client:
         self.head = head
         self.class_of = class_of
         self.rng = np.random.default_rng([settings.seed, _stable_hash(self.id)])
+        # a stream of its own, so that the routing draws are the same with and without noise
+        self._noise_rng = np.random.default_rng([settings.seed, _stable_hash(self.id), 1])
+        self._llm_down = False  # the last request fell back: try once, not 1 + llm_retries times
         self.counters = ClientCounters()
         self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.cache_ttl_s)
         self._pairs_f: list[np.ndarray] = []
@@ -193,15 +204,8 @@ class Client:
             topk_ids=np.asarray(inp.topk_ids, dtype=np.int32), topk_probs=np.asarray(inp.topk_probs, np.float32),
             tail_mass=float(inp.tail_mass), features=np.asarray(inp.features, dtype=np.float32), reason=reason,
         )
-        try:
-            verdict = self.endpoint.request(topics.llm_request(), request, topics.client_llm_reply(self.id),
-                                            timeout_s=self.s.llm_timeout_s, qos=1)
-        except (TimeoutError, ConnectionError) as exc:
-            self.counters.fallbacks += 1
-            log.warning("%s: LLM gave no verdict (%s); keeping the SLM token", self.id, exc)
-            latency = slm_ms + (time.perf_counter() - start) * 1000.0
-            return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
-        if not isinstance(verdict, LLMVerdict) or verdict.seq != request.seq:
+        verdict = self._request_verdict(request)
+        if verdict is None:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0
             return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
@@ -214,6 +218,37 @@ class Client:
         latency = slm_ms + (time.perf_counter() - start) * 1000.0
         return TokenRecord(**base, final=final, route="llm", reason=reason, latency_ms=latency, llm_final=final,
                            peer_token=peer_class)
+
+    def _request_verdict(self, request: TokenRequest) -> LLMVerdict | None:
+        """The LLM's verdict, or None after `1 + llm_retries` attempts of `llm_timeout_s` each.
+
+        A request can vanish without any error: an LLM worker of the shared subscription that
+        dies takes the requests it had received (and acknowledged) with it, and Mosquitto hands
+        them to no other worker. One resend reaches a live one. While the LLM looks down (the
+        previous request fell back) a single attempt is made, so an outage costs one timeout a token.
+        """
+        attempts = 1 if self._llm_down else 1 + self.s.llm_retries
+        problem = ""
+        for attempt in range(attempts):
+            if attempt:
+                self.counters.llm_retries += 1
+                log.info("%s: no LLM verdict for seq %d (%s); sending it again", self.id, request.seq, problem)
+            try:
+                reply = self.endpoint.request(topics.llm_request(), request, topics.client_llm_reply(self.id),
+                                              timeout_s=self.s.llm_timeout_s, qos=1)
+            except TimeoutError as exc:
+                problem = str(exc)
+                continue
+            except ConnectionError as exc:  # the endpoint is closed: resending cannot help
+                problem = str(exc)
+                break
+            if isinstance(reply, LLMVerdict) and reply.seq == request.seq:
+                self._llm_down = False
+                return reply
+            problem = f"unexpected reply {type(reply).__name__} seq {getattr(reply, 'seq', '?')}"
+        self._llm_down = True
+        log.warning("%s: LLM gave no verdict (%s); keeping the SLM token", self.id, problem)
+        return None
 
     # -- peers -----------------------------------------------------------------------
     def _ask_peers(self, inp: TokenInput) -> PeerReply | None:
@@ -267,12 +302,14 @@ class Client:
             return None
         fit = None
         if self._pairs_f and self.s.local_steps > 0:
+            from fedhlm.head_module import fit_head  # Lightning, loaded on first use: seconds a router never pays
+
             feats = torch.from_numpy(np.stack(self._pairs_f))
             beta = torch.tensor(self._pairs_beta, dtype=torch.float32)
             lr = self.s.lr / (1.0 + self.s.lr_decay * round_)
             fit = fit_head(self.head, feats, beta, lam=self.s.lam, steps=self.s.local_steps, lr=lr,
                            optimizer=self.s.optimizer)
-        update = ThresholdUpdate(self.id, self.s.edge_id, round_, len(self._pairs_beta), self.head_params())
+        update = ThresholdUpdate(self.id, self.s.edge_id, round_, len(self._pairs_beta), self.upload_params())
         self.endpoint.publish(topics.edge_update(self.s.edge_id, self.id), update, qos=1)
         self.counters.updates_sent += 1
         model = self.wait_model(round_, self.s.round_wait_s)
@@ -284,6 +321,29 @@ class Client:
             self.adopt(model)
         self.tau_history.append((round_, self.head.effective_tau()))
         return fit
+
+    def upload_params(self) -> dict[str, np.ndarray]:
+        """What goes to the edge: the head's parameters, with N(0, noise_std^2) added to the trainable ones.
+
+        The noise blurs what one update says about the client's data; the local head keeps
+        its exact values, and FedAvg over n clients shrinks the noise by sqrt(n).
+        """
+        params = self.head_params()
+        if self.s.noise_std > 0:
+            for name, param in self.head.named_parameters():
+                if param.requires_grad:
+                    noise = self._noise_rng.normal(0.0, self.s.noise_std, size=params[name].shape)
+                    params[name] = (params[name] + noise).astype(np.float32)
+        return params
+
+    def current_round(self) -> int:
+        """The round the edge is collecting as far as this client knows: one past the newest cluster model.
+
+        A client that comes back after a crash joins here (its persistent session or the
+        retained model tells it the edge's progress) instead of replaying rounds it missed.
+        """
+        with self._model_lock:
+            return 0 if self._model is None else self._model.round + 1
 
     def _on_model(self, inbound: Inbound) -> None:
         model = inbound.message

@@ -4,7 +4,8 @@ After a cluster round it publishes the cluster model (retained, QoS 1) on
 `edge/{id}/model`. Every `cloud_every` rounds it first sends its aggregate to the cloud and
 waits (bounded) for the global model, which then becomes the cluster model it publishes
 (HierFAVG). With `p2p_scope="neighbours"` it forwards peer queries that its own cluster
-could not answer to the other edges.
+could not answer to the other edges. It follows its clients' retained status (online, or
+offline by Last Will) so that a round does not wait out the deadline for a dead client.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from fedhlm.roles.aggregator import RoundAggregator
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import PeerQuery, ThresholdModel, ThresholdUpdate
+from fedhlm.transport.messages import ClientStatus, PeerQuery, ThresholdModel, ThresholdUpdate
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,19 @@ class EdgeServer(RoundAggregator):
 
     def subscribe_extra(self) -> None:
         self.endpoint.subscribe(topics.global_model(), self._on_global, qos=1)
+        for client_id in sorted(self.collector.participants):
+            self.endpoint.subscribe(topics.client_status(client_id), self._on_status, qos=1)
         if self.neighbours:
             self.endpoint.subscribe(topics.edge_p2p_query(self.id), self._on_peer_query, qos=0)
+
+    def _on_status(self, inbound: Inbound) -> None:
+        status = inbound.message
+        topic_client = topics.parse(inbound.topic).ids.get("client_id")
+        if not isinstance(status, ClientStatus) or status.client_id != topic_client:
+            self.rejected["bad status"] += 1
+            log.warning("%s: dropped a status on %s: not the status of %s", self.id, inbound.topic, topic_client)
+            return
+        self.set_presence(status.client_id, status.online)
 
     def _on_global(self, inbound: Inbound) -> None:
         model = inbound.message

@@ -152,6 +152,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
         client_id=role_id, edge_id=args.edge, policy="learned", exploration=cfg.routing.exploration,
         lam=cfg.routing.lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
         lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
+        llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
         round_wait_s=2 * cfg.federation.round_deadline_s, personalise=cfg.federation.personalise,
         p2p=cfg.p2p.enabled, delta=cfg.p2p.delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000, p2p_scope=cfg.p2p.scope,
         audit=cfg.p2p.audit, embedder_name=embedder.name if embedder else "none", seed=cfg.seed,

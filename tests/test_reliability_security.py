@@ -1,0 +1,155 @@
+"""Security: a hostile client cannot speak for others, TLS carries the roles, no password reaches a log or file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhlm.broker import LocalBroker
+from fedhlm.deployment import Deployment
+from fedhlm.roles.edge import EdgeServer
+from fedhlm.transport import topics
+from fedhlm.transport.address import BrokerAddress
+from fedhlm.transport.endpoint import Endpoint
+from fedhlm.transport.messages import ClientStatus, LLMVerdict, ThresholdModel, ThresholdUpdate
+from test_endpoint import Inbox
+from test_reliability_support import T, assignment, federated_spec, round_inputs, users, wait_until
+
+pytestmark = pytest.mark.reliability
+
+
+def params(tau: float) -> dict[str, np.ndarray]:
+    return {"tau": np.array(tau, np.float32), "temperature": np.array(T, np.float32)}
+
+
+def test_hostile_client_cannot_forge_updates_models_replies_or_status_and_the_aggregate_is_unchanged() -> None:
+    members = {"c00": "e0", "c01": "e0", "c02": "e0"}
+    broker = LocalBroker(users(members)).start()
+    edge = EdgeServer("e0", broker.address("e0"), list(members), params(0.5), quorum=1.0, deadline_s=10.0,
+                      cloud_every=1000).start()
+    bus = Inbox()
+    spy = Endpoint(broker.address("admin"))
+    spy.subscribe("fedhlm/v1/#", bus)
+    spy.start().wait_connected()
+    ends = {c: Endpoint(broker.address(c)).start().wait_connected() for c in members}
+    hostile = ends["c02"]
+    try:
+        forgeries = [  # what c02 would need to steer the run, each refused by the broker (ACL)
+            (topics.edge_update("e0", "c00"), ThresholdUpdate("c00", "e0", 0, 10_000, params(900.0))),
+            (topics.edge_model("e0"), ThresholdModel("e0", "edge", 0, 10_000, params(900.0))),
+            (topics.global_model(), ThresholdModel("cloud", "global", 0, 10_000, params(900.0))),
+            (topics.client_llm_reply("c00"), LLMVerdict("c00", "s", 1, True, 1, 1.0, 1.0, 0.0)),
+            (topics.client_status("c00"), ClientStatus("c00", False, "e0", time.time())),  # "c00 is dead"
+        ]
+        for topic, message in forgeries:
+            with pytest.raises(PermissionError, match="Not authorized"):
+                hostile.publish(topic, message, qos=1, wait=True)
+        # on its own topic it may publish, but an update in c00's name is not c00's update
+        hostile.publish(topics.edge_update("e0", "c02"), ThresholdUpdate("c00", "e0", 0, 10_000, params(900.0)),
+                        qos=1, wait=True)
+        for cid, tau, n in (("c00", 0.3, 10), ("c01", 0.5, 30), ("c02", 0.7, 10)):
+            ends[cid].publish(topics.edge_update("e0", cid), ThresholdUpdate(cid, "e0", 0, n, params(tau)), qos=1,
+                              wait=True)
+        assert wait_until(lambda: edge.round == 1, 5)
+        assert float(edge.params["tau"]) == pytest.approx((0.3 * 10 + 0.5 * 30 + 0.7 * 10) / 50)
+        assert edge.history[0]["participants"] == ["c00", "c01", "c02"] and edge.history[0]["samples"] == 50
+        assert sum(edge.rejected.values()) == 1 and edge.absent == set()
+        assert hostile.stats().publish_refused == len(forgeries)
+        time.sleep(0.2)
+        forged = [i.topic for i in bus.items if any(np.any(np.asarray(v) == 900.0) for v in
+                                                    getattr(i.message, "params", {}).values())]
+        assert forged == [topics.edge_update("e0", "c02")]  # the one the edge rejected; none on others' topics
+        assert not [i for i in bus.items if isinstance(i.message, (ClientStatus, LLMVerdict))]
+        assert [i.topic for i in bus.items if isinstance(i.message, ThresholdModel)] == [topics.edge_model("e0")]
+    finally:
+        for endpoint in (*ends.values(), spy):
+            endpoint.close()
+        edge.stop()
+        broker.cleanup()
+
+
+def make_certificates(folder: Path, cn: str = "FedHLM test CA") -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (openssl CLI); (certfile, keyfile, cafile)."""
+    ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
+    key, csr, crt, ext = folder / "server.key", folder / "server.csr", folder / "server.crt", folder / "san.ext"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "1", "-subj", f"/CN={cn}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(crt), "-days", "1", "-extfile", str(ext))
+    return crt, key, ca_crt
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is needed to make test certificates")
+def test_tls_listener_carries_roles_and_refuses_plain_or_untrusted_connections(tmp_path) -> None:
+    certs = make_certificates(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_ca = make_certificates(tmp_path / "other", cn="Another CA")[2]
+    with LocalBroker(users({"c00": "e0"}), tls=certs) as broker:
+        assert broker.tls_port is not None and broker.tls_port != broker.port
+        inbox = Inbox()
+        edge = Endpoint(broker.address("e0", tls=True))
+        edge.subscribe(topics.edge_update_filter("e0"), inbox)
+        client = Endpoint(broker.address("c00", tls=True))
+        try:
+            edge.start().wait_connected(5)
+            client.start().wait_connected(5)
+            update = ThresholdUpdate("c00", "e0", 0, 10, params(0.25))
+            client.publish(topics.edge_update("e0", "c00"), update, qos=1, wait=True)
+            (got,) = inbox.wait_for(1)
+            assert got.message == update and broker.address("c00", tls=True).public_url.startswith("mqtts://")
+        finally:
+            client.close()
+            edge.close()
+        address = broker.address("c00", tls=True)
+        refused = {
+            "plain MQTT on the TLS port": BrokerAddress(address.host, address.port, "c00", address.password),
+            "a CA that did not sign the broker": BrokerAddress(address.host, address.port, "c00", address.password,
+                                                               tls=True, ca_certs=str(other_ca)),
+        }
+        for why, bad in refused.items():
+            endpoint = Endpoint(bad, reconnect_delay_s=(1.0, 1.0))
+            try:
+                with pytest.raises(TimeoutError):
+                    endpoint.start().wait_connected(1.0)
+            finally:
+                endpoint.close()
+        assert "alert unknown ca" in broker.log_file.read_text()  # the client refused the broker's certificate
+
+
+def test_no_password_reaches_logs_or_run_files(tmp_path, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    assign = assignment(2, 1)
+    broker = LocalBroker(users(assign), run_dir=tmp_path / "broker").start()
+    passwords = [broker.address(u).password for u in users(assign)]
+    dep = Deployment(federated_spec(assign, tmp_path / "ckpt", llm_timeout_s=1.0), broker.address).start()
+    try:
+        dep.run_round(0, round_inputs(assign, 0, 8))
+        broker.restart()  # disconnects and reconnects log the broker address on every role
+        dep.run_round(1, round_inputs(assign, 1, 8))
+        bad = Endpoint(broker.address("c00").with_credentials("c00", "wrong-" + passwords[0]), client_id="intruder")
+        with pytest.raises(ConnectionRefusedError):
+            bad.start().wait_connected(5)
+        bad.close()
+        summary = json.dumps({e: edge.history for e, edge in dep.edges.items()}) + repr(broker.address("c00"))
+        summary += "".join(repr(c.endpoint) for c in dep.clients.values())
+    finally:
+        dep.stop()
+        broker.stop()
+    assert "disconnected from mqtt://" in caplog.text and "refused" in caplog.text  # the paths that print addresses
+    files = {p.name: p.read_bytes() for p in (tmp_path).rglob("*") if p.is_file()}
+    assert "passwd" in files and "mosquitto.log" in files and "e0.json" in files
+    for password in passwords:
+        assert password and password not in caplog.text and password not in summary
+        assert not [name for name, data in files.items() if password.encode() in data]
+    broker.cleanup()
