@@ -16,7 +16,6 @@ from fedhlm.hf_models import (
     ModelFolderError,
     build_bert_decoder,
     load_causal_lm,
-    minilm_path,
     project_embeddings,
     save_model,
 )

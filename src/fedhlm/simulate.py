@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +241,6 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     """Run every configured method and the sweeps; write report.json and the plots into out_dir."""
     from tqdm import tqdm
 
-    from fedhlm import plots
     from fedhlm.report import check_consistency, per_round
 
     out_dir.mkdir(parents=True, exist_ok=True)

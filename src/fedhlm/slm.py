@@ -15,11 +15,8 @@ the class decision renormalises over the verbalisers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +26,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedhlm.classifier import Batch, NextTokenClassifier
+from fedhlm.head_module import quiet_lightning
 from fedhlm.hf_models import load_causal_lm, next_token_logits, resolve_model_path
 from fedhlm.model_cache import HEAD_FILE
 from fedhlm.speculative import VerifyMode, draft_from_topk, draft_distribution, rejection_probability
@@ -343,7 +341,7 @@ class SLMModule(NextTokenClassifier):
             with torch.no_grad():
                 before = float(self.head_loss(feats.to(self.device), beta.to(self.device)))
             start = time.perf_counter()
-            with _quiet_lightning():
+            with quiet_lightning():
                 trainer = Trainer(
                 max_steps=steps, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
                     enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -359,20 +357,6 @@ class SLMModule(NextTokenClassifier):
             self._log_head_steps = True
             self.model.requires_grad_(True)
         return {"loss_before": before, "loss_after": after, "tau": self.head.effective_tau(), "seconds": elapsed}
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's banners and the expected warnings (frozen LM in eval mode, no val loader), per call."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(val_dataloader|eval mode|LeafSpec|max_steps).*")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def head_dataloader(

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 
 def in_process_tokens_per_s(ctx: dict[str, Any], records: list, slm_seconds: float) -> float:
