@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fedhlm.transport.address import BrokerAddress
+from fedhlm.transport.topics import validate_id
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,13 @@ def hash_password(password: str, *, salt: bytes | None = None) -> str:
 
 
 def validate_user_id(user_id: str) -> str:
-    """A role id doubles as MQTT username, client id and topic level: keep it plain."""
-    if not user_id or len(user_id) > 64 or any(c in user_id for c in "/+#:\0 \t\n") or user_id.startswith("$"):
-        raise ValueError(f"invalid role id {user_id!r}: 1-64 characters, none of '/+#: $' or whitespace")
+    """A role id doubles as MQTT username, client id and topic level: a topic id that also fits the password file."""
+    try:
+        validate_id(user_id, "role id")
+    except ValueError as exc:
+        raise ValueError(f"invalid {exc}") from None
+    if ":" in user_id or any(c.isspace() for c in user_id):
+        raise ValueError(f"invalid role id {user_id!r}: no ':' or whitespace (password file syntax)")
     return user_id
 
 
