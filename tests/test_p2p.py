@@ -65,8 +65,11 @@ def test_context_resolved_by_one_client_is_reused_by_its_peer(p2p_broker) -> Non
         assert dep.llm[0].stats.requests == 1  # the second token never reached the LLM
         assert dep.clients["c000"].counters.peer_answers == 1
         time.sleep(0.2)  # let the echoes of the clients' own queries arrive
-        for client in dep.clients.values():  # its own query echoed on the cluster topic is no "late reply"
+        for client in dep.clients.values():  # no echo of its own query (noLocal), no "late reply"
             assert client.endpoint.stats().dropped["late_reply"] == 0
+        # each sent one query; without noLocal each would also receive its own back
+        assert dep.clients["c000"].endpoint.stats().received_messages["p2p"] == 1  # c001's query
+        assert dep.clients["c001"].endpoint.stats().received_messages["p2p"] == 2  # c000's query + the reply
     finally:
         dep.stop()
 

@@ -146,7 +146,7 @@ class Client:
         if self.s.policy == "learned":
             ep.subscribe(topics.edge_model(self.s.edge_id), self._on_model, qos=1)
         if self.s.p2p:
-            ep.subscribe(topics.edge_p2p_query(self.s.edge_id), self._on_peer_query, qos=0)
+            ep.subscribe(topics.edge_p2p_query(self.s.edge_id), self._on_peer_query, qos=0, no_local=True)
         ep.start().wait_connected(timeout_s)
         ep.publish(topics.client_status(self.id), ClientStatus(self.id, True, self.s.edge_id, time.time()), qos=1,
                    retain=True)

@@ -101,6 +101,7 @@ class _Counters:
 class _Subscription:
     handler: Handler | None  # None: replies to `request` only
     qos: int
+    no_local: bool = False  # MQTT v5: the broker does not echo this endpoint's own publishes back
 
 
 @dataclass
@@ -280,10 +281,12 @@ class Endpoint:
         self.close()
 
     # -- subscribe -------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler | None, qos: int = 1, timeout_s: float = 5.0) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler | None, qos: int = 1, timeout_s: float = 5.0,
+                  no_local: bool = False) -> None:
         """Route messages matching `topic_filter` to `handler` (on a worker thread).
 
-        Kept across reconnects. If connected, waits for the broker's SUBACK and raises
+        `no_local` asks the broker not to send back what this endpoint publishes on the same
+        topic (a client's own peer query on its cluster's topic). Kept across reconnects. If connected, waits for the broker's SUBACK and raises
         PermissionError if the broker refused the filter (ACL). Overlapping filters: the
         first one subscribed wins. `handler=None` subscribes for `request` replies only.
         """
@@ -291,12 +294,12 @@ class Endpoint:
             raise ValueError(f"qos must be 0 or 1, got {qos}")
         _check_filter(topic_filter)
         with self._lock:
-            self._subs[topic_filter] = _Subscription(handler, qos)
+            self._subs[topic_filter] = _Subscription(handler, qos, no_local)
             self._confirmed.discard(topic_filter)
             self._sub_errors.pop(topic_filter, None)
             if not self._connected:
                 return  # made in on_connect
-            mid = self._send_subscribe(topic_filter, qos)
+            mid = self._send_subscribe(topic_filter, qos, no_local)
             deadline = time.monotonic() + timeout_s
             while mid is not None and mid in self._sub_mids and self._connected:
                 remaining = deadline - time.monotonic()
@@ -313,10 +316,10 @@ class Endpoint:
             self._confirmed.discard(topic_filter)
         self._client.unsubscribe(topic_filter)
 
-    def _send_subscribe(self, topic_filter: str, qos: int) -> int | None:
+    def _send_subscribe(self, topic_filter: str, qos: int, no_local: bool = False) -> int | None:
         """Send SUBSCRIBE (caller holds the lock). Retained messages only for a new subscription,
         so that re-subscribing into a resumed session does not replay them."""
-        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        options = SubscribeOptions(qos=qos, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         rc, mid = self._client.subscribe(topic_filter, options=options)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return None
@@ -483,7 +486,7 @@ class Endpoint:
                     self._confirmed.clear()
                 for topic_filter, sub in self._subs.items():
                     if topic_filter not in self._confirmed:
-                        mid = self._send_subscribe(topic_filter, sub.qos)
+                        mid = self._send_subscribe(topic_filter, sub.qos, sub.no_local)
                         if mid is not None:
                             self._connect_mids.add(mid)
                 if not self._connect_mids:
