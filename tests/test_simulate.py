@@ -92,3 +92,32 @@ def test_interrupted_run_still_writes_its_partial_report(tiny_cfg, tmp_path, mon
     saved = json.loads((out / "report.json").read_text())
     assert report["status"] == saved["status"] == "interrupted"
     assert set(saved["methods"]) == {"slm_only", "llm_only"}
+
+
+@pytest.mark.slow
+def test_simulation_over_a_given_broker_with_one_shared_account(tiny_cfg, tmp_path) -> None:
+    import dataclasses
+    import threading
+
+    from fedhlm.broker import LocalBroker
+    from fedhlm.transport import topics
+    from fedhlm.transport.endpoint import Endpoint
+
+    with LocalBroker({"ops": "admin"}) as broker:
+        url = broker.address("ops").url
+        cfg = dataclasses.replace(tiny_cfg, broker=url, methods=["llm_only", "fedhlm_no_p2p"])
+        report = sim.simulate(cfg, tmp_path / "ext", show_progress=False)
+        assert report["status"] == "complete"
+        assert report["methods"]["fedhlm_no_p2p"]["fl"]["updates_aggregated"] == 4 * 2
+        assert broker.address("ops").password not in (tmp_path / "ext" / "report.json").read_text()
+
+        def retained_global() -> bool:
+            got = threading.Event()
+            with Endpoint(broker.address("ops").for_role("probe")) as probe:
+                probe.subscribe(topics.global_model(), lambda _m: got.set(), qos=1)
+                probe.wait_connected()
+                return got.wait(1.0)
+
+        assert retained_global()  # the run left its global model retained ...
+        sim.clear_models(broker.address("ops").for_role("cleaner"), ["e0", "e1"])
+        assert not retained_global()  # ... and a new run starts by clearing it

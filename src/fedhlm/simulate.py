@@ -89,15 +89,16 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
     )
     users = {**{c: "client" for c in assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
              "llm": "llm", "admin": "admin"}
-    if cfg.broker:
+    if cfg.broker:  # one account for every role, each under its own client id; no stale models from a last run
         base = BrokerAddress.from_url(cfg.broker)
+        clear_models(base.for_role("fedhlm-sim-admin"), spec.edges)
         broker_cm = nullcontext(None)
     else:
         broker_cm = LocalBroker(users)
     records = []
     fed_rounds: list[dict[str, Any]] = []
     with broker_cm as broker:
-        address = broker.address if broker is not None else (lambda _user: base)
+        address = broker.address if broker is not None else base.for_role
         dep = Deployment(spec, address).start()
         try:
             for r, by_client in enumerate(plan):
@@ -115,6 +116,17 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
             dep.stop()
     return {"records": records, "bytes": counts, "federated": fed_rounds if spec.federated else None,
             "dep": telemetry}
+
+
+def clear_models(address, edges: Sequence[str]) -> None:
+    """Drop the retained edge and global models a previous run left on a shared broker."""
+    from fedhlm.transport import topics
+    from fedhlm.transport.endpoint import Endpoint
+
+    with Endpoint(address) as ep:
+        ep.wait_connected()
+        for topic in [topics.edge_model(e) for e in edges] + [topics.global_model()]:
+            ep.clear_retained(topic)
 
 
 def federated_round(dep, r: int) -> dict[str, Any]:

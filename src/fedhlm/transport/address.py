@@ -18,6 +18,7 @@ class BrokerAddress:
     password: str | None = None
     tls: bool = False
     ca_certs: str | None = None
+    client_id: str | None = None  # MQTT client id; default: the username (roles sharing one account need their own)
 
     @classmethod
     def from_url(cls, url: str) -> "BrokerAddress":
@@ -37,6 +38,10 @@ class BrokerAddress:
 
     def with_credentials(self, username: str, password: str) -> "BrokerAddress":
         return replace(self, username=username, password=password)
+
+    def for_role(self, role_id: str) -> "BrokerAddress":
+        """The same account under the MQTT client id of one role (a shared broker account, many roles)."""
+        return replace(self, client_id=role_id)
 
     @property
     def url(self) -> str:

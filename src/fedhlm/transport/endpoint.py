@@ -151,7 +151,7 @@ class Endpoint:
         workers: int = 1,
     ) -> None:
         self.address = address
-        self.client_id = topics.validate_id(client_id or address.username, "client_id")
+        self.client_id = topics.validate_id(client_id or address.client_id or address.username, "client_id")
         self.persistent = persistent
         self._session_expiry_s = session_expiry_s
         self._keepalive_s = keepalive_s
@@ -338,6 +338,12 @@ class Endpoint:
         A QoS 0 message cannot be sent while disconnected: it is counted as dropped and 0 returned.
         """
         return self._publish(topic, message, qos, retain, wait, timeout_s)
+
+    def clear_retained(self, topic: str, timeout_s: float = 5.0) -> None:
+        """Remove the retained message of `topic` (an empty retained publish, as MQTT defines it)."""
+        _check_filter(topic, concrete=True)
+        info = self._client.publish(topic, b"", qos=1, retain=True)
+        info.wait_for_publish(timeout_s)
 
     def reply(self, inbound: Inbound, message: Message, qos: int = 0) -> int:
         """Answer a request: publish to its Response Topic with its Correlation Data."""
