@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("fedhlm.lightning_cli", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
     "validate": ("fedhlm.lightning_cli", "validate a model with the Lightning CLI"),
     "test": ("fedhlm.lightning_cli", "test a model with the Lightning CLI"),
+    "export": ("fedhlm.export", "export the SLM for devices: ONNX (+ int8), head, tokenizer, manifest"),
     "models": ("fedhlm.model_cache", "list the cached models with their test accuracy"),
     "data": ("fedhlm.data", "data utilities: `fedhlm data fetch ag_news`, `fedhlm data info`"),
     "simulate": ("fedhlm.simulate", "run the end-to-end simulation over a Mosquitto broker"),

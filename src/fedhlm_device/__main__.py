@@ -1,0 +1,5 @@
+import sys
+
+from fedhlm_device.cli import main
+
+sys.exit(main())
