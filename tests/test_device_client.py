@@ -125,7 +125,7 @@ def test_update_left_in_the_outbox_is_resent_and_aggregated_at_start(tmp_path) -
         device.outbox.put(topics.edge_update("e0", "c000"), encode(lost))
         try:
             device.start()
-            assert device.counters.updates_resent == 1 and len(device.outbox) == 0  # PUBACK removed it
+            assert device.updates_resent == 1 and len(device.outbox) == 0  # PUBACK removed it
             deadline = time.monotonic() + 5
             while edge.round < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)

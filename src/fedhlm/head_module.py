@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
@@ -104,3 +105,39 @@ def fit_head(
         after = float(module.loss(feats, beta))
     return {"loss_before": before, "loss_after": after, "tau": head.effective_tau(),
             "seconds": time.perf_counter() - start}
+
+
+class TorchHead:
+    """A ThresholdHead behind the numpy interface a client routes and learns through (`roles.client.RoutingHead`)."""
+
+    def __init__(self, module: ThresholdHead) -> None:
+        self.module = module
+
+    @property
+    def tau(self) -> float:
+        return float(self.module.tau.detach())
+
+    def route(self, features: np.ndarray) -> bool:
+        with torch.no_grad():
+            return bool(self.module.route(torch.from_numpy(np.asarray(features, dtype=np.float32))))
+
+    def effective_tau(self) -> float:
+        return self.module.effective_tau()
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32).reshape(v.shape)
+                for k, v in self.module.state_dict().items()}
+
+    def trainable(self) -> list[str]:
+        return [name for name, p in self.module.named_parameters() if p.requires_grad]
+
+    def load(self, params: dict[str, np.ndarray]) -> None:
+        own = self.module.state_dict()
+        self.module.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)).reshape(own[k].shape)
+                                     for k, v in params.items()})
+
+    def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
+            optimizer: str = "sgd") -> dict[str, float]:
+        return fit_head(self.module, torch.from_numpy(np.asarray(features, np.float32)),
+                        torch.from_numpy(np.asarray(beta, np.float32)), lam=lam, steps=steps, lr=lr,
+                        optimizer=optimizer)

@@ -10,6 +10,7 @@ in float32, step for step what torch.optim.SGD does to ThresholdHead.tau (test_d
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,19 @@ class ScalarHead:
 
     def params(self) -> dict[str, np.ndarray]:
         return {"tau": np.array(self.tau, np.float32), "temperature": np.array(self.temperature, np.float32)}
+
+    def trainable(self) -> list[str]:
+        return ["tau"]  # T is fixed on a device, as in the scalar ThresholdHead without learn_temperature
+
+    def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
+            optimizer: str = "sgd") -> dict[str, float]:
+        """`fit_sgd` behind the interface a client learns through (plain gradient steps only)."""
+        if optimizer != "sgd":
+            raise ValueError(f"optimizer: a device trains its head with 'sgd' only, got {optimizer!r}")
+        start = time.perf_counter()
+        result = fit_sgd(self, features, beta, lam=lam, steps=steps, lr=lr)
+        result["seconds"] = time.perf_counter() - start
+        return result
 
     def load(self, params: dict[str, np.ndarray]) -> None:
         if set(params) != {"tau", "temperature"}:

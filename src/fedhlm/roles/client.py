@@ -16,14 +16,13 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from fedhlm.aggregation import check_params, personalise
 from fedhlm.peer_cache import PeerCache
 from fedhlm.report import TokenRecord
-from fedhlm.threshold import ThresholdHead
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint, Inbound
@@ -109,20 +108,46 @@ class ClientCounters:
     rounds_without_model: int = 0
 
 
+class RoutingHead(Protocol):
+    """What a client needs of its threshold head, in numpy: the PyTorch ThresholdHead (through
+    `head_module.TorchHead`) and a device's numpy `ScalarHead` both provide it."""
+
+    def route(self, features: np.ndarray) -> bool: ...
+    def effective_tau(self) -> float: ...
+    def params(self) -> dict[str, np.ndarray]: ...
+    def trainable(self) -> list[str]: ...
+    def load(self, params: dict[str, np.ndarray]) -> None: ...
+    def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
+            optimizer: str = "sgd") -> dict[str, float]: ...
+
+
+def as_routing_head(head: Any) -> RoutingHead:
+    """A ThresholdHead (torch) is wrapped; anything that already speaks RoutingHead is used as it is."""
+    if all(hasattr(head, name) for name in ("route", "params", "load", "fit", "trainable")):
+        return head
+    from fedhlm.head_module import TorchHead  # torch and Lightning only for a torch head
+
+    return TorchHead(head)
+
+
 class Client:
-    """One IoT client. `class_of` maps a token id to its class (-1: not a class token)."""
+    """One IoT client. `class_of` maps a token id to its class (-1: not a class token).
+
+    `head` is a RoutingHead or a torch ThresholdHead; the routing and the protocol do not
+    depend on which, so a device (`fedhlm_device.DeviceClient`) is this class with a numpy head.
+    """
 
     def __init__(
         self,
         settings: ClientSettings,
         address: BrokerAddress,
-        head: ThresholdHead,
+        head: Any,
         class_of: Callable[[int], int],
         embedding_dim: int = 384,
     ) -> None:
         self.s = settings
         self.id = settings.client_id
-        self.head = head
+        self.head = as_routing_head(head)
         self.class_of = class_of
         self.rng = np.random.default_rng([settings.seed, _stable_hash(self.id)])
         # a stream of its own, so that the routing draws are the same with and without noise
@@ -169,8 +194,7 @@ class Client:
             return False
         if self.s.policy == "static":
             return float(features[0]) > self.s.static_tau
-        with torch.no_grad():
-            return bool(self.head.route(torch.from_numpy(np.asarray(features, dtype=np.float32))))
+        return bool(self.head.route(np.asarray(features, dtype=np.float32)))
 
     def run_round(self, round_: int, inputs: Sequence[TokenInput], slm_ms: float = 0.0) -> list[TokenRecord]:
         """Route every input of this round; `slm_ms` is the SLM's per-token compute time, added to latency."""
@@ -294,7 +318,7 @@ class Client:
 
     # -- federated learning ------------------------------------------------------------
     def head_params(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().astype(np.float32).reshape(v.shape) for k, v in self.head.state_dict().items()}
+        return self.head.params()
 
     def finish_round(self, round_: int) -> dict[str, float] | None:
         """Fit the head, send the update, adopt the edge's model; returns the fit's numbers."""
@@ -302,16 +326,11 @@ class Client:
             return None
         fit = None
         if self._pairs_f and self.s.local_steps > 0:
-            from fedhlm.head_module import fit_head  # Lightning, loaded on first use: seconds a router never pays
-
-            feats = torch.from_numpy(np.stack(self._pairs_f))
-            beta = torch.tensor(self._pairs_beta, dtype=torch.float32)
             lr = self.s.lr / (1.0 + self.s.lr_decay * round_)
-            fit = fit_head(self.head, feats, beta, lam=self.s.lam, steps=self.s.local_steps, lr=lr,
-                           optimizer=self.s.optimizer)
+            fit = self.head.fit(np.stack(self._pairs_f), np.asarray(self._pairs_beta, np.float32), lam=self.s.lam,
+                                steps=self.s.local_steps, lr=lr, optimizer=self.s.optimizer)
         update = ThresholdUpdate(self.id, self.s.edge_id, round_, len(self._pairs_beta), self.upload_params())
-        self.endpoint.publish(topics.edge_update(self.s.edge_id, self.id), update, qos=1)
-        self.counters.updates_sent += 1
+        self.send_update(update)
         model = self.wait_model(round_, self.s.round_wait_s)
         if model is None:
             self.counters.rounds_without_model += 1
@@ -322,6 +341,11 @@ class Client:
         self.tau_history.append((round_, self.head.effective_tau()))
         return fit
 
+    def send_update(self, update: ThresholdUpdate) -> None:
+        """QoS 1 to the edge (a device adds its on-disk outbox)."""
+        self.endpoint.publish(topics.edge_update(self.s.edge_id, self.id), update, qos=1)
+        self.counters.updates_sent += 1
+
     def upload_params(self) -> dict[str, np.ndarray]:
         """What goes to the edge: the head's parameters, with N(0, noise_std^2) added to the trainable ones.
 
@@ -330,10 +354,9 @@ class Client:
         """
         params = self.head_params()
         if self.s.noise_std > 0:
-            for name, param in self.head.named_parameters():
-                if param.requires_grad:
-                    noise = self._noise_rng.normal(0.0, self.s.noise_std, size=params[name].shape)
-                    params[name] = (params[name] + noise).astype(np.float32)
+            for name in self.head.trainable():
+                noise = self._noise_rng.normal(0.0, self.s.noise_std, size=params[name].shape)
+                params[name] = (params[name] + noise).astype(np.float32)
         return params
 
     def current_round(self) -> int:
@@ -370,10 +393,7 @@ class Client:
             return self._model
 
     def adopt(self, model: ThresholdModel) -> None:
-        params = personalise(self.head_params(), model.params, self.s.personalise)
-        state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).reshape(self.head.state_dict()[k].shape)
-                 for k, v in params.items()}
-        self.head.load_state_dict(state)
+        self.head.load(personalise(self.head_params(), model.params, self.s.personalise))
 
 
 def _stable_hash(text: str) -> int:
