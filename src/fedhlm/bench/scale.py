@@ -20,7 +20,7 @@ from typing import Any
 
 
 
-def in_process_tokens_per_s(ctx: dict[str, Any], records: list, slm_seconds: float) -> float:
+def in_process_tokens_per_s(ctx: dict[str, Any], records: list) -> float:
     """The same work without MQTT: the SLM's drafts plus one batched LLM verification of the offloaded tokens."""
     models, inputs = ctx["models"], ctx["inputs"]
     by_uid = {d.uid: d for d in inputs}
@@ -29,25 +29,26 @@ def in_process_tokens_per_s(ctx: dict[str, Any], records: list, slm_seconds: flo
     if sent:
         models.llm_verdicts(sent, "greedy")
     llm_seconds = time.perf_counter() - start
-    total = slm_seconds * len(records) / max(1, len(inputs)) + llm_seconds
+    total = ctx["slm_ms"] * len(records) / 1000.0 + llm_seconds
     return len(records) / total if total > 0 else float("inf")
 
 
-def run_size(cfg, ctx: dict[str, Any], clients: int) -> dict[str, Any]:
+def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int) -> dict[str, Any]:
+    """One pipeline run with `clients` clients over max(base_inputs, clients) inputs (at least one each)."""
     from fedhlm import simulate as sim
 
+    ctx = {**ctx, "inputs": ctx["inputs"][: max(base_inputs, clients)]}
     edges = max(1, min(clients // 4, 10))
     size_cfg = replace(cfg, federation=replace(cfg.federation, clients=clients, edges=edges,
                                                clustering="round_robin"))
-    plan = sim.plan_clients(size_cfg, ctx["inputs"])
-    run_ctx = {**ctx, **plan, "init_tau": ctx["init_tau"]}
+    run_ctx = {**ctx, **sim.plan_clients(size_cfg, ctx["inputs"])}
     start = time.perf_counter()
     result = sim.run_method("fedhlm", size_cfg, run_ctx, policy="learned", p2p=size_cfg.p2p.enabled)
     wall = time.perf_counter() - start
     records = result["records"]
     dep = result["dep"]
     messages = dep.get("messages_sent_total", 0)
-    in_proc = in_process_tokens_per_s(ctx, records, ctx["slm_seconds"])
+    in_proc = in_process_tokens_per_s(ctx, records)
     tokens_per_s = len(records) / wall if wall > 0 else 0.0
     return {
         "clients": clients, "edges": edges, "tokens": len(records),
@@ -76,19 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     try:
         cfg = load_config(args.config, [*args.overrides, f"federation.rounds={args.rounds}",
-                                        f"data.inputs={args.inputs}", "methods=[fedhlm]"])
+                                        f"data.inputs={max(args.inputs, *sizes)}", "methods=[fedhlm]"])
     except ConfigError as exc:
         print(f"fedhlm bench scale: config error: {exc}", file=sys.stderr)
         return 2
     print("[bench scale] preparing models and drafts ...", flush=True)
     ctx = sim.prepare_inputs(cfg, progress=True)
-    ctx["slm_seconds"] = ctx["slm_ms"] * len(ctx["inputs"]) / 1000.0
     ctx["init_tau"] = (cfg.routing.init_tau if cfg.routing.init_tau is not None
                        else ctx["models"].static_threshold(ctx["calib"], cfg.routing.lam, cfg.routing.verify)["tau"])
     rows = []
     for n in sizes:
         print(f"[bench scale] {n} clients ...", flush=True)
-        rows.append(run_size(cfg, ctx, n))
+        rows.append(run_size(cfg, ctx, n, args.inputs))
         r = rows[-1]
         print(f"  {n:5d} clients: {r['tokens_per_s']:8.1f} tok/s, {r['broker_messages_per_s']:8.1f} msg/s, "
               f"wall {r['wall_s']:7.1f} s, RSS {r['peak_rss_mb']:.0f} MB, x{r['pipeline_vs_in_process']:.3f} of in-process",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pipeline_vs_in_process']:6.3f}")
     out = Path(args.out or Path("runs") / time.strftime("bench-scale-%Y%m%d-%H%M%S.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": rows, "rounds": args.rounds, "inputs": len(ctx["inputs"]),
+    out.write_text(json.dumps({"sizes": rows, "rounds": args.rounds, "base_inputs": args.inputs,
                                "versions": sim.versions()}, indent=2, default=float))
     print(f"[bench scale] wrote {out}")
     return 0
