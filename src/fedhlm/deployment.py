@@ -106,8 +106,10 @@ class Deployment:
                                            **spec.client_overrides.get(cid, {}))
             client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim)
             self.clients[cid] = client
+        # a thousand connections on two cores take a while: give each start room proportional to the crowd
+        timeout_s = max(10.0, 0.05 * len(self.clients))
         with ThreadPoolExecutor(max_workers=min(32, len(self.clients))) as pool:
-            list(pool.map(lambda c: c.start(), self.clients.values()))
+            list(pool.map(lambda c: c.start(timeout_s), self.clients.values()))
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="client")
         return self
 
