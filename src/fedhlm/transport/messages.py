@@ -229,7 +229,7 @@ class LLMVerdict(Message):
     seq: int
     accepted: bool
     final_token: int
-    beta: float  # acceptance probability min(1, q/p)
+    beta: float  # rejection probability of the draft, max(0, 1 - q(x)/p(x)): the threshold heads learn from it
     q_draft: float  # the LLM's probability of the draft token
     llm_ms: float  # LLM compute time
 
