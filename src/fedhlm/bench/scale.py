@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in sizes:
         print(f"[bench scale] {n} clients ...", flush=True)
-        rows.append(run_size(cfg, ctx, n, args.inputs))
+        try:
+            rows.append(run_size(cfg, ctx, n, args.inputs))
+        except Exception as exc:  # a size that does not run is a result too: say so and go on
+            print(f"  {n:5d} clients: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"clients": n, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         r = rows[-1]
         print(f"  {n:5d} clients: {r['tokens_per_s']:8.1f} tok/s, {r['broker_messages_per_s']:8.1f} msg/s, "
               f"wall {r['wall_s']:7.1f} s, RSS {r['peak_rss_mb']:.0f} MB, x{r['pipeline_vs_in_process']:.3f} of in-process",
@@ -96,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'clients':>7s} {'tokens':>6s} {'tok/s':>8s} {'msg/s':>8s} {'wall s':>7s} {'RSS MB':>7s} {'broker MB':>9s} {'in-proc tok/s':>13s} {'ratio':>6s}"
     print("\n" + header)
     for r in rows:
+        if "error" in r:
+            print(f"{r['clients']:7d}  failed: {r['error']}")
+            continue
         broker_mb = r["broker_peak_rss_mb"] or float("nan")
         print(f"{r['clients']:7d} {r['tokens']:6d} {r['tokens_per_s']:8.1f} {r['broker_messages_per_s']:8.1f} "
               f"{r['wall_s']:7.1f} {r['peak_rss_mb']:7.0f} {broker_mb:9.1f} {r['in_process_tokens_per_s']:13.1f} "
