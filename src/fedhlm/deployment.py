@@ -79,6 +79,14 @@ class Deployment:
         return {k: v.detach().numpy().astype(np.float32) for k, v in self.spec.head_factory().state_dict().items()}
 
     def start(self) -> "Deployment":
+        """Start every role; if one fails, stop the ones already running and re-raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "Deployment":
         spec = self.spec
         for i in range(spec.llm_workers):
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.verify_mode,

@@ -178,6 +178,9 @@ class Client:
         return self
 
     def stop(self) -> None:
+        if not self.endpoint.connected:  # never connected (or gone): nothing to say, nothing to flush
+            self.endpoint.close()
+            return
         try:
             self.endpoint.publish(topics.client_status(self.id), ClientStatus(self.id, False, self.s.edge_id,
                                   time.time()), qos=1, retain=True)
