@@ -157,7 +157,6 @@ class Client:
         self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.cache_ttl_s)
         self._pairs_f: list[np.ndarray] = []
         self._pairs_beta: list[float] = []
-        self._round_pairs = 0
         self._seq = 0
         self._model_lock = threading.Condition()
         self._model: ThresholdModel | None = None
@@ -201,7 +200,6 @@ class Client:
 
     def run_round(self, round_: int, inputs: Sequence[TokenInput], slm_ms: float = 0.0) -> list[TokenRecord]:
         """Route every input of this round; `slm_ms` is the SLM's per-token compute time, added to latency."""
-        self._round_pairs = 0
         return [self._route(round_, inp, slm_ms) for inp in inputs]
 
     def _route(self, round_: int, inp: TokenInput, slm_ms: float) -> TokenRecord:
@@ -218,6 +216,7 @@ class Client:
                 peer_class = self.class_of(hit.token)
                 if self.rng.random() < self.s.audit:
                     return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class)
+                self.cache.add(inp.embedding, hit.token, "peer")  # resolved here too: answerable to the next peer
                 latency = slm_ms + (time.perf_counter() - start) * 1000.0
                 return TokenRecord(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)
         return self._ask_llm(inp, "uncertain", base, start, slm_ms)
@@ -238,7 +237,6 @@ class Client:
             return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
         self._pairs_f.append(np.asarray(inp.features, dtype=np.float32))
         self._pairs_beta.append(float(verdict.beta))
-        self._round_pairs += 1
         if self.s.p2p and inp.embedding is not None:
             self.cache.add(inp.embedding, verdict.final_token, "llm")
         final = self.class_of(verdict.final_token)
