@@ -101,8 +101,8 @@ def test_thresholds_converge_to_the_central_optimum(fed_broker, tmp_path) -> Non
                 uid += 40
             records = dep.run_round(r, inputs)
             assert len(records) == 40 * len(CLIENTS)
-        feats = np.concatenate([np.stack(c._pairs_f) for c in dep.clients.values()])
-        beta = np.concatenate([np.array(c._pairs_beta) for c in dep.clients.values()])
+        feats = np.concatenate([c.pairs()[0] for c in dep.clients.values()])
+        beta = np.concatenate([c.pairs()[1] for c in dep.clients.values()])
         central = central_threshold(feats[:, 0], beta, LAM, method="sigmoid", temperature=T)  # the same loss
         assert dep.cloud is not None and dep.cloud.round == 4  # 8 edge rounds, a cloud round every 2
         global_tau = float(dep.cloud.params["tau"])

@@ -82,6 +82,7 @@ class HybridModels:
         self.tokenizer = self.slm.tokenizer
         self.max_length = int(self.configs["slm"]["data"].get("max_length", 64))
         self._class_of = {tok: c for c, tok in enumerate(self.slm.verbaliser_ids)}
+        self._calib_beta: dict[tuple, np.ndarray] = {}  # (uids, mode) -> beta: a lambda sweep asks again and again
 
     @property
     def split_seed(self) -> int:
@@ -141,7 +142,10 @@ class HybridModels:
 
     def static_threshold(self, calib: Sequence[TokenInput], lam: float, mode: str = "greedy") -> dict[str, float]:
         """U-HLM's threshold: fit beta = a u + b on the calibration split, tau = (lam - b) / a."""
-        beta, _ = self.llm_verdicts(calib, mode)
+        key = (tuple(d.uid for d in calib), mode)
+        if key not in self._calib_beta:
+            self._calib_beta[key] = self.llm_verdicts(calib, mode)[0]
+        beta = self._calib_beta[key]
         u = np.array([d.features[0] for d in calib])
         a, b = fit_linear_beta(u, beta)
         try:

@@ -176,8 +176,8 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "llm_requests": sum(w.stats.requests for w in dep.llm),
         "llm_batches": sum(w.stats.batches for w in dep.llm),
         "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),
-        "pairs": {cid: (np.stack(c._pairs_f)[:, 0].tolist(), list(c._pairs_beta)) for cid, c in dep.clients.items()
-                  if c._pairs_f},
+        "pairs": {cid: (f[:, 0].tolist(), b.tolist()) for cid, (f, b) in
+                  ((cid, c.pairs()) for cid, c in dep.clients.items()) if b.size},
     }
 
 

@@ -318,6 +318,12 @@ class Client:
         self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)))
 
     # -- federated learning ------------------------------------------------------------
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (features [N, F], beta [N]) this client has learned from so far (its training data)."""
+        if not self._pairs_f:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+        return np.stack(self._pairs_f), np.asarray(self._pairs_beta, np.float32)
+
     def head_params(self) -> dict[str, np.ndarray]:
         return self.head.params()
 
