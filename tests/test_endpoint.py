@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import paho.mqtt.client as mqtt
@@ -17,6 +18,7 @@ from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode
 from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.netloop import NetworkLoop
 from fedhlm.transport.messages import (
     ClientStatus,
     LLMVerdict,
@@ -51,13 +53,19 @@ class Inbox:
 Connect = Callable[..., Endpoint]
 
 
-@pytest.fixture
-def connect(broker: LocalBroker) -> Iterator[Connect]:
-    """connect(user, {filter: handler}, **Endpoint kwargs) -> a connected Endpoint, closed after the test."""
+@pytest.fixture(params=["own-threads", "shared-loop"])
+def connect(broker: LocalBroker, request: pytest.FixtureRequest) -> Iterator[Connect]:
+    """connect(user, {filter: handler}, **Endpoint kwargs) -> a connected Endpoint, closed after the test.
+
+    Every test runs twice: endpoints with a network thread and a handler thread of their own,
+    and endpoints sharing one NetworkLoop and one handler pool (how a large simulation runs).
+    """
     made: list[Endpoint] = []
+    loop = NetworkLoop().start() if request.param == "shared-loop" else None
+    pool = ThreadPoolExecutor(max_workers=4) if request.param == "shared-loop" else None
 
     def make(user: str, subscriptions: dict[str, Callable[[Inbound], None]] | None = None, **kwargs: object) -> Endpoint:
-        endpoint = Endpoint(broker.address(user), **kwargs)  # type: ignore[arg-type]
+        endpoint = Endpoint(broker.address(user), network_loop=loop, handler_pool=pool, **kwargs)  # type: ignore[arg-type]
         for topic_filter, handler in (subscriptions or {}).items():
             endpoint.subscribe(topic_filter, handler)
         made.append(endpoint)
@@ -66,6 +74,11 @@ def connect(broker: LocalBroker) -> Iterator[Connect]:
     yield make
     for endpoint in made:
         endpoint.close(flush_timeout_s=0.5)
+    if loop is not None:
+        assert len(loop) == 0, "a closed endpoint is still on the network loop"
+        loop.stop()
+    if pool is not None:
+        pool.shutdown()
 
 
 def token_request(client_id: str, seq: int, draft: int = 100) -> TokenRequest:
@@ -360,18 +373,25 @@ def test_handler_exception_is_logged_and_the_next_message_still_arrives(
 # -- authentication and ACL ----------------------------------------------------------------------------------
 
 
-def test_anonymous_and_wrong_password_connections_are_refused(broker: LocalBroker, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("shared_loop", [False, True], ids=["own-thread", "shared-loop"])
+def test_anonymous_and_wrong_password_connections_are_refused(
+    broker: LocalBroker, caplog: pytest.LogCaptureFixture, shared_loop: bool
+) -> None:
     caplog.set_level(logging.DEBUG)
+    loop = NetworkLoop().start() if shared_loop else None
     good = broker.address("c0")
     for address in (BrokerAddress(broker.host, broker.port), good.with_credentials("c0", "not-the-password")):
-        endpoint = Endpoint(address, client_id="c0")
+        endpoint = Endpoint(address, client_id="c0", network_loop=loop)
         try:
             with pytest.raises(ConnectionRefusedError, match="Not authorized|Bad user name"):
                 endpoint.start().wait_connected(5)
         finally:
             endpoint.close()
-    with Endpoint(good) as endpoint:
+    with Endpoint(good, network_loop=loop) as endpoint:
         endpoint.wait_connected(5)
+    if loop is not None:
+        assert len(loop) == 0  # refused connections do not linger in the loop, retrying
+        loop.stop()
     assert good.password and good.password not in caplog.text and "not-the-password" not in caplog.text
 
 

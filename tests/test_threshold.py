@@ -14,6 +14,7 @@ from fedhlm.threshold import (
     fit_linear_beta,
     hard_routing_loss,
     routing_loss,
+    uhlm_threshold,
 )
 
 A, B, LAM = 0.4, 0.05, 0.45
@@ -55,6 +56,18 @@ def test_closed_form_refuses_rejection_that_does_not_grow_with_uncertainty():
     u = torch.linspace(0, 1, 100)
     with pytest.raises(ValueError, match="slope"):
         closed_form_tau(u, 0.5 - 0.3 * u, LAM)
+
+
+def test_uhlm_threshold_keeps_a_well_posed_fit_and_clips_a_flat_one_to_the_data():
+    u, beta = linear_pairs()
+    fit = uhlm_threshold(u, beta, LAM)
+    assert fit["tau"] == pytest.approx(TAU_STAR, rel=0.02) and not fit["clipped"] and not fit["degenerate_fit"]
+    # a slope of 1e-6: (lam - b) / a lies ~1e5 nats away, far beyond what servers accept
+    flat = uhlm_threshold(u, 0.05 + 1e-6 * u, LAM)
+    assert flat["clipped"] and not flat["degenerate_fit"]
+    assert float(u.max()) < flat["tau"] < float(u.max()) + 1e-3  # "send nothing", as the line says
+    falling = uhlm_threshold(u, 0.9 - 0.1 * u, LAM)  # rejections above lam everywhere: send everything
+    assert falling["degenerate_fit"] and falling["tau"] < float(u.min())
 
 
 @pytest.mark.parametrize("method", ["hard", "sigmoid"])

@@ -24,6 +24,7 @@ from fedhlm.roles.llm_service import LLMService, QFunction
 from fedhlm.threshold import ThresholdHead
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
+from fedhlm.transport.netloop import NetworkLoop
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class DeploymentSpec:
     llm_workers: int = 1
     seed: int = 0
     client_overrides: dict[str, dict] = field(default_factory=dict)  # client id -> settings to change
+    # clients share one network thread and a few handler threads, as on a gateway; False: two threads each
+    shared_network: bool = True
+    handler_threads: int = 8
 
     @property
     def edges(self) -> list[str]:
@@ -74,6 +78,8 @@ class Deployment:
         self.edges: dict[str, EdgeServer] = {}
         self.clients: dict[str, Client] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._network: NetworkLoop | None = None
+        self._handlers: ThreadPoolExecutor | None = None
 
     def initial_params(self) -> Params:
         return {k: v.detach().numpy().astype(np.float32) for k, v in self.spec.head_factory().state_dict().items()}
@@ -109,15 +115,21 @@ class Deployment:
                     global_wait_s=3 * spec.deadline_s, neighbours=neighbours,
                     checkpoint=ckpt / f"{edge}.json" if ckpt else None,
                 ).start()
+        if spec.shared_network:
+            self._network = NetworkLoop(name="clients-netloop").start()
+            self._handlers = ThreadPoolExecutor(max_workers=spec.handler_threads, thread_name_prefix="client-handlers")
         for cid, edge in spec.assignment.items():
             settings = dataclasses.replace(spec.client, client_id=cid, edge_id=edge,
                                            **spec.client_overrides.get(cid, {}))
-            client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim)
+            client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim,
+                            network_loop=self._network, handler_pool=self._handlers)
             self.clients[cid] = client
-        # a thousand connections on two cores take a while: give each start room proportional to the crowd
+        # every client starts connecting at once; the broker takes them in turn (a thousand take seconds)
         timeout_s = max(10.0, 0.05 * len(self.clients))
-        with ThreadPoolExecutor(max_workers=min(32, len(self.clients))) as pool:
-            list(pool.map(lambda c: c.start(timeout_s), self.clients.values()))
+        for client in self.clients.values():
+            client.connect()
+        for client in self.clients.values():
+            client.wait_ready(timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="client")
         return self
 
@@ -149,6 +161,10 @@ class Deployment:
             self._pool.shutdown(wait=True)
         for client in self.clients.values():
             _quietly(client.stop)
+        if self._network is not None:
+            self._network.stop()
+        if self._handlers is not None:
+            self._handlers.shutdown(wait=True, cancel_futures=True)
         for edge in self.edges.values():
             _quietly(edge.stop)
         if self.cloud is not None:

@@ -25,7 +25,7 @@ from fedhlm.model_cache import get_or_train
 from fedhlm.roles.client import TokenInput
 from fedhlm.slm import SLMModule
 from fedhlm.speculative import verify_batch
-from fedhlm.threshold import closed_form_tau, fit_linear_beta
+from fedhlm.threshold import uhlm_threshold
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +147,7 @@ class HybridModels:
             self._calib_beta[key] = self.llm_verdicts(calib, mode)[0]
         beta = self._calib_beta[key]
         u = np.array([d.features[0] for d in calib])
-        a, b = fit_linear_beta(u, beta)
-        try:
-            tau, degenerate = closed_form_tau(u, beta, lam), False
-        except ValueError:  # beta does not grow with u: the line says "send everything" or "send nothing"
-            tau = float(u.min()) - 1e-6 if float(beta.mean()) > lam else float(u.max()) + 1e-6
-            degenerate = True
-        corr = float(np.corrcoef(u, beta)[0, 1]) if len(u) > 2 and beta.std() > 0 else float("nan")
-        return {"tau": float(tau), "slope": float(a), "intercept": float(b), "degenerate_fit": degenerate,
-                "corr_entropy_beta": corr,
-                "calibration_inputs": len(calib)}
+        return {**uhlm_threshold(u, beta, lam), "calibration_inputs": len(calib)}
 
 
 def context_texts(items: Sequence[NewsItem]) -> list[str]:

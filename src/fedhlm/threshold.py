@@ -16,7 +16,7 @@ measured against.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -197,6 +197,28 @@ def closed_form_tau(u: torch.Tensor | np.ndarray, beta: torch.Tensor | np.ndarra
     if a <= 0:
         raise ValueError(f"rejection does not grow with uncertainty (slope {a:.4g}): no threshold")
     return (lam - b) / a
+
+
+def uhlm_threshold(u: torch.Tensor | np.ndarray, beta: torch.Tensor | np.ndarray, lam: float) -> dict[str, Any]:
+    """U-HLM's static threshold with its fit, made safe to deploy.
+
+    When beta does not grow with u the line says "send everything" (mean beta > lam) or
+    "send nothing"; a nearly flat line puts (lam - b) / a far outside the data. Either way
+    the threshold is clipped to just beyond the observed u, which is the same decision on
+    the data and keeps tau inside the range servers accept.
+    """
+    u, beta = _as_numpy(u), _as_numpy(beta)
+    a, b = fit_linear_beta(u, beta)
+    try:
+        tau, degenerate = closed_form_tau(u, beta, lam), False
+    except ValueError:
+        tau = -np.inf if float(beta.mean()) > lam else np.inf
+        degenerate = True
+    span = 1e-6 * max(float(np.ptp(u)), 1.0)
+    clipped = float(np.clip(tau, float(u.min()) - span, float(u.max()) + span))
+    corr = float(np.corrcoef(u, beta)[0, 1]) if u.size > 2 and beta.std() > 0 else float("nan")
+    return {"tau": clipped, "slope": a, "intercept": b, "degenerate_fit": degenerate,
+            "clipped": bool(clipped != tau), "corr_entropy_beta": corr}
 
 
 def central_threshold(

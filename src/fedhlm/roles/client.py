@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from fedhlm.transport.messages import (
     ThresholdUpdate,
     TokenRequest,
 )
+from fedhlm.transport.netloop import NetworkLoop
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,12 @@ class Client:
         head: Any,
         class_of: Callable[[int], int],
         embedding_dim: int = 384,
+        *,
+        network_loop: NetworkLoop | None = None,
+        handler_pool: Executor | None = None,
     ) -> None:
+        """`network_loop` / `handler_pool`: share one network thread and a few handler threads with the
+        other clients of this process (a gateway or a large simulation) instead of two threads each."""
         self.s = settings
         self.id = settings.client_id
         self.head = as_routing_head(head)
@@ -162,18 +169,29 @@ class Client:
         self._model: ThresholdModel | None = None
         self.tau_history: list[tuple[int, float]] = []
         will = (topics.client_status(self.id), ClientStatus(self.id, False, settings.edge_id, time.time()))
-        self.endpoint = Endpoint(address, persistent=True, will=will)
+        self.endpoint = Endpoint(address, persistent=True, will=will, network_loop=network_loop,
+                                 handler_pool=handler_pool)
 
     # -- life cycle ----------------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> "Client":
+        """Connect, wait until subscribed, announce "online"."""
+        return self.connect().wait_ready(timeout_s)
+
+    def connect(self) -> "Client":
+        """Subscribe and begin connecting; returns at once (many clients then connect side by side)."""
         ep = self.endpoint
         if self.s.policy == "learned":
             ep.subscribe(topics.edge_model(self.s.edge_id), self._on_model, qos=1)
         if self.s.p2p:
             ep.subscribe(topics.edge_p2p_query(self.s.edge_id), self._on_peer_query, qos=0, no_local=True)
-        ep.start().wait_connected(timeout_s)
-        ep.publish(topics.client_status(self.id), ClientStatus(self.id, True, self.s.edge_id, time.time()), qos=1,
-                   retain=True)
+        ep.start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 10.0) -> "Client":
+        """Wait for the connection and its subscriptions, then publish the retained "online" status."""
+        self.endpoint.wait_connected(timeout_s)
+        self.endpoint.publish(topics.client_status(self.id), ClientStatus(self.id, True, self.s.edge_id, time.time()),
+                              qos=1, retain=True)
         return self
 
     def stop(self) -> None:

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -35,6 +35,8 @@ from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import DecodeError, decode, encode, payload_type
 from fedhlm.transport.messages import Message
+from fedhlm.transport.netloop import NetworkLoop
+from fedhlm.transport.serial import SerialExecutor
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,10 @@ class Endpoint:
             vanishes without a clean `close()`; typically the client's offline `ClientStatus`.
         reconnect_delay_s: (min, max) of the exponential back-off between reconnect attempts.
         workers: handler threads; 1 keeps handlers in arrival order.
+        network_loop: drive the connection from this shared `NetworkLoop` instead of a network
+            thread of its own (many endpoints in one process: a gateway, a large simulation).
+        handler_pool: run handlers, still one at a time and in order, on this shared pool
+            instead of `workers` threads of the endpoint's own.
     """
 
     def __init__(
@@ -149,6 +155,8 @@ class Endpoint:
         keepalive_s: int = 30,
         reconnect_delay_s: tuple[float, float] = (0.2, 10.0),
         workers: int = 1,
+        network_loop: NetworkLoop | None = None,
+        handler_pool: Executor | None = None,
     ) -> None:
         self.address = address
         self.client_id = topics.validate_id(client_id or address.client_id or address.username, "client_id")
@@ -166,6 +174,8 @@ class Endpoint:
             will_topic, will_message = will
             self._client.will_set(will_topic, encode(will_message), qos=1, retain=True)
         self._client.reconnect_delay_set(*reconnect_delay_s)
+        self._reconnect_delay_s = reconnect_delay_s
+        self._network_loop = network_loop
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -192,7 +202,9 @@ class Endpoint:
         self._started = False
         self._closed = False
         self._worker_prefix = f"fedhlm-{self.client_id}"
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self._worker_prefix)
+        self._executor: ThreadPoolExecutor | SerialExecutor = (
+            SerialExecutor(handler_pool, name=self._worker_prefix) if handler_pool is not None
+            else ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self._worker_prefix))
 
     # -- life cycle ----------------------------------------------------------------
     def start(self) -> "Endpoint":
@@ -208,7 +220,11 @@ class Endpoint:
             self.address.host, self.address.port, keepalive=self._keepalive_s,
             clean_start=not self.persistent, properties=properties,
         )
-        self._client.loop_start()
+        if self._network_loop is not None:
+            self._network_loop.add(self._client, reconnect_delay_s=self._reconnect_delay_s,
+                                   should_reconnect=lambda: not self._closed and not self._refused_event.is_set())
+        else:
+            self._client.loop_start()
         log.info("%s: connecting to %s (persistent=%s)", self.client_id, self.address.public_url, self.persistent)
         return self
 
@@ -241,7 +257,10 @@ class Endpoint:
         self._closed = True
         if self._started:
             self._client.disconnect()
-            self._client.loop_stop()
+            if self._network_loop is not None:
+                self._network_loop.remove(self._client, timeout_s=flush_timeout_s)
+            else:
+                self._client.loop_stop()
         self._shutdown()
         log.info("%s: closed", self.client_id)
 
@@ -250,6 +269,12 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
+        if self._network_loop is not None:
+            if self._started:
+                self._network_loop.remove(self._client, abort=True)
+            self._shutdown()
+            log.info("%s: aborted", self.client_id)
+            return
         self._client.reconnect_delay_set(3600, 3600)  # in case the network thread sees the drop first
         sock = self._client.socket()
         if isinstance(sock, socket.socket):
@@ -271,7 +296,10 @@ class Endpoint:
             pending = list(self._pending.values())
         for request in pending:
             request.done.set()  # wakes `request` (possibly inside a handler), which then sees no reply
-        on_worker = threading.current_thread().name.startswith(self._worker_prefix + "_")
+        if isinstance(self._executor, SerialExecutor):
+            on_worker = self._executor.in_task()
+        else:
+            on_worker = threading.current_thread().name.startswith(self._worker_prefix + "_")
         self._executor.shutdown(wait=not on_worker, cancel_futures=True)
 
     def __enter__(self) -> "Endpoint":
