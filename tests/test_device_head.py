@@ -25,12 +25,14 @@ def pairs(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return f, beta
 
 
+@pytest.mark.parametrize("engine", ["loop", "trainer"])
 @pytest.mark.parametrize("steps,lr,lam", [(30, 0.05, 0.1), (20, 1.0, 0.3), (60, 0.5, 0.05)])
-def test_numpy_sgd_matches_fit_head_sgd(steps: int, lr: float, lam: float) -> None:
+def test_numpy_sgd_matches_fit_head_sgd(steps: int, lr: float, lam: float, engine: str) -> None:
+    """The device's numpy SGD, the plain-loop fit and the Lightning Trainer fit take the same steps."""
     f, beta = pairs()
     torch_head = ThresholdHead(tau=0.8, temperature=0.1)
     ref = fit_head(torch_head, torch.from_numpy(f), torch.from_numpy(beta), lam=lam, steps=steps, lr=lr,
-                   optimizer="sgd")
+                   optimizer="sgd", engine=engine)
     head = ScalarHead(tau=0.8, temperature=0.1)
     got = fit_sgd(head, f, beta, lam=lam, steps=steps, lr=lr)
     assert abs(got["tau"] - 0.8) > 0.01  # it moved

@@ -43,6 +43,7 @@ class RoutingConfig:
     local_steps: int = 20  # head optimiser steps per round
     lr: float = 1.0
     optimizer: str = "sgd"  # sgd | adam
+    fit_engine: str = "loop"  # loop: the head module's steps in a plain loop; trainer: through a Lightning Trainer
     lr_decay: float = 1.0  # local lr / (1 + lr_decay * round)
     verify: str = "greedy"  # greedy: the LLM's argmax replaces a rejected draft; sample: speculative sampling
     llm_timeout_s: float = 10.0
@@ -98,6 +99,7 @@ _CHOICES = {
     "data.source": ("auto", "ag_news", "csv", "synthetic"),
     "routing.verify": ("greedy", "sample"),
     "routing.optimizer": ("sgd", "adam"),
+    "routing.fit_engine": ("loop", "trainer"),
     "federation.aggregation": ("fedavg", "median", "trimmed_mean"),
     "federation.clustering": ("round_robin", "given", "kmeans_labels", "kmeans_embeddings"),
     "p2p.scope": ("cluster", "neighbours"),

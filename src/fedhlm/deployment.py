@@ -12,16 +12,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from fedhlm.aggregation import Params
 from fedhlm.report import ByteCounts, TokenRecord
-from fedhlm.roles.client import Client, ClientSettings, TokenInput
+from fedhlm.roles.client import Client, ClientSettings, TokenInput, as_routing_head
 from fedhlm.roles.cloud import CloudServer
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.roles.llm_service import LLMService, QFunction
-from fedhlm.threshold import ThresholdHead
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.netloop import NetworkLoop
@@ -35,7 +33,7 @@ class DeploymentSpec:
 
     assignment: dict[str, str]  # client id -> edge id
     client: ClientSettings  # template; client_id / edge_id are filled per client
-    head_factory: Callable[[], ThresholdHead]
+    head_factory: Callable[[], Any]  # a ThresholdHead, or any RoutingHead (e.g. a TorchHead with its fit engine)
     q_fn: QFunction
     class_of: Callable[[int], int]
     verify_mode: str = "greedy"
@@ -82,7 +80,7 @@ class Deployment:
         self._handlers: ThreadPoolExecutor | None = None
 
     def initial_params(self) -> Params:
-        return {k: v.detach().numpy().astype(np.float32) for k, v in self.spec.head_factory().state_dict().items()}
+        return as_routing_head(self.spec.head_factory()).params()
 
     def start(self) -> "Deployment":
         """Start every role; if one fails, stop the ones already running and re-raise."""
@@ -159,6 +157,8 @@ class Deployment:
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        for client in self.clients.values():  # every "offline" in flight at once, then each stop's flush is short
+            _quietly(client.announce_offline)
         for client in self.clients.values():
             _quietly(client.stop)
         if self._network is not None:

@@ -50,6 +50,7 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
     from fedhlm.deployment import Deployment, DeploymentSpec
     from fedhlm.report import TokenRecord
     from fedhlm.roles.client import ClientSettings
+    from fedhlm.head_module import TorchHead
     from fedhlm.threshold import ThresholdHead
     from fedhlm.transport.address import BrokerAddress
 
@@ -81,7 +82,8 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
     )
     spec = DeploymentSpec(
         assignment=assignment, client=settings,
-        head_factory=lambda: ThresholdHead(tau=ctx["init_tau"], temperature=cfg.routing.temperature),
+        head_factory=lambda: TorchHead(ThresholdHead(tau=ctx["init_tau"], temperature=cfg.routing.temperature),
+                                       engine=cfg.routing.fit_engine),
         q_fn=models.q_fn, class_of=models.class_of, verify_mode=cfg.routing.verify,
         pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=ctx["embedding_dim"],
         quorum=cfg.federation.quorum, deadline_s=cfg.federation.round_deadline_s,
@@ -97,9 +99,12 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
         broker_cm = LocalBroker(users)
     records = []
     fed_rounds: list[dict[str, Any]] = []
+    phases: dict[str, float] = {}
+    started = time.perf_counter()
     with broker_cm as broker:
         address = broker.address if broker is not None else base.for_role
         dep = Deployment(spec, address).start()
+        phases["start_s"] = time.perf_counter() - started
         try:
             for r, by_client in enumerate(plan):
                 round_inputs = {cid: [inputs[i] for i in idx] for cid, idx in by_client.items()}
@@ -110,10 +115,14 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
                     progress.update(1)
                     progress.set_postfix_str(f"{name} r{r} llm={sum(1 for t in records if t.route == 'llm')}")
         finally:
+            phases["rounds_s"] = time.perf_counter() - started - phases["start_s"]
             counts = dep.byte_counts()
             telemetry = deployment_telemetry(dep)
             telemetry["broker_peak_rss_mb"] = process_peak_rss_mb(broker.pid if broker is not None else None)
+            stopping = time.perf_counter()
             dep.stop()
+            phases["stop_s"] = time.perf_counter() - stopping
+            telemetry["phases_s"] = phases
     return {"records": records, "bytes": counts, "federated": fed_rounds if spec.federated else None,
             "dep": telemetry}
 

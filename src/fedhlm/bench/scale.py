@@ -59,7 +59,13 @@ def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int) -> dict[s
         "broker_peak_rss_mb": dep.get("broker_peak_rss_mb"),
         "in_process_tokens_per_s": in_proc, "pipeline_vs_in_process": tokens_per_s / in_proc if in_proc else None,
         "accuracy": sum(1 for t in records if t.final == t.label) / max(1, len(records)),
+        "phases_s": {k: round(v, 2) for k, v in (dep.get("phases_s") or {}).items()},  # connect / rounds / stop
     }
+
+
+def _phases(row: dict[str, Any]) -> str:
+    p = row.get("phases_s") or {}
+    return ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in p.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = rows[-1]
         print(f"  {n:5d} clients: {r['tokens_per_s']:8.1f} tok/s, {r['broker_messages_per_s']:8.1f} msg/s, "
-              f"wall {r['wall_s']:7.1f} s, RSS {r['peak_rss_mb']:.0f} MB, x{r['pipeline_vs_in_process']:.3f} of in-process",
-              flush=True)
+              f"wall {r['wall_s']:7.1f} s ({_phases(r)}), RSS {r['peak_rss_mb']:.0f} MB, "
+              f"x{r['pipeline_vs_in_process']:.3f} of in-process", flush=True)
     header = f"{'clients':>7s} {'tokens':>6s} {'tok/s':>8s} {'msg/s':>8s} {'wall s':>7s} {'RSS MB':>7s} {'broker MB':>9s} {'in-proc tok/s':>13s} {'ratio':>6s}"
     print("\n" + header)
     for r in rows:

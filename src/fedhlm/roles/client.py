@@ -168,6 +168,7 @@ class Client:
         self._model_lock = threading.Condition()
         self._model: ThresholdModel | None = None
         self.tau_history: list[tuple[int, float]] = []
+        self._said_offline = False
         will = (topics.client_status(self.id), ClientStatus(self.id, False, settings.edge_id, time.time()))
         self.endpoint = Endpoint(address, persistent=True, will=will, network_loop=network_loop,
                                  handler_pool=handler_pool)
@@ -199,11 +200,19 @@ class Client:
             self.endpoint.close()
             return
         try:
-            self.endpoint.publish(topics.client_status(self.id), ClientStatus(self.id, False, self.s.edge_id,
-                                  time.time()), qos=1, retain=True)
+            self.announce_offline()
             self.endpoint.flush(2.0)
         finally:
             self.endpoint.close()
+
+    def announce_offline(self) -> None:
+        """Publish the retained "offline" status (once); `stop` does it, a deployment does it for all clients
+        first so that their acknowledgements overlap."""
+        if self._said_offline or not self.endpoint.connected:
+            return
+        self._said_offline = True
+        self.endpoint.publish(topics.client_status(self.id), ClientStatus(self.id, False, self.s.edge_id, time.time()),
+                              qos=1, retain=True)
 
     # -- routing -------------------------------------------------------------------
     def offload(self, features: np.ndarray) -> bool:

@@ -134,6 +134,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
     from fedhlm.data.module import NewsDataModule
     from fedhlm.data import partition
     from fedhlm.embedder import ContextEmbedder
+    from fedhlm.head_module import TorchHead
     from fedhlm.hybrid import HybridModels, context_texts
     from fedhlm.roles.client import Client, ClientSettings
     from fedhlm.threshold import ThresholdHead
@@ -157,7 +158,8 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
         p2p=cfg.p2p.enabled, delta=cfg.p2p.delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000, p2p_scope=cfg.p2p.scope,
         audit=cfg.p2p.audit, embedder_name=embedder.name if embedder else "none", seed=cfg.seed,
     )
-    client = Client(settings, address, ThresholdHead(tau=tau, temperature=cfg.routing.temperature), models.class_of,
+    head = TorchHead(ThresholdHead(tau=tau, temperature=cfg.routing.temperature), engine=cfg.routing.fit_engine)
+    client = Client(settings, address, head, models.class_of,
                     embedder.dim if embedder else 384).start()
     chunks = np.array_split(np.arange(len(drafts.inputs)), cfg.federation.rounds)
     correct = total_tokens = 0
