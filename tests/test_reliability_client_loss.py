@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -202,4 +203,41 @@ def test_silent_but_online_client_is_waited_for_until_the_deadline_then_left_out
         for endpoint in ends.values():
             endpoint.close()
         edge.stop()
+        broker.cleanup()
+
+
+@pytest.mark.parametrize("shared_loop", [False, True], ids=["own-thread", "shared-loop"])
+def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_loop: bool) -> None:
+    """A network blip: the broker publishes the Will ("offline", retained); the client reconnects by itself and
+    must say "online" again, or its edge and every later subscriber would take it for gone."""
+    from fedhlm.roles.client import ClientSettings
+    from fedhlm.threshold import ThresholdHead
+    from fedhlm.transport.netloop import NetworkLoop
+
+    broker = LocalBroker(users({"c00": "e0"})).start()
+    loop = NetworkLoop().start() if shared_loop else None
+    watch = Inbox()
+    watcher = Endpoint(broker.address("e0"))
+    watcher.subscribe(topics.client_status("c00"), watch)
+    watcher.start().wait_connected()
+    settings = ClientSettings(client_id="c00", edge_id="e0", policy="always")
+    client = Client(settings, broker.address("c00"), ThresholdHead(tau=0.5), lambda t: t, network_loop=loop)
+    try:
+        client.start()
+        assert watch.wait_until(lambda items: [i.message.online for i in items] == [True])
+        client.endpoint._client.socket().shutdown(socket.SHUT_RDWR)  # the link dies; the endpoint lives on
+        states = watch.wait_until(lambda items: [i.message.online for i in items][-2:] == [False, True], 10)
+        assert [i.message.online for i in states] == [True, False, True], states
+        late = Inbox()  # the retained status a newcomer sees is "online" again
+        newcomer = Endpoint(broker.address("admin"))
+        newcomer.subscribe(topics.client_status("c00"), late)
+        newcomer.start().wait_connected()
+        (retained,) = late.wait_for(1)
+        assert retained.retain and retained.message.online is True
+        newcomer.close()
+    finally:
+        client.stop()
+        watcher.close()
+        if loop is not None:
+            loop.stop()
         broker.cleanup()

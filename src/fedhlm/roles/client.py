@@ -185,8 +185,15 @@ class Client:
             ep.subscribe(topics.edge_model(self.s.edge_id), self._on_model, qos=1)
         if self.s.p2p:
             ep.subscribe(topics.edge_p2p_query(self.s.edge_id), self._on_peer_query, qos=0, no_local=True)
+        ep.on_connected(self._on_connected)
         ep.start()
         return self
+
+    def _on_connected(self, reconnected: bool) -> None:
+        # back after a lost connection: the broker has published the Last Will ("offline", retained) meanwhile
+        if reconnected and not self._said_offline:
+            self.endpoint.publish(topics.client_status(self.id),
+                                  ClientStatus(self.id, True, self.s.edge_id, time.time()), qos=1, retain=True)
 
     def wait_ready(self, timeout_s: float = 10.0) -> "Client":
         """Wait for the connection and its subscriptions, then publish the retained "online" status."""

@@ -201,6 +201,8 @@ class Endpoint:
         self._refused_event = threading.Event()
         self._started = False
         self._closed = False
+        self._connects = 0  # successful CONNACKs so far
+        self._connect_hooks: list[Callable[[bool], None]] = []
         self._worker_prefix = f"fedhlm-{self.client_id}"
         self._executor: ThreadPoolExecutor | SerialExecutor = (
             SerialExecutor(handler_pool, name=self._worker_prefix) if handler_pool is not None
@@ -247,6 +249,11 @@ class Endpoint:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def on_connected(self, hook: Callable[[bool], None]) -> None:
+        """Call `hook(reconnected)` on the handler thread after every successful connect (False the first
+        time): e.g. to publish a retained "online" status again after the Last Will marked the role offline."""
+        self._connect_hooks.append(hook)
 
     def close(self, flush_timeout_s: float = 2.0) -> None:
         """Wait briefly for unacknowledged QoS 1 messages, then disconnect cleanly (no Last Will)."""
@@ -516,6 +523,8 @@ class Endpoint:
                 return
             with self._lock:
                 self._connected = True
+                self._connects += 1
+                reconnected = self._connects > 1
                 if not flags.session_present:
                     self._confirmed.clear()
                 for topic_filter, sub in self._subs.items():
@@ -527,6 +536,8 @@ class Endpoint:
                     self._ready.set()
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.address.public_url,
                      flags.session_present)
+            for hook in self._connect_hooks:
+                self._executor.submit(self._run_hook, hook, reconnected)
         except Exception:  # an exception here would kill paho's network thread
             log.exception("%s: on_connect failed", self.client_id)
 
@@ -631,6 +642,14 @@ class Endpoint:
         pending.done.set()
 
     # -- worker thread -------------------------------------------------------------------
+    def _run_hook(self, hook: Callable[[bool], None], reconnected: bool) -> None:
+        try:
+            hook(reconnected)
+        except Exception:
+            with self._counters.lock:
+                self._counters.handler_errors += 1
+            log.exception("%s: connect hook failed", self.client_id)
+
     def _deliver(
         self, handler: Handler, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None, retain: bool
     ) -> None:
