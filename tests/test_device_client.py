@@ -134,7 +134,7 @@ def test_update_left_in_the_outbox_is_resent_and_aggregated_at_start(tmp_path) -
             model = device.wait_model(0, 5.0)
             assert model is not None and float(model.params["tau"]) == pytest.approx(0.25)
             # the next update goes through the outbox too and is gone once acknowledged
-            device._pairs_f, device._pairs_beta = [np.array([0.9, 0, 0, 0], np.float32)], [1.0]
+            device.add_label(np.array([0.9, 0, 0, 0], np.float32), 1.0)
             device.finish_round(1)
             assert len(device.outbox) == 0 and edge.round == 2
         finally:

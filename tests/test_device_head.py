@@ -25,16 +25,19 @@ def pairs(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return f, beta
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("engine", ["loop", "trainer"])
 @pytest.mark.parametrize("steps,lr,lam", [(30, 0.05, 0.1), (20, 1.0, 0.3), (60, 0.5, 0.05)])
-def test_numpy_sgd_matches_fit_head_sgd(steps: int, lr: float, lam: float, engine: str) -> None:
-    """The device's numpy SGD, the plain-loop fit and the Lightning Trainer fit take the same steps."""
+def test_numpy_sgd_matches_fit_head_sgd(steps: int, lr: float, lam: float, engine: str, weighted: bool) -> None:
+    """The device's numpy SGD, the plain-loop fit and the Lightning Trainer fit take the same steps,
+    with or without importance weights (one pair in five weighs 20, as exploration at 5 %)."""
     f, beta = pairs()
+    w = np.where(np.arange(len(beta)) % 5 == 0, 20.0, 1.0).astype(np.float32) if weighted else None
     torch_head = ThresholdHead(tau=0.8, temperature=0.1)
     ref = fit_head(torch_head, torch.from_numpy(f), torch.from_numpy(beta), lam=lam, steps=steps, lr=lr,
-                   optimizer="sgd", engine=engine)
+                   optimizer="sgd", engine=engine, weights=None if w is None else torch.from_numpy(w))
     head = ScalarHead(tau=0.8, temperature=0.1)
-    got = fit_sgd(head, f, beta, lam=lam, steps=steps, lr=lr)
+    got = fit_sgd(head, f, beta, lam=lam, steps=steps, lr=lr, weights=w)
     assert abs(got["tau"] - 0.8) > 0.01  # it moved
     assert got["tau"] == pytest.approx(ref["tau"], abs=1e-5)
     assert got["loss_before"] == pytest.approx(ref["loss_before"], abs=1e-6)

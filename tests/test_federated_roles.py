@@ -103,13 +103,15 @@ def test_thresholds_converge_to_the_central_optimum(fed_broker, tmp_path) -> Non
             assert len(records) == 40 * len(CLIENTS)
         feats = np.concatenate([c.pairs()[0] for c in dep.clients.values()])
         beta = np.concatenate([c.pairs()[1] for c in dep.clients.values()])
-        central = central_threshold(feats[:, 0], beta, LAM, method="sigmoid", temperature=T)  # the same loss
+        weights = np.concatenate([c.pairs()[2] for c in dep.clients.values()])  # exploration pairs weigh 1/eps
+        central = central_threshold(feats[:, 0], beta, LAM, method="sigmoid", temperature=T,
+                                    weights=weights)  # the same loss
         assert dep.cloud is not None and dep.cloud.round == 4  # 8 edge rounds, a cloud round every 2
         global_tau = float(dep.cloud.params["tau"])
         client_taus = [c.head.effective_tau() for c in dep.clients.values()]
     finally:
         dep.stop()
-    hard = central_threshold(feats[:, 0], beta, LAM, method="hard")
+    hard = central_threshold(feats[:, 0], beta, LAM, method="hard", weights=weights)
     assert abs(hard - 0.4) < 0.03, f"pooled hard optimum {hard} far from the analytic g(tau) = lambda at 0.4"
     assert abs(global_tau - central) <= 0.05 * central, f"global tau {global_tau} vs central {central}"
     assert max(abs(t - global_tau) for t in client_taus) < 1e-4  # every client adopted the global model
@@ -194,3 +196,22 @@ def test_restarted_edge_resumes_at_its_round(fed_broker, tmp_path) -> None:
     finally:
         sender.close()
         edge.stop()
+
+
+def test_labels_weigh_the_inverse_of_their_chance_to_be_sent() -> None:
+    """Every uncertain token is labelled, only a share `exploration` of the confident ones (and `audit` of peer
+    hits): weighting each pair by 1/P(labelled) makes the local loss an unbiased estimate over all tokens."""
+    from fedhlm.roles.client import Client
+    from fedhlm.transport.address import BrokerAddress
+
+    def client(weighted: bool) -> Client:
+        settings = ClientSettings(client_id="c0", edge_id="e0", policy="learned", exploration=0.25, audit=0.5,
+                                  importance_weights=weighted)
+        return Client(settings, BrokerAddress("127.0.0.1", 1, username="c0"), ThresholdHead(tau=0.5), lambda t: t)
+
+    c = client(True)
+    for reason in ("uncertain", "exploration", "audit"):
+        c.add_label(np.array([0.5, 0, 0, 0], np.float32), 0.3, reason)
+    f, beta, w = c.pairs()
+    assert f.shape == (3, 4) and beta.tolist() == pytest.approx([0.3] * 3) and w.tolist() == [1.0, 4.0, 2.0]
+    assert [client(False).label_weight(r) for r in ("uncertain", "exploration", "audit")] == [1.0, 1.0, 1.0]

@@ -165,7 +165,7 @@ CLIENT = textwrap.dedent("""
     for r in range(cfg["rounds"]):
         records = client.run_round(r, make_inputs(rng, cfg["tokens"], r * 1000))
         out["latency_ms"] += [rec.latency_ms for rec in records if rec.route == "llm" and rec.reason != "fallback"]
-        out["uploads"].append((float(client.head.tau), len(client._pairs_beta)))
+        out["uploads"].append((float(client.head.tau), int(client.pairs()[1].size)))
         client.finish_round(r)
     out.update(fallbacks=client.counters.fallbacks, tau=client.head.effective_tau(),
                no_model=client.counters.rounds_without_model)

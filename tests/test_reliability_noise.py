@@ -56,7 +56,8 @@ def test_noise_std_blurs_each_uploaded_threshold_and_fedavg_still_converges(tmp_
                 members = [c for c in dep.clients.values() if c.s.edge_id == edge_id]
                 u = np.concatenate([c.pairs()[0][:, 0] for c in members])
                 beta = np.concatenate([c.pairs()[1] for c in members])
-                central = central_threshold(u, beta, LAM, method="sigmoid", temperature=T)
+                weights = np.concatenate([c.pairs()[2] for c in members])
+                central = central_threshold(u, beta, LAM, method="sigmoid", temperature=T, weights=weights)
                 result[edge_id] = dict(taus=[h["tau"] for h in edge.history], central=central,
                                        local=[c.head.effective_tau() for c in members])
         finally:

@@ -58,6 +58,28 @@ def test_closed_form_refuses_rejection_that_does_not_grow_with_uncertainty():
         closed_form_tau(u, 0.5 - 0.3 * u, LAM)
 
 
+def test_weighted_loss_and_optimum_equal_those_of_the_data_with_rows_repeated_by_weight():
+    """A pair of weight 3 counts as three identical pairs: what importance weights for exploration rely on."""
+    g = torch.Generator().manual_seed(1)
+    u = 2.0 * torch.rand(300, generator=g)
+    beta = (0.4 * u + 0.1 * torch.rand(300, generator=g)).clamp(0, 1)
+    w = torch.randint(1, 4, (300,), generator=g)
+    u_rep, beta_rep = u.repeat_interleave(w), beta.repeat_interleave(w)
+    s = torch.sigmoid((u - 1.0) / 0.1)
+    s_rep = torch.sigmoid((u_rep - 1.0) / 0.1)
+    assert routing_loss(s, beta, LAM, w.float()).item() == pytest.approx(routing_loss(s_rep, beta_rep, LAM).item(), rel=1e-5)
+    for method in ("hard", "sigmoid"):
+        weighted = central_threshold(u, beta, LAM, method=method, weights=w)
+        repeated = central_threshold(u_rep, beta_rep, LAM, method=method)
+        assert weighted == pytest.approx(repeated, abs=1e-4), method
+    # weights that favour the kept side (as 1/eps for explored confident tokens) move the optimum
+    favour_low = torch.where(u < 1.0, 10.0, 1.0)
+    moved = central_threshold(u, beta, LAM, method="sigmoid", weights=favour_low)
+    assert abs(moved - central_threshold(u, beta, LAM, method="sigmoid")) > 1e-3
+    with pytest.raises(ValueError, match="weights"):
+        central_threshold(u, beta, LAM, weights=torch.zeros(300))
+
+
 def test_uhlm_threshold_keeps_a_well_posed_fit_and_clips_a_flat_one_to_the_data():
     u, beta = linear_pairs()
     fit = uhlm_threshold(u, beta, LAM)

@@ -38,6 +38,7 @@ class RoutingConfig:
     top_k: int = 8  # entries of the SLM distribution sent to the LLM (the rest as one tail mass)
     lam: float = 0.1  # price of one transmission, in units of rejection risk
     exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
+    importance_weights: bool = True  # exploration pairs weigh 1/exploration in the local loss (unbiased estimate)
     init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
     temperature: float = 0.1  # sigmoid temperature T of s = sigmoid((u - tau) / T)
     local_steps: int = 20  # head optimiser steps per round

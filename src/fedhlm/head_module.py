@@ -49,12 +49,12 @@ class HeadModule(LightningModule):
         self.lr = lr
         self.optimizer = optimizer
 
-    def loss(self, features: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return routing_loss(self.head(features), beta, self.lam)
+    def loss(self, features: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return routing_loss(self.head(features), beta, self.lam, weights)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        features, beta = batch
-        return self.loss(features, beta)  # not self.log-ged: logging costs as much as the step
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """batch: (features, beta) or (features, beta, weights)."""
+        return self.loss(*batch)  # not self.log-ged: logging costs as much as the step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -89,22 +89,24 @@ def fit_head(
     lr: float = 0.05,
     optimizer: str = "sgd",
     engine: str = "loop",
+    weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Full-batch fit of `head` in place; returns loss before/after, tau and seconds."""
+    """Full-batch fit of `head` in place on the (weighted) routing loss; returns loss before/after, tau and seconds."""
     if engine not in FIT_ENGINES:
         raise ValueError(f"engine must be one of {FIT_ENGINES}, got {engine!r}")
     if features.ndim != 2 or features.shape[0] != beta.shape[0] or features.shape[0] == 0:
         raise ValueError(f"need [N, F] features and [N] beta with N > 0, got {tuple(features.shape)} and {tuple(beta.shape)}")
     module = HeadModule(head, lam=lam, lr=lr, optimizer=optimizer)
     feats, beta = features.float(), beta.float()
+    batch = (feats, beta) if weights is None else (feats, beta, weights.float())
     with torch.no_grad():
-        before = float(module.loss(feats, beta))
+        before = float(module.loss(*batch))
     start = time.perf_counter()
     if steps > 0 and engine == "loop":
         with _FIT_LOCK:
-            _fit_loop(module, feats, beta, steps)
+            _fit_loop(module, batch, steps)
     elif steps > 0:
-        batches = [(feats, beta)] * steps  # one epoch of `steps` full batches: no per-epoch overhead
+        batches = [batch] * steps  # one epoch of `steps` full batches: no per-epoch overhead
         with _FIT_LOCK, quiet_lightning():
             trainer = Trainer(
                 max_steps=steps, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
@@ -113,18 +115,18 @@ def fit_head(
             )
             trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     with torch.no_grad():
-        after = float(module.loss(feats, beta))
+        after = float(module.loss(*batch))
     return {"loss_before": before, "loss_after": after, "tau": head.effective_tau(),
             "seconds": time.perf_counter() - start}
 
 
-def _fit_loop(module: HeadModule, features: torch.Tensor, beta: torch.Tensor, steps: int) -> None:
+def _fit_loop(module: HeadModule, batch: tuple[torch.Tensor, ...], steps: int) -> None:
     """The module's own `training_step` and `configure_optimizers`, stepped without a Trainer."""
     optimizer = module.configure_optimizers()
     module.train()
     for step in range(steps):
         optimizer.zero_grad()
-        module.training_step((features, beta), step).backward()
+        module.training_step(batch, step).backward()
         optimizer.step()
 
 
@@ -161,7 +163,8 @@ class TorchHead:
                                      for k, v in params.items()})
 
     def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
-            optimizer: str = "sgd") -> dict[str, float]:
+            optimizer: str = "sgd", weights: np.ndarray | None = None) -> dict[str, float]:
+        w = None if weights is None else torch.from_numpy(np.asarray(weights, np.float32))
         return fit_head(self.module, torch.from_numpy(np.asarray(features, np.float32)),
                         torch.from_numpy(np.asarray(beta, np.float32)), lam=lam, steps=steps, lr=lr,
-                        optimizer=optimizer, engine=self.engine)
+                        optimizer=optimizer, engine=self.engine, weights=w)

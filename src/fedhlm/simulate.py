@@ -72,6 +72,7 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
 
     settings = ClientSettings(
         client_id="-", edge_id="-", policy=policy, static_tau=static_tau, exploration=cfg.routing.exploration,
+        importance_weights=cfg.routing.importance_weights,
         lam=lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
         lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
         llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
@@ -185,7 +186,7 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "llm_requests": sum(w.stats.requests for w in dep.llm),
         "llm_batches": sum(w.stats.batches for w in dep.llm),
         "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),
-        "pairs": {cid: (f[:, 0].tolist(), b.tolist()) for cid, (f, b) in
+        "pairs": {cid: (f[:, 0].tolist(), b.tolist(), w.tolist()) for cid, (f, b, w) in
                   ((cid, c.pairs()) for cid, c in dep.clients.items()) if b.size},
     }
 
@@ -327,18 +328,20 @@ def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
     pairs = result["dep"]["pairs"]
     u = np.concatenate([np.asarray(p[0]) for p in pairs.values()]) if pairs else np.zeros(0)
     beta = np.concatenate([np.asarray(p[1]) for p in pairs.values()]) if pairs else np.zeros(0)
+    weights = np.concatenate([np.asarray(p[2]) for p in pairs.values()]) if pairs else np.zeros(0)
     rounds = result["federated"] or []
     section: dict[str, Any] = {"rounds": rounds, "pairs": int(u.size)}
     if u.size:
         T, lam = cfg.routing.temperature, cfg.routing.lam
-        central_tau = central_threshold(u, beta, lam, method="sigmoid", temperature=T)
+        central_tau = central_threshold(u, beta, lam, method="sigmoid", temperature=T, weights=weights)
 
         def loss(tau: float) -> float:
             head = ThresholdHead(tau=tau, temperature=T)
             feats = torch.zeros(u.size, 4)
             feats[:, 0] = torch.from_numpy(u).float()
             with torch.no_grad():
-                return float(routing_loss(head(feats), torch.from_numpy(beta).float(), lam))
+                return float(routing_loss(head(feats), torch.from_numpy(beta).float(), lam,
+                                          torch.from_numpy(weights).float()))
 
         final = next((r["global"] for r in reversed(rounds) if r.get("global") is not None), None)
         if final is None and rounds and rounds[-1]["edges"]:

@@ -168,11 +168,21 @@ def annealed_temperature(step: int, start: float, end: float, decay: float) -> f
     return max(end, start * decay**step)
 
 
-def routing_loss(s: torch.Tensor, beta: torch.Tensor, lam: float) -> torch.Tensor:
-    """L = mean((1 - s) * beta) + lam * mean(s): rejection risk of keeping vs price of sending."""
+def routing_loss(s: torch.Tensor, beta: torch.Tensor, lam: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L = mean((1 - s) * beta) + lam * mean(s): rejection risk of keeping vs price of sending.
+
+    `weights` make it a weighted mean: a client sees beta for every token it sends but only
+    for a share eps of the ones it keeps (exploration); weighting those by 1/eps makes the
+    loss over its labelled tokens an unbiased estimate of the loss over all its tokens.
+    """
     if s.shape != beta.shape:
         raise ValueError(f"s and beta shapes differ: {tuple(s.shape)} vs {tuple(beta.shape)}")
-    return ((1.0 - s) * beta).mean() + lam * s.mean()
+    per_token = (1.0 - s) * beta + lam * s
+    if weights is None:
+        return per_token.mean()
+    if weights.shape != s.shape:
+        raise ValueError(f"weights and s shapes differ: {tuple(weights.shape)} vs {tuple(s.shape)}")
+    return (weights * per_token).sum() / weights.sum()
 
 
 def hard_routing_loss(u: torch.Tensor | np.ndarray, beta: torch.Tensor | np.ndarray, tau: float, lam: float) -> float:
@@ -228,8 +238,10 @@ def central_threshold(
     method: Literal["hard", "sigmoid"] = "hard",
     temperature: float = 0.1,
     grid: int = 512,
+    weights: torch.Tensor | np.ndarray | None = None,
 ) -> float:
-    """The pooled-data optimum of the routing loss: the reference for federated convergence.
+    """The pooled-data optimum of the (optionally weighted, see `routing_loss`) routing loss:
+    the reference for federated convergence.
 
     ``hard``: exact minimiser of :func:`hard_routing_loss` over all split points (sort +
     cumulative sum, O(n log n)); the returned tau is the midpoint between the last kept
@@ -239,19 +251,22 @@ def central_threshold(
     u, beta = _as_numpy(u), _as_numpy(beta)
     if u.shape != beta.shape or u.size == 0:
         raise ValueError(f"u and beta must be equal, non-empty shapes, got {u.shape} and {beta.shape}")
+    w = np.ones_like(u) if weights is None else _as_numpy(weights)
+    if w.shape != u.shape or (w <= 0).any():
+        raise ValueError(f"weights must be positive, one per pair, got shape {w.shape}")
     if method == "hard":
-        return _central_hard(u, beta, lam)
+        return _central_hard(u, beta, lam, w)
     if method == "sigmoid":
-        return _central_sigmoid(u, beta, lam, temperature, grid)
+        return _central_sigmoid(u, beta, lam, temperature, grid, w)
     raise ValueError(f"method must be 'hard' or 'sigmoid', got {method!r}")
 
 
-def _central_hard(u: np.ndarray, beta: np.ndarray, lam: float) -> float:
+def _central_hard(u: np.ndarray, beta: np.ndarray, lam: float, w: np.ndarray) -> float:
     order = np.argsort(u, kind="stable")
-    us, bs = u[order], beta[order]
+    us, bs, ws = u[order], beta[order], w[order]
     n = us.size
-    kept = np.arange(n + 1)  # the i smallest are kept
-    loss = (np.concatenate([[0.0], np.cumsum(bs)]) + lam * (n - kept)) / n
+    kept_w = np.concatenate([[0.0], np.cumsum(ws)])  # weight of the i smallest, which are kept
+    loss = (np.concatenate([[0.0], np.cumsum(ws * bs)]) + lam * (kept_w[-1] - kept_w)) / kept_w[-1]
     # only split between distinct values
     valid = np.ones(n + 1, dtype=bool)
     valid[1:n] = us[1:] > us[:-1]
@@ -264,10 +279,11 @@ def _central_hard(u: np.ndarray, beta: np.ndarray, lam: float) -> float:
     return float(0.5 * (us[i - 1] + us[i]))
 
 
-def _central_sigmoid(u: np.ndarray, beta: np.ndarray, lam: float, temperature: float, grid: int) -> float:
+def _central_sigmoid(u: np.ndarray, beta: np.ndarray, lam: float, temperature: float, grid: int,
+                     w: np.ndarray) -> float:
     def loss(tau: np.ndarray) -> np.ndarray:
         s = 1.0 / (1.0 + np.exp(-np.clip((u[None, :] - tau[:, None]) / temperature, -60, 60)))
-        return ((1.0 - s) * beta[None, :] + lam * s).mean(axis=1)
+        return (((1.0 - s) * beta[None, :] + lam * s) * w[None, :]).sum(axis=1) / w.sum()
 
     lo, hi = float(u.min()) - 5 * temperature, float(u.max()) + 5 * temperature
     taus = np.linspace(lo, hi, grid)

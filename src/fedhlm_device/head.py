@@ -22,12 +22,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
-def routing_loss(s: np.ndarray, beta: np.ndarray, lam: float) -> float:
-    """L = mean((1 - s) beta) + lam mean(s)."""
+def routing_loss(s: np.ndarray, beta: np.ndarray, lam: float, weights: np.ndarray | None = None) -> float:
+    """L = mean((1 - s) beta + lam s), weighted by `weights` when given (as `fedhlm.threshold.routing_loss`)."""
     s, beta = np.asarray(s, np.float32), np.asarray(beta, np.float32)
     if s.shape != beta.shape:
         raise ValueError(f"s and beta shapes differ: {s.shape} vs {beta.shape}")
-    return float(((1.0 - s) * beta).mean() + np.float32(lam) * s.mean())
+    per_token = (np.float32(1.0) - s) * beta + np.float32(lam) * s
+    if weights is None:
+        return float(per_token.mean(dtype=np.float32))
+    w = np.asarray(weights, np.float32)
+    if w.shape != s.shape:
+        raise ValueError(f"weights and s shapes differ: {w.shape} vs {s.shape}")
+    return float((w * per_token).sum(dtype=np.float32) / w.sum(dtype=np.float32))
 
 
 @dataclass
@@ -86,12 +92,12 @@ class ScalarHead:
         return ["tau"]  # T is fixed on a device, as in the scalar ThresholdHead without learn_temperature
 
     def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
-            optimizer: str = "sgd") -> dict[str, float]:
+            optimizer: str = "sgd", weights: np.ndarray | None = None) -> dict[str, float]:
         """`fit_sgd` behind the interface a client learns through (plain gradient steps only)."""
         if optimizer != "sgd":
             raise ValueError(f"optimizer: a device trains its head with 'sgd' only, got {optimizer!r}")
         start = time.perf_counter()
-        result = fit_sgd(self, features, beta, lam=lam, steps=steps, lr=lr)
+        result = fit_sgd(self, features, beta, lam=lam, steps=steps, lr=lr, weights=weights)
         result["seconds"] = time.perf_counter() - start
         return result
 
@@ -103,20 +109,22 @@ class ScalarHead:
 
 
 def fit_sgd(head: ScalarHead, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int = 30,
-            lr: float = 0.05) -> dict[str, float]:
+            lr: float = 0.05, weights: np.ndarray | None = None) -> dict[str, float]:
     """Full-batch SGD on tau, in place; returns loss before/after and tau (as `fedhlm.head_module.fit_head`)."""
     f = np.asarray(features, np.float32)
     b = np.asarray(beta, np.float32)
     if f.ndim != 2 or f.shape[0] != b.shape[0] or f.shape[0] == 0:
         raise ValueError(f"need [N, F] features and [N] beta with N > 0, got {f.shape} and {b.shape}")
-    before = routing_loss(head(f), b, lam)
+    before = routing_loss(head(f), b, lam, weights)
     u = head._score(f)
     t = head._t()
     tau = np.float32(head.tau)
     lam32, lr32 = np.float32(lam), np.float32(lr)
+    share = None if weights is None else np.asarray(weights, np.float32) / np.asarray(weights, np.float32).sum()
     for _ in range(steps):
         s = _sigmoid((u - tau) / t)
-        grad = ((b - lam32) * s * (np.float32(1.0) - s)).mean(dtype=np.float32) / t
+        g = (b - lam32) * s * (np.float32(1.0) - s)
+        grad = (g.mean(dtype=np.float32) if share is None else (share * g).sum(dtype=np.float32)) / t
         tau = np.float32(tau - lr32 * grad)
     head.tau = float(tau)
-    return {"loss_before": before, "loss_after": routing_loss(head(f), b, lam), "tau": head.tau}
+    return {"loss_before": before, "loss_after": routing_loss(head(f), b, lam, weights), "tau": head.tau}

@@ -65,6 +65,7 @@ class ClientSettings:
     policy: str = "learned"  # learned | static | always | never
     static_tau: float = 0.5  # entropy threshold of the static policy
     exploration: float = 0.05
+    importance_weights: bool = True  # weight each (features, beta) pair by 1 / P(it was labelled)
     lam: float = 0.1
     local_steps: int = 30
     lr: float = 0.05
@@ -120,7 +121,7 @@ class RoutingHead(Protocol):
     def trainable(self) -> list[str]: ...
     def load(self, params: dict[str, np.ndarray]) -> None: ...
     def fit(self, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int, lr: float,
-            optimizer: str = "sgd") -> dict[str, float]: ...
+            optimizer: str = "sgd", weights: np.ndarray | None = None) -> dict[str, float]: ...
 
 
 def as_routing_head(head: Any) -> RoutingHead:
@@ -164,6 +165,7 @@ class Client:
         self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.cache_ttl_s)
         self._pairs_f: list[np.ndarray] = []
         self._pairs_beta: list[float] = []
+        self._pairs_w: list[float] = []  # inverse probability that the pair was labelled at all
         self._seq = 0
         self._model_lock = threading.Condition()
         self._model: ThresholdModel | None = None
@@ -269,8 +271,7 @@ class Client:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0
             return TokenRecord(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
-        self._pairs_f.append(np.asarray(inp.features, dtype=np.float32))
-        self._pairs_beta.append(float(verdict.beta))
+        self.add_label(inp.features, verdict.beta, reason)
         if self.s.p2p and inp.embedding is not None:
             self.cache.add(inp.embedding, verdict.final_token, "llm")
         final = self.class_of(verdict.final_token)
@@ -352,11 +353,30 @@ class Client:
         self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)))
 
     # -- federated learning ------------------------------------------------------------
-    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (features [N, F], beta [N]) this client has learned from so far (its training data)."""
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (features [N, F], beta [N], weights [N]) this client has learned from so far (its training data)."""
         if not self._pairs_f:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-        return np.stack(self._pairs_f), np.asarray(self._pairs_beta, np.float32)
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return (np.stack(self._pairs_f), np.asarray(self._pairs_beta, np.float32),
+                np.asarray(self._pairs_w, np.float32))
+
+    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain") -> None:
+        """Keep one (features, beta) pair for the local fits, weighted for why the token was sent."""
+        self._pairs_f.append(np.asarray(features, dtype=np.float32))
+        self._pairs_beta.append(float(beta))
+        self._pairs_w.append(self.label_weight(reason))
+
+    def label_weight(self, reason: str) -> float:
+        """1 / P(a token like this one gets an LLM label): 1 for a token sent because it was uncertain,
+        1/exploration for a confident token sent to explore, 1/audit for an audited peer hit.
+
+        Without it the pairs over-represent uncertain tokens (all of them are labelled, only a share
+        `exploration` of the rest), and the threshold fitted to them is biased towards sending.
+        """
+        if not self.s.importance_weights:
+            return 1.0
+        rate = {"exploration": self.s.exploration, "audit": self.s.audit}.get(reason, 1.0)
+        return 1.0 / rate if rate > 0 else 1.0
 
     def head_params(self) -> dict[str, np.ndarray]:
         return self.head.params()
@@ -366,11 +386,13 @@ class Client:
         if self.s.policy != "learned":
             return None
         fit = None
-        if self._pairs_f and self.s.local_steps > 0:
+        features, beta, weights = self.pairs()
+        if beta.size and self.s.local_steps > 0:
             lr = self.s.lr / (1.0 + self.s.lr_decay * round_)
-            fit = self.head.fit(np.stack(self._pairs_f), np.asarray(self._pairs_beta, np.float32), lam=self.s.lam,
-                                steps=self.s.local_steps, lr=lr, optimizer=self.s.optimizer)
-        update = ThresholdUpdate(self.id, self.s.edge_id, round_, len(self._pairs_beta), self.upload_params())
+            fit = self.head.fit(features, beta, lam=self.s.lam, steps=self.s.local_steps, lr=lr,
+                                optimizer=self.s.optimizer, weights=weights)
+        # FedAvg weight: the tokens the pairs stand for (their weights), not just how many were labelled
+        update = ThresholdUpdate(self.id, self.s.edge_id, round_, int(round(float(weights.sum()))), self.upload_params())
         self.send_update(update)
         model = self.wait_model(round_, self.s.round_wait_s)
         if model is None:

@@ -151,6 +151,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
     tau = cfg.routing.init_tau if cfg.routing.init_tau is not None else 0.5
     settings = ClientSettings(
         client_id=role_id, edge_id=args.edge, policy="learned", exploration=cfg.routing.exploration,
+        importance_weights=cfg.routing.importance_weights,
         lam=cfg.routing.lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
         lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
         llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
