@@ -121,11 +121,32 @@ def test_envelope_layout_and_packed_arrays() -> None:
     env = envelope(request())
     assert list(env) == ["v", "t", "b"] and env["v"] == 1 and env["t"] == "token_request"
     assert list(env["b"]) == list(REQUEST)  # declaration order
-    ids = env["b"]["context_ids"]
-    assert ids == {"dtype": "<i4", "shape": [3], "data": np.array([101, 7592, 102], "<i4").tobytes()}
+    ids = env["b"]["context_ids"]  # token ids below 65,536 travel as uint16
+    assert ids == {"dtype": "<u2", "shape": [3], "data": np.array([101, 7592, 102], "<u2").tobytes()}
     assert len(env["b"]["topk_probs"]["data"]) == 2 * 4
     query = PeerQuery("c0", "e0", 1, "m", [0.6, 0.8], hops=0, delta=0.9)
     assert envelope(query)["b"]["embedding"]["dtype"] == "<f2" and len(envelope(query)["b"]["embedding"]["data"]) == 4
+
+
+def test_token_ids_take_two_bytes_when_they_fit_and_four_when_they_do_not() -> None:
+    small = request(context_ids=list(range(100, 164)))
+    large = request(context_ids=[70_000 + i for i in range(64)])
+    assert envelope(small)["b"]["context_ids"]["dtype"] == "<u2" and envelope(large)["b"]["context_ids"]["dtype"] == "<i4"
+    assert len(encode(large)) - len(encode(small)) >= 64 * 2  # the context at half the bytes
+    for message in (small, large):
+        back = decode(encode(message))
+        assert back == message and back.context_ids.dtype == np.int32
+    # a decoder also takes small ids sent as int32 (another implementation's choice), but no other dtype
+    as_int32 = body(context_ids={"dtype": "<i4", "shape": [3], "data": np.array([101, 7592, 102], "<i4").tobytes()})
+    assert decode(pack({"v": 1, "t": "token_request", "b": as_int32})) == request()
+    for bad, reason in (({"dtype": "<f4", "shape": [1], "data": bytes(4)}, "field_type"),
+                        ({"dtype": "<u2", "shape": [2], "data": bytes(3)}, "array_length"),
+                        ({"dtype": "<u4", "shape": [1], "data": bytes(4)}, "field_type")):
+        with pytest.raises(DecodeError) as err:
+            decode(pack({"v": 1, "t": "token_request", "b": body(context_ids=bad)}))
+        assert err.value.reason == reason, bad
+    with pytest.raises(DecodeError, match="field_type"):  # uint16 is for token ids only
+        decode(pack({"v": 1, "t": "token_request", "b": body(features={"dtype": "<u2", "shape": [1], "data": bytes(2)})}))
 
 
 def test_encoding_is_deterministic_whatever_the_param_order() -> None:

@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from fedhlm.transport import topics, vectors
-from fedhlm.transport.codec import SCHEMA_VERSION, TOPIC_PAYLOADS, decode, encode, from_json, to_json
+from fedhlm.transport.codec import SCHEMA_VERSION, TOKEN_WIRE_DTYPES, TOPIC_PAYLOADS, decode, encode, from_json, to_json
 from fedhlm.transport.messages import MESSAGE_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI = ROOT / "transport" / "asyncapi.yaml"
 VECTORS = ROOT / "transport" / "vectors"
-ARRAY_SCHEMAS = {"<i4": "Int32Array", "<f4": "Float32Array", "<f2": "Float16Array"}
+ARRAY_SCHEMAS = {"<f4": "Float32Array", "<f2": "Float16Array"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,9 @@ def test_body_schemas_list_the_dataclass_fields_in_wire_order(doc: dict[str, Any
         if spec.kind == "array":
             assert prop["$ref"].endswith("/" + ARRAY_SCHEMAS[spec.dtype]), spec.name
             assert resolve(doc, prop)["properties"]["dtype"]["const"] == spec.dtype
+        elif spec.kind == "tokens":
+            assert prop["$ref"].endswith("/TokenIds"), spec.name
+            assert resolve(doc, prop)["properties"]["dtype"]["enum"] == list(TOKEN_WIRE_DTYPES)
         elif spec.kind == "params":
             assert prop["$ref"].endswith("/Params")
         elif spec.kind == "choice":

@@ -5,7 +5,8 @@ Wire form (see transport/asyncapi.yaml and transport/README.md):
     {"v": SCHEMA_VERSION, "t": <type tag>, "b": {<field>: <value>, ...}}
 
 Fields appear in declaration order; arrays are maps {"dtype": "<f4", "shape": [n], "data":
-<raw little-endian bytes>}; threshold parameters are a map name -> array, sorted by name;
+<raw little-endian bytes>}; token ids go as "<u2" when every id is below 65,536, else as
+"<i4" (a decoder takes either; the encoder's choice is fixed by the values); threshold parameters are a map name -> array, sorted by name;
 floats are float64. The same message therefore always gives the same bytes, which is what
 the golden vectors in transport/vectors/ pin down. Decoding never trusts the sender:
 every failure is a `DecodeError` with a short `reason` that roles count and log.
@@ -101,9 +102,19 @@ def _pack_array(array: np.ndarray, dtype: str) -> dict[str, Any]:
     return {"dtype": dtype, "shape": list(array.shape), "data": np.ascontiguousarray(array, dtype=dtype).tobytes()}
 
 
+TOKEN_WIRE_DTYPES = ("<u2", "<i4")  # the compact form first
+
+
+def token_wire_dtype(ids: np.ndarray) -> str:
+    """uint16 when every id fits (the common vocabulary sizes), int32 otherwise."""
+    return "<u2" if ids.size == 0 or int(ids.max()) < 2**16 else "<i4"
+
+
 def _pack_field(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "array":
         return _pack_array(value, spec.dtype or "")
+    if spec.kind == "tokens":
+        return _pack_array(value, token_wire_dtype(value))
     if spec.kind == "params":
         return {name: _pack_array(value[name], spec.dtype or "") for name in sorted(value)}
     if spec.kind == "float":
@@ -167,6 +178,10 @@ _WIRE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "str": (str,), "choice
 def _unpack_field(spec: FieldSpec, value: Any, where: str) -> Any:
     if spec.kind == "array":
         return _unpack_array(value, spec.dtype or "", where)
+    if spec.kind == "tokens":
+        wire = value.get("dtype") if isinstance(value, dict) else None
+        dtype = wire if wire in TOKEN_WIRE_DTYPES else TOKEN_WIRE_DTYPES[-1]  # anything else: refused as not <i4
+        return _unpack_array(value, dtype, where).astype(spec.dtype or "<i4")
     if spec.kind == "params":
         if not isinstance(value, dict):
             raise DecodeError("field_type", f"{where}: expected a map of parameter name -> array")
@@ -208,7 +223,7 @@ def to_json(message: Message) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for spec in message.field_specs():
         value = getattr(message, spec.name)
-        if spec.kind == "array":
+        if spec.kind in ("array", "tokens"):
             value = value.tolist()
         elif spec.kind == "params":
             value = {name: value[name].tolist() for name in sorted(value)}

@@ -21,7 +21,9 @@ from fedhlm.transport.topics import validate_id
 
 # Field annotations: the metadata names the wire form.
 Id = Annotated[str, "id"]  # a role id, safe as a topic level
-Int32Array = Annotated[np.ndarray, "<i4"]
+# token ids: int32 in memory; on the wire uint16 when every id fits (vocabularies up to 65,536,
+# i.e. half the bytes for BERT/GPT-2/LLaMA-sized ones), int32 otherwise
+TokenIds = Annotated[np.ndarray, "tokens"]
 Float32Array = Annotated[np.ndarray, "<f4"]
 Float16Array = Annotated[np.ndarray, "<f2"]
 Params = Annotated[dict, "params<f4"]  # parameter name -> float32 array of any shape
@@ -38,8 +40,8 @@ class FieldSpec:
     """How one message field is checked and put on the wire."""
 
     name: str
-    kind: str  # "id" | "str" | "choice" | "int" | "float" | "bool" | "array" | "params"
-    dtype: str | None = None  # numpy dtype string for "array" and "params"
+    kind: str  # "id" | "str" | "choice" | "int" | "float" | "bool" | "array" | "tokens" | "params"
+    dtype: str | None = None  # numpy dtype string (in memory) for "array", "tokens" and "params"
     choices: tuple[str, ...] = ()
 
 
@@ -48,6 +50,8 @@ def _spec(name: str, hint: Any) -> FieldSpec:
         base, meta = typing.get_args(hint)[0], hint.__metadata__[0]
         if base is str and meta == "id":
             return FieldSpec(name, "id")
+        if base is np.ndarray and meta == "tokens":
+            return FieldSpec(name, "tokens", dtype="<i4")
         if base is np.ndarray:
             return FieldSpec(name, "array", dtype=meta)
         if base is dict and meta.startswith("params"):
@@ -129,7 +133,7 @@ def _coerce(spec: FieldSpec, value: Any, where: str) -> Any:
         if not math.isfinite(float(value)):
             raise ValueError(f"{where}: must be finite, got {float(value)}")
         return float(value)
-    if kind == "array":
+    if kind in ("array", "tokens"):
         array = _array(value, spec.dtype, where)
         if array.ndim != 1:
             raise ValueError(f"{where}: expected a 1-D array, got shape {array.shape}")
@@ -187,9 +191,9 @@ class TokenRequest(Message):
     session_id: str
     seq: int
     round: int
-    context_ids: Int32Array
+    context_ids: TokenIds
     draft_token: int
-    topk_ids: Int32Array  # the SLM's k most likely tokens
+    topk_ids: TokenIds  # the SLM's k most likely tokens
     topk_probs: Float32Array  # their probabilities
     tail_mass: float  # probability mass outside the top-k
     features: Float32Array  # uncertainty features the threshold head saw
