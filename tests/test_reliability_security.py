@@ -19,6 +19,7 @@ from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.messages import ClientStatus, LLMVerdict, ThresholdModel, ThresholdUpdate
+from fedhlm.transport.netloop import NetworkLoop
 from test_endpoint import Inbox
 from test_reliability_support import T, assignment, federated_spec, round_inputs, users, wait_until
 
@@ -91,16 +92,18 @@ def make_certificates(folder: Path, cn: str = "FedHLM test CA") -> tuple[Path, P
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is needed to make test certificates")
-def test_tls_listener_carries_roles_and_refuses_plain_or_untrusted_connections(tmp_path) -> None:
+@pytest.mark.parametrize("shared_loop", [False, True], ids=["own-threads", "shared-loop"])
+def test_tls_listener_carries_roles_and_refuses_plain_or_untrusted_connections(tmp_path, shared_loop: bool) -> None:
     certs = make_certificates(tmp_path)
     (tmp_path / "other").mkdir()
     other_ca = make_certificates(tmp_path / "other", cn="Another CA")[2]
+    loop = NetworkLoop().start() if shared_loop else None
     with LocalBroker(users({"c00": "e0"}), tls=certs) as broker:
         assert broker.tls_port is not None and broker.tls_port != broker.port
         inbox = Inbox()
-        edge = Endpoint(broker.address("e0", tls=True))
+        edge = Endpoint(broker.address("e0", tls=True), network_loop=loop)
         edge.subscribe(topics.edge_update_filter("e0"), inbox)
-        client = Endpoint(broker.address("c00", tls=True))
+        client = Endpoint(broker.address("c00", tls=True), network_loop=loop)
         try:
             edge.start().wait_connected(5)
             client.start().wait_connected(5)
@@ -108,6 +111,13 @@ def test_tls_listener_carries_roles_and_refuses_plain_or_untrusted_connections(t
             client.publish(topics.edge_update("e0", "c00"), update, qos=1, wait=True)
             (got,) = inbox.wait_for(1)
             assert got.message == update and broker.address("c00", tls=True).public_url.startswith("mqtts://")
+            # a burst of QoS 1 updates and their acks through TLS (on the shared loop: read while bytes wait)
+            burst = [ThresholdUpdate("c00", "e0", r, 10, params(0.25)) for r in range(1, 51)]
+            for message in burst:
+                client.publish(topics.edge_update("e0", "c00"), message, qos=1)
+            assert client.flush(5)
+            got_all = inbox.wait_for(51, timeout_s=5)
+            assert sorted(i.message.round for i in got_all) == list(range(51))
         finally:
             client.close()
             edge.close()
@@ -118,13 +128,16 @@ def test_tls_listener_carries_roles_and_refuses_plain_or_untrusted_connections(t
                                                                tls=True, ca_certs=str(other_ca)),
         }
         for why, bad in refused.items():
-            endpoint = Endpoint(bad, reconnect_delay_s=(1.0, 1.0))
+            endpoint = Endpoint(bad, reconnect_delay_s=(1.0, 1.0), network_loop=loop)
             try:
                 with pytest.raises(TimeoutError):
                     endpoint.start().wait_connected(1.0)
             finally:
                 endpoint.close()
         assert "alert unknown ca" in broker.log_file.read_text()  # the client refused the broker's certificate
+    if loop is not None:
+        assert len(loop) == 0
+        loop.stop()
 
 
 def test_no_password_reaches_logs_or_run_files(tmp_path, caplog) -> None:
