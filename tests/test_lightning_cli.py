@@ -78,3 +78,17 @@ def test_fit_saves_into_the_cache_and_test_evaluates_the_cached_model(private_ca
 def test_unknown_subcommand_prints_usage(capsys):
     assert main(["train"]) == 2
     assert "usage: fedhlm" in capsys.readouterr().out
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path) -> None:
+    """The model cache key includes the training code: a stale model is not reused after the model changes."""
+    from fedhlm.model_cache import code_fingerprint, training_code_fingerprint
+
+    src = tmp_path / "m.py"
+    src.write_text('"""Doc."""\n\ndef f(x):\n    """Say why."""\n    return x + 1  # add one\n')
+    before = code_fingerprint(tmp_path, ("m.py",))
+    src.write_text('"""Other words."""\n\n\ndef f(x):\n    # no docstring now\n    return x + 1\n')
+    assert code_fingerprint(tmp_path, ("m.py",)) == before
+    src.write_text('"""Doc."""\n\ndef f(x):\n    """Say why."""\n    return x + 2  # add two\n')
+    assert code_fingerprint(tmp_path, ("m.py",)) != before
+    assert full_config("slm")["code"] == training_code_fingerprint()

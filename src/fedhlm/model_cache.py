@@ -2,8 +2,10 @@
 
 A model lives in ``$FEDHLM_HOME/models/<name>-<hash>`` (default
 ``~/.cache/fedhlm/models``), where the hash is of its full configuration - module
-arguments (defaults filled in), data arguments and training length - so a changed
-setting trains a new model instead of silently reusing an old one. Each folder is a
+arguments (defaults filled in), data arguments and training length - and of the code that
+builds, feeds and trains the models (`TRAINING_CODE`, comments and docstrings ignored), so
+a changed setting or a changed model definition trains a new model instead of silently
+reusing an old one. Each folder is a
 Hugging Face ``save_pretrained`` folder (model + tokenizer), plus ``metrics.json`` (test
 accuracy, parameters, training time, data source, the configuration) and, for an SLM,
 ``threshold_head.pt`` once its head was trained (``fit_target="head"``). A folder appears only once complete (written aside, then renamed).
@@ -16,6 +18,8 @@ The modules' defaults are what ``configs/slm.yaml`` and ``configs/llm.yaml`` spe
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -39,6 +43,10 @@ KINDS: dict[str, str] = {"slm": "fedhlm.slm.SLMModule", "llm": "fedhlm.llm.LLMRe
 # what decides the trained weights besides module and data arguments
 TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1}
 DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}}
+# modules whose code decides the trained weights (relative to the fedhlm package)
+TRAINING_CODE = ("classifier.py", "hf_models.py", "slm.py", "llm.py", "threshold.py", "uncertainty.py",
+                 "data/encoding.py", "data/items.py", "data/module.py", "data/reader.py", "data/sources.py",
+                 "data/synthetic.py", "data/partition.py")
 
 
 def cache_root() -> Path:
@@ -82,7 +90,29 @@ def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping
     data_args.pop("num_workers", None)  # does not change the result
     trainer_args = dict(trainer or {})
     train_args = {k: trainer_args.get(k, default) for k, default in TRAIN_KEYS.items()}
-    return _jsonable({"kind": kind, "model": model_args, "data": data_args, "trainer": train_args})
+    return _jsonable({"kind": kind, "model": model_args, "data": data_args, "trainer": train_args,
+                      "code": training_code_fingerprint()})
+
+
+@functools.cache
+def training_code_fingerprint() -> str:
+    """`code_fingerprint` of this package's `TRAINING_CODE`."""
+    return code_fingerprint(Path(__file__).resolve().parent, TRAINING_CODE)
+
+
+def code_fingerprint(root: Path, names: tuple[str, ...]) -> str:
+    """Hash of the syntax trees of `names` under `root`, without docstrings: edits to comments, docs or
+    layout keep the cached models, a change to what the code does retrains them."""
+    digest = hashlib.sha256()
+    for name in names:
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+        digest.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
