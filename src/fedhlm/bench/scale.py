@@ -1,7 +1,8 @@
 """`fedhlm bench scale`: the FedHLM pipeline with 10, 100 and 1000 simulated clients over a real broker.
 
 Clients share one SLM instance (their drafts are computed in one batched pass, as a
-gateway would) but each keeps its own MQTT connection, head, cache and rounds. Printed per
+gateway would) but each keeps its own MQTT connection, session, head, cache and rounds;
+their connections share one network thread (`transport.netloop.NetworkLoop`). Printed per
 size: tokens/s, broker messages/s (every role's publishes), peak RSS of this process and
 of the broker, wall time, and the ratio of the pipeline's tokens/s to the same models
 called in-process without MQTT (SLM drafts + LLM verification of the same offloaded tokens).
