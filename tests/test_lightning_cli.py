@@ -92,3 +92,33 @@ def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path)
     src.write_text('"""Doc."""\n\ndef f(x):\n    """Say why."""\n    return x + 2  # add two\n')
     assert code_fingerprint(tmp_path, ("m.py",)) != before
     assert full_config("slm")["code"] == training_code_fingerprint()
+
+
+RANDOM_TINY = {"pretrained": None, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+               "embeddings_from": None}
+
+
+@pytest.mark.parametrize(("kind", "tiny"), [("slm", RANDOM_TINY), ("llm", RANDOM_TINY), ("llm", {"pretrained": "minilm"})],
+                         ids=["slm-random", "llm-random", "llm-pretrained"])
+def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, monkeypatch):
+    """Both paths name the same cache folder, so they must fill it with the same model: dropout included,
+    whatever state the random generator was left in (a pretrained start does not reseed it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedhlm.model_cache import get_or_train
+
+    data = {"source": "synthetic", "synthetic_size": 200, "batch_size": 16}
+    trainer = {"max_steps": 3, "limit_val_batches": 1, "limit_test_batches": 1}
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "cli"))
+    args = [f"--model.init_args.{k}={'null' if v is None else v}" for k, v in tiny.items()]
+    args += [f"--data.{k}={v}" for k, v in data.items()] + [f"--trainer.{k}={v}" for k, v in trainer.items()]
+    assert main(["fit", "--config", str(CONFIGS / f"{kind}.yaml"), *args, "--trainer.enable_progress_bar=false",
+                 "--trainer.enable_model_summary=false"]) == 0
+    [(from_cli, _)] = cached_models()
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "api"))
+    torch.manual_seed(1234)  # whatever state the caller left the generator in
+    from_api = get_or_train(kind, {"model": tiny, "data": data, "trainer": trainer}, progress=False)
+    assert from_api.name == from_cli.name
+    a, b = load_file(from_cli / "model.safetensors"), load_file(from_api / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

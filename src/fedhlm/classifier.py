@@ -50,7 +50,7 @@ class NextTokenClassifier(LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps of the learning rate.
-        seed: seeds the random decoder.
+        seed: seeds the random decoder, and the random generator when training starts (dropout).
     """
 
     def __init__(
@@ -70,6 +70,7 @@ class NextTokenClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.lr = lr
+        self._seed = seed
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.tokenizer = load_tokenizer(tokenizer)
@@ -150,6 +151,12 @@ class NextTokenClassifier(LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimiser updates; subclasses narrow it (the SLM's head target)."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def on_fit_start(self) -> None:
+        # Dropout draws from the global generator. The CLI seeds it before building the model, get_or_train
+        # does not, and a pretrained start does not reseed it: without this the two paths, which name the
+        # same cache folder, trained different LLMs (87.6 % vs 89.0 % test accuracy).
+        torch.manual_seed(self._seed)
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()

@@ -195,6 +195,9 @@ def build_bert_decoder(spec: BackboneSpec, vocab_size: int, pad_token_id: int = 
 def build_backbone(spec: BackboneSpec, vocab_size: int, pad_token_id: int = 0) -> nn.Module:
     """Load ``spec.pretrained`` or build the random decoder ``spec`` describes."""
     if spec.pretrained:
+        # an encoder checkpoint loaded as a causal LM gets a fresh prediction-head transform
+        # (cls.predictions.transform.*): seeded, or two trainings of one config start apart
+        torch.manual_seed(spec.seed)
         model = load_causal_lm(spec.pretrained)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             raise ValueError(
