@@ -139,10 +139,14 @@ def format_table(cases: Sequence[dict[str, Any]]) -> str:
 
 
 def _sized(build: Callable[[int], Message], target_bytes: int) -> Message:
-    """`build(n)` with n array elements (4 B each) so that the encoded message is about `target_bytes`;
-    never smaller than the message with one element."""
-    base = len(encode(build(1)))
-    return build(1 + max(0, round((target_bytes - base) / 4)))
+    """`build(n)` with n array elements so that the encoded message is about `target_bytes`;
+    never smaller than the message with one element. The element size is measured, not assumed
+    (token ids take 2 bytes on the wire, float32 parameters 4)."""
+    per_element = max(1.0, (len(encode(build(513))) - len(encode(build(1)))) / 512)
+    n = 1
+    for _ in range(3):  # the length prefixes grow with n: correct the estimate twice
+        n = max(1, n + round((target_bytes - len(encode(build(n)))) / per_element))
+    return build(n)
 
 
 def sized_update(target_bytes: int) -> ThresholdUpdate:
