@@ -27,3 +27,13 @@ def test_scale_bench_runs_each_size_and_reports_throughput(tmp_path, monkeypatch
         assert "error" not in r, r
         assert r["tokens"] == 16 and r["tokens_per_s"] > 0 and r["messages"] > 0
         assert r["peak_rss_mb"] > 0 and r["in_process_tokens_per_s"] > 0
+
+
+def test_edge_count_keeps_clusters_of_the_asked_size() -> None:
+    assert [scale.edge_count(n) for n in (2, 10, 100, 1000)] == [1, 2, 10, 10]
+    assert [scale.edge_count(n, 25) for n in (10, 100, 1000, 1001)] == [1, 4, 40, 41]
+
+
+def test_a_bad_cluster_size_is_refused_before_any_work(capsys) -> None:
+    assert scale.main(["--clients-per-edge", "0"]) == 2
+    assert "--clients-per-edge" in capsys.readouterr().err

@@ -34,12 +34,20 @@ def in_process_tokens_per_s(ctx: dict[str, Any], records: list) -> float:
     return len(records) / total if total > 0 else float("inf")
 
 
-def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int) -> dict[str, Any]:
+def edge_count(clients: int, clients_per_edge: int | None = None) -> int:
+    """Edges for a size: `clients_per_edge` each when given, else a quarter of the clients, at most 10."""
+    if clients_per_edge is not None:
+        return max(1, -(-clients // clients_per_edge))
+    return max(1, min(clients // 4, 10))
+
+
+def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int,
+             clients_per_edge: int | None = None) -> dict[str, Any]:
     """One pipeline run with `clients` clients over max(base_inputs, clients) inputs (at least one each)."""
     from fedhlm import simulate as sim
 
     ctx = {**ctx, "inputs": ctx["inputs"][: max(base_inputs, clients)]}
-    edges = max(1, min(clients // 4, 10))
+    edges = edge_count(clients, clients_per_edge)
     size_cfg = replace(cfg, federation=replace(cfg.federation, clients=clients, edges=edges,
                                                clustering="round_robin"))
     run_ctx = {**ctx, **sim.plan_clients(size_cfg, ctx["inputs"])}
@@ -77,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--sizes", default="10,100,1000", help="comma-separated client counts")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients-per-edge", type=int, default=None,
+                        help="cluster size (a peer query reaches every client of its cluster); "
+                             "default: a quarter of the clients per edge, at most 10 edges")
     parser.add_argument("--inputs", type=int, default=400, help="test inputs shared by the clients (quick-sized: 400)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="JSON file (default runs/bench-scale-<timestamp>.json)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x]
+    if args.clients_per_edge is not None and args.clients_per_edge < 1:
+        print(f"fedhlm bench scale: --clients-per-edge must be >= 1, got {args.clients_per_edge}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, [*args.overrides, f"federation.rounds={args.rounds}",
                                         f"data.inputs={max(args.inputs, *sizes)}", "methods=[fedhlm]"])
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         print(f"[bench scale] {n} clients ...", flush=True)
         try:
-            rows.append(run_size(cfg, ctx, n, args.inputs))
+            rows.append(run_size(cfg, ctx, n, args.inputs, args.clients_per_edge))
         except Exception as exc:  # a size that does not run is a result too: say so and go on
             print(f"  {n:5d} clients: FAILED: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"clients": n, "error": f"{type(exc).__name__}: {exc}"})
