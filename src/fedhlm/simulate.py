@@ -48,9 +48,9 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
     """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
     from fedhlm.broker import LocalBroker
     from fedhlm.deployment import Deployment, DeploymentSpec
+    from fedhlm.head_module import TorchHead
     from fedhlm.report import TokenRecord
     from fedhlm.roles.client import ClientSettings
-    from fedhlm.head_module import TorchHead
     from fedhlm.threshold import ThresholdHead
     from fedhlm.transport.address import BrokerAddress
 

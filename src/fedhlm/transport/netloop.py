@@ -46,7 +46,6 @@ class _Connection:
     interest: int = 0
     retry_at: float | None = None  # monotonic time of the next connect attempt
     failures: int = 0
-    removing: bool = False
     finish_by: float = 0.0  # while removing: drop the socket at this time even if DISCONNECT is not out
     done: threading.Event = field(default_factory=threading.Event)
     on_open: Callable[..., None] | None = None  # the client's own on_socket_open (e.g. socket options)
@@ -190,7 +189,7 @@ class NetworkLoop:
     def _connect_due(self, now: float) -> None:
         for key in list(self._retrying):
             conn = self._connections.get(key)
-            if conn is None or conn.removing:
+            if conn is None or key in self._removing:
                 self._retrying.discard(key)
                 continue
             if conn.retry_at is None or conn.retry_at > now:
@@ -224,7 +223,6 @@ class NetworkLoop:
                     log.debug("%s: socket of %s is gone", self._name, _cid(conn.client))
 
     def _start_removing(self, conn: _Connection) -> None:
-        conn.removing = True
         conn.retry_at = None
         self._removing.add(id(conn.client))
         self._maybe_finish(conn)
@@ -273,7 +271,7 @@ class NetworkLoop:
         if conn is None or conn.sock is not sock:
             return
         self._unregister(conn)
-        if not conn.removing and not self._stopping and conn.should_reconnect():
+        if id(client) not in self._removing and not self._stopping and conn.should_reconnect():
             conn.failures += 1
             low, high = conn.delays
             conn.retry_at = time.monotonic() + min(high, low * 2 ** min(conn.failures - 1, 16))
