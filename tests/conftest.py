@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedhlm.broker import LocalBroker
+from fedhlm.transport.broker import LocalBroker
 
 # Role ids of the test broker; the username is the role id (and the MQTT client id).
 BROKER_USERS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.aggregation import (
+from fedhlm.core.aggregation import (
     WeightedParams,
     aggregate,
     check_params,

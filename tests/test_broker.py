@@ -8,7 +8,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedhlm.broker import LocalBroker, hash_password, render_acl, config_dir
+from fedhlm.transport.broker import LocalBroker, hash_password, render_acl, config_dir
 
 
 def _connect_rc(host: str, port: int, username: str | None, password: str | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.clustering import assign_clients
+from fedhlm.simulation.clustering import assign_clients
 
 CLIENTS = [f"c{i:03d}" for i in range(6)]
 

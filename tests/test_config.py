@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhlm.config import ConfigError, load_config
+from fedhlm.simulation.config import ConfigError, load_config
 
 
 def test_defaults_validate_and_overrides_apply() -> None:

@@ -21,13 +21,13 @@ from fedhlm.data import (
     fetch_ag_news,
     generation_pairs,
     load_tokenizer,
-    main,
     prompt_text,
     read_news_csv,
     resolve_source,
     synthetic_corpus,
     verbaliser_token_ids,
 )
+from fedhlm.cli.data import main
 from fedhlm.data.synthetic import FUNCTION_WORDS, SHARED_WORDS, TOPIC_WORDS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment, DeploymentSpec
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.roles.client import ClientSettings, TokenInput
 from fedhlm.roles.edge import EdgeServer
-from fedhlm.threshold import ThresholdHead
+from fedhlm.maths.threshold import ThresholdHead
 from fedhlm.transport import topics
 from fedhlm.transport.codec import encode
 from fedhlm.transport.messages import ThresholdUpdate
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 from fedhlm_device.client import DeviceClient, DeviceSettings
 from fedhlm_device.head import ScalarHead
 

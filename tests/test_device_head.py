@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedhlm.head_module import fit_head
-from fedhlm.slm import SLMModule
-from fedhlm.threshold import ThresholdHead
-from fedhlm.uncertainty import FEATURE_NAMES
-from fedhlm.uncertainty import features as torch_features
+from fedhlm.models.head_fit import fit_head
+from fedhlm.models.slm import SLMModule
+from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.maths.uncertainty import FEATURE_NAMES
+from fedhlm.maths.uncertainty import features as torch_features
 from fedhlm_device.features import FEATURE_NAMES as DEVICE_FEATURE_NAMES
 from fedhlm_device.features import features, route_view
 from fedhlm_device.head import ScalarHead, fit_sgd, routing_loss

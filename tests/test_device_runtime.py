@@ -26,8 +26,8 @@ TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size":
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from fedhlm.export import export
-    from fedhlm.slm import SLMModule
+    from fedhlm.models.export import export
+    from fedhlm.models.slm import SLMModule
 
     folder = tmp_path_factory.mktemp("slm")
     SLMModule(**TINY).save_pretrained(str(folder))
@@ -38,7 +38,7 @@ def exported(tmp_path_factory) -> Path:
 
 def test_prompt_ids_equal_encode_prompts() -> None:
     from fedhlm.data import NewsItem, encode_prompts, load_tokenizer
-    from fedhlm.hf_models import minilm_path
+    from fedhlm.models.store import minilm_path
 
     items = [NewsItem(0, 0, "Wall St. Bears Claw Back", "Short-sellers, Wall Street's dwindling\\band of ultra-cynics"),
              NewsItem(1, 1, "", "no title here"), NewsItem(2, 2, "Long", "word " * 200),

@@ -13,7 +13,7 @@ import msgpack
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedhlm.broker import LocalBroker
+from fedhlm.transport.broker import LocalBroker
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode

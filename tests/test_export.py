@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fedhlm.data import NewsItem, encode_prompts, load_tokenizer
-from fedhlm.export import INT8_FILE, MANIFEST_FILE, MODEL_FILE, PARITY_ATOL, export, main
-from fedhlm.hf_models import load_causal_lm, next_token_logits
-from fedhlm.slm import SLMModule
+from fedhlm.cli.export import main
+from fedhlm.models.export import INT8_FILE, MANIFEST_FILE, MODEL_FILE, PARITY_ATOL, export
+from fedhlm.models.backbone import load_causal_lm, next_token_logits
+from fedhlm.models.slm import SLMModule
 from fedhlm.transport.codec import SCHEMA_VERSION
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
 TEXTS = ["stocks fell as markets slid", "the team won the cup final in extra time after a long and hard season " * 3,
@@ -61,7 +62,7 @@ def test_export_writes_one_folder_with_a_complete_manifest(exported) -> None:
 def test_onnx_logits_match_pytorch_on_padded_prompts(exported, tiny_folder) -> None:
     import onnxruntime as ort
 
-    from fedhlm.export import GraphShape, onnx_logits
+    from fedhlm.models.export import GraphShape, onnx_logits
 
     out, manifest = exported
     model = load_causal_lm(tiny_folder).eval()

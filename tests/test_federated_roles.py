@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment, DeploymentSpec
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.roles.client import ClientSettings, TokenInput
-from fedhlm.threshold import ThresholdHead, central_threshold
+from fedhlm.maths.threshold import ThresholdHead, central_threshold
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.messages import ThresholdUpdate
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 VOCAB = 8
 CLIENTS = [f"c{i:03d}" for i in range(12)]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhlm.lightning_cli import main
-from fedhlm.model_cache import DEFAULT_TRAINER, cached_models, config_hash, full_config
+from fedhlm.cli.lightning import main
+from fedhlm.models.cache import DEFAULT_TRAINER, full_config
+from fedhlm.models.store import cached_models, config_hash
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_ARGS = [
@@ -36,7 +37,7 @@ def test_print_config_shows_the_module_and_data_arguments(capsys):
         main(["fit", "--config", str(CONFIGS / "slm.yaml"), "--print_config"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: fedhlm.slm.SLMModule" in out and "fit_target: lm" in out
+    assert "class_path: fedhlm.models.slm.SLMModule" in out and "fit_target: lm" in out
     assert "source: auto" in out and "cache: true" in out
 
 
@@ -45,7 +46,7 @@ def test_every_shipped_config_parses(capsys):
         with pytest.raises(SystemExit) as stop:
             main(["fit", "--config", str(CONFIGS / name), "--print_config"])
         assert stop.value.code == 0, name
-    assert "class_path: fedhlm.llm.LLMRefiner" in capsys.readouterr().out
+    assert "class_path: fedhlm.models.llm.LLMRefiner" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["slm", "llm"])
@@ -80,17 +81,28 @@ def test_unknown_subcommand_prints_usage(capsys):
     assert "usage: fedhlm" in capsys.readouterr().out
 
 
-def test_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path) -> None:
-    """The model cache key includes the training code: a stale model is not reused after the model changes."""
-    from fedhlm.model_cache import code_fingerprint, training_code_fingerprint
+def test_code_fingerprint_ignores_comments_docstrings_and_import_origins_but_not_code(tmp_path, monkeypatch) -> None:
+    """The model cache key includes the training code: a stale model is not reused after the model changes,
+    and moving a module (its imports now name other paths) does not retrain."""
+    import importlib
 
-    src = tmp_path / "m.py"
-    src.write_text('"""Doc."""\n\ndef f(x):\n    """Say why."""\n    return x + 1  # add one\n')
-    before = code_fingerprint(tmp_path, ("m.py",))
-    src.write_text('"""Other words."""\n\n\ndef f(x):\n    # no docstring now\n    return x + 1\n')
-    assert code_fingerprint(tmp_path, ("m.py",)) == before
-    src.write_text('"""Doc."""\n\ndef f(x):\n    """Say why."""\n    return x + 2  # add two\n')
-    assert code_fingerprint(tmp_path, ("m.py",)) != before
+    from fedhlm.models.cache import code_fingerprint, training_code_fingerprint
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "fp_probe.py"
+
+    def fingerprint(text: str) -> str:
+        src.write_text(text)
+        importlib.invalidate_caches()
+        return code_fingerprint(("fp_probe",))
+
+    before = fingerprint('"""Doc."""\nfrom a.old import g\n\ndef f(x):\n    """Say why."""\n    return g(x) + 1  # one\n')
+    assert fingerprint('"""Other words."""\nfrom b.new.home import g\n\n\ndef f(x):\n    return g(x) + 1\n') == before
+    assert fingerprint('"""Doc."""\nfrom a.old import h as g\n\ndef f(x):\n    return g(x) + 1\n') == before
+    assert fingerprint('"""Doc."""\nfrom a.old import h\n\ndef f(x):\n    return g(x) + 1\n') != before
+    assert fingerprint('"""Doc."""\nfrom a.old import g\n\ndef f(x):\n    return g(x) + 2\n') != before
+    with pytest.raises(ModuleNotFoundError, match="TRAINING_CODE"):
+        code_fingerprint(("fedhlm.no_such_module",))
     assert full_config("slm")["code"] == training_code_fingerprint()
 
 
@@ -106,7 +118,7 @@ def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, m
     import torch
     from safetensors.torch import load_file
 
-    from fedhlm.model_cache import get_or_train
+    from fedhlm.models.cache import get_or_train
 
     data = {"source": "synthetic", "synthetic_size": 200, "batch_size": 16}
     trainer = {"max_steps": 3, "limit_val_batches": 1, "limit_test_batches": 1}

@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from fedhlm.data import NewsItem, encode_prompts, load_tokenizer, verbaliser_token_ids
-from fedhlm.hf_models import (
+from fedhlm.models.backbone import (
     BackboneSpec,
-    ModelFolderError,
     build_bert_decoder,
     load_causal_lm,
     project_embeddings,
     save_model,
 )
-from fedhlm.llm import LLMRefiner, SessionMismatch
-from fedhlm.model_cache import cached_models, get_or_train, latest
-from fedhlm.model_cache import main as models_main
-from fedhlm.slm import SLMModule
-from fedhlm.threshold import central_threshold
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.models.llm import LLMRefiner, SessionMismatch
+from fedhlm.models.cache import get_or_train
+from fedhlm.models.store import ModelFolderError, cached_models, latest
+from fedhlm.cli.models import main as models_main
+from fedhlm.models.slm import SLMModule
+from fedhlm.maths.threshold import central_threshold
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_head_target_from_prompts_uses_the_teacher_verdicts(tiny_llm_folder, tok
 
 
 def test_save_and_reload_keeps_logits_and_head(tmp_path, tiny_slm, tokenizer, monkeypatch):
-    from fedhlm.model_cache import save_to_cache
+    from fedhlm.models.cache import save_to_cache
 
     batch = prompts(tokenizer)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fedhlm.broker import LocalBroker
+from fedhlm.transport.broker import LocalBroker
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Endpoint, Inbound
 from fedhlm.transport.messages import ThresholdModel, ThresholdUpdate

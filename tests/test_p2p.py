@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment, DeploymentSpec
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.roles.client import ClientSettings, TokenInput
-from fedhlm.threshold import ThresholdHead
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 DIM = 16
 VOCAB = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.peer_cache import PeerCache
+from fedhlm.core.peer_cache import PeerCache
 
 
 class FakeClock:

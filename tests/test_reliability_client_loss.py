@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.client import Client
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.transport import topics
@@ -211,7 +211,7 @@ def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_lo
     """A network blip: the broker publishes the Will ("offline", retained); the client reconnects by itself and
     must say "online" again, or its edge and every later subscriber would take it for gone."""
     from fedhlm.roles.client import ClientSettings
-    from fedhlm.threshold import ThresholdHead
+    from fedhlm.maths.threshold import ThresholdHead
     from fedhlm.transport.netloop import NetworkLoop
 
     broker = LocalBroker(users({"c00": "e0"})).start()

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.transport import topics
 from fedhlm.transport.codec import MAX_PAYLOAD_BYTES, DecodeError, decode, encode, payload_type
 from fedhlm.transport.endpoint import Endpoint

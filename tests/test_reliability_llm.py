@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.llm_service import LLMService
 from test_federated_roles import q_fn
 from test_reliability_support import assignment, federated_spec, round_inputs, users, wait_until

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhlm.broker import LocalBroker, find_mosquitto
+from fedhlm.transport.broker import LocalBroker, find_mosquitto
 
 pytestmark = pytest.mark.reliability
 
@@ -152,7 +152,7 @@ CLIENT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from fedhlm.roles.client import Client, ClientSettings
-    from fedhlm.threshold import ThresholdHead
+    from fedhlm.maths.threshold import ThresholdHead
     from fedhlm.transport.address import BrokerAddress
     from test_federated_roles import make_inputs
     cfg = json.loads(sys.stdin.readline())

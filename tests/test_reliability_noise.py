@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.client import Client
-from fedhlm.threshold import ThresholdHead, central_threshold
+from fedhlm.maths.threshold import ThresholdHead, central_threshold
 from test_reliability_support import LAM, T, assignment, federated_spec, round_inputs, users
 
 pytestmark = pytest.mark.reliability

@@ -9,9 +9,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedhlm.aggregation import WeightedParams, fedavg
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.core.aggregation import WeightedParams, fedavg
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.transport import topics
 from fedhlm.transport.codec import encode

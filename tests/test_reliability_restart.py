@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from test_reliability_support import assignment, federated_spec, round_inputs, users
 
 pytestmark = pytest.mark.reliability

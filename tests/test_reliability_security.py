@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhlm.broker import LocalBroker
-from fedhlm.deployment import Deployment
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress

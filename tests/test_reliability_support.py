@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.deployment import DeploymentSpec
+from fedhlm.roles.deployment import DeploymentSpec
 from fedhlm.roles.client import ClientSettings, TokenInput
-from fedhlm.threshold import ThresholdHead
+from fedhlm.maths.threshold import ThresholdHead
 from test_federated_roles import LAM, T, make_inputs, q_fn
 
 __all__ = ["LAM", "T", "assignment", "distinct_heads", "federated_spec", "make_inputs", "round_inputs", "users",

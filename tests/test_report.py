@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhlm.report import ByteCounts, TokenRecord, check_consistency, per_round, summarise
+from fedhlm.reporting.summary import ByteCounts, TokenRecord, check_consistency, per_round, summarise
 
 
 def _records() -> list[TokenRecord]:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from fedhlm.broker import LocalBroker
+from fedhlm.transport.broker import LocalBroker
 from test_simulate import tiny_configs
 
 pytestmark = pytest.mark.slow
@@ -23,14 +23,14 @@ INPUTS = 24
 
 def spawn(broker: LocalBroker, role: str, user: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "fedhlm.cli", role, "--config", env["SIM_CONFIG"], *args],
+        [sys.executable, "-m", "fedhlm.cli.main", role, "--config", env["SIM_CONFIG"], *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**env, "FEDHLM_BROKER": broker.address(user).url, "PYTHONUNBUFFERED": "1"},
     )
 
 
 def test_a_federation_of_separate_processes_routes_learns_and_stops_cleanly(tmp_path) -> None:
-    from fedhlm.hybrid import HybridModels
+    from fedhlm.models.hybrid import HybridModels
 
     home = tmp_path / "home"
     slm, llm = tiny_configs(tmp_path)

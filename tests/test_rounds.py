@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.aggregation import WeightedParams
-from fedhlm.rounds import RoundCollector, ServerState, load_state, save_state
+from fedhlm.core.aggregation import WeightedParams
+from fedhlm.core.rounds import RoundCollector, ServerState, load_state, save_state
 
 
 def _u(tau: float, n: int = 10) -> WeightedParams:

@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from fedhlm import simulate as sim
-from fedhlm.config import load_config
+from fedhlm.simulation import run as sim
+from fedhlm.cli.simulate import main as simulate_main
+from fedhlm.simulation.config import load_config
 
 TINY_BACKBONE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position": 64,
                  "embeddings_from": None}
@@ -19,10 +20,10 @@ TRAINER = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_
 def tiny_configs(tmp_path) -> tuple[str, str]:
     slm = tmp_path / "slm.yaml"
     llm = tmp_path / "llm.yaml"
-    slm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.slm.SLMModule",
+    slm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.models.slm.SLMModule",
                                              "init_args": {"pretrained": None, **TINY_BACKBONE, "topk": 4}},
                                    "data": DATA, "trainer": TRAINER}))
-    llm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.llm.LLMRefiner",
+    llm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.models.llm.LLMRefiner",
                                              "init_args": {"pretrained": None, **TINY_BACKBONE}},
                                    "data": DATA, "trainer": TRAINER}))
     return str(slm), str(llm)
@@ -69,7 +70,7 @@ def test_small_simulation_writes_a_consistent_report(tiny_cfg, tmp_path) -> None
 
 def test_config_error_names_the_field_before_anything_starts(tmp_path, capsys) -> None:
     out = tmp_path / "never"
-    rc = sim.main(["--set", "federation.quorum=2", "--out", str(out)])
+    rc = simulate_main(["--set", "federation.quorum=2", "--out", str(out)])
     assert rc == 2
     assert "federation.quorum" in capsys.readouterr().err
     assert not out.exists()
@@ -99,7 +100,7 @@ def test_simulation_over_a_given_broker_with_one_shared_account(tiny_cfg, tmp_pa
     import dataclasses
     import threading
 
-    from fedhlm.broker import LocalBroker
+    from fedhlm.transport.broker import LocalBroker
     from fedhlm.transport import topics
     from fedhlm.transport.endpoint import Endpoint
 

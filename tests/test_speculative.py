@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fedhlm.speculative import (
+from fedhlm.maths.speculative import (
     draft_distribution,
     draft_from_topk,
     expected_acceptance,
@@ -15,7 +15,7 @@ from fedhlm.speculative import (
     verify,
     verify_batch,
 )
-from fedhlm.uncertainty import topk_compress
+from fedhlm.maths.uncertainty import topk_compress
 
 V = 12
 DRAWS = 20_000

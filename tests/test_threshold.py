@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedhlm.threshold import (
+from fedhlm.maths.threshold import (
     ThresholdHead,
     annealed_temperature,
     central_threshold,

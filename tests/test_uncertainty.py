@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedhlm.uncertainty import (
+from fedhlm.maths.uncertainty import (
     FEATURE_NAMES,
     entropy,
     features,

@@ -1,5 +1,5 @@
 import sys
 
-from fedhlm.cli import main
+from fedhlm.cli.main import main
 
 sys.exit(main())

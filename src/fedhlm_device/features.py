@@ -1,6 +1,6 @@
 """Uncertainty features and the routing view of next-token logits, in numpy.
 
-The same columns, order and definitions as `fedhlm.uncertainty` (entropy in nats, max
+The same columns, order and definitions as `fedhlm.maths.uncertainty` (entropy in nats, max
 probability, top-2 margin, U-HLM's sampling disagreement) and the same draft/top-k rules as
 `SLMModule.route_view`; the sampling feature draws from a numpy Generator, so it matches the
 PyTorch one in distribution, not sample by sample (the scalar head reads entropy only).

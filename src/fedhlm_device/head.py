@@ -23,7 +23,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def routing_loss(s: np.ndarray, beta: np.ndarray, lam: float, weights: np.ndarray | None = None) -> float:
-    """L = mean((1 - s) beta + lam s), weighted by `weights` when given (as `fedhlm.threshold.routing_loss`)."""
+    """L = mean((1 - s) beta + lam s), weighted by `weights` when given (as `fedhlm.maths.threshold.routing_loss`)."""
     s, beta = np.asarray(s, np.float32), np.asarray(beta, np.float32)
     if s.shape != beta.shape:
         raise ValueError(f"s and beta shapes differ: {s.shape} vs {beta.shape}")
@@ -110,7 +110,7 @@ class ScalarHead:
 
 def fit_sgd(head: ScalarHead, features: np.ndarray, beta: np.ndarray, *, lam: float, steps: int = 30,
             lr: float = 0.05, weights: np.ndarray | None = None) -> dict[str, float]:
-    """Full-batch SGD on tau, in place; returns loss before/after and tau (as `fedhlm.head_module.fit_head`)."""
+    """Full-batch SGD on tau, in place; returns loss before/after and tau (as `fedhlm.models.head_fit.fit_head`)."""
     f = np.asarray(features, np.float32)
     b = np.asarray(beta, np.float32)
     if f.ndim != 2 or f.shape[0] != b.shape[0] or f.shape[0] == 0:

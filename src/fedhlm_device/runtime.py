@@ -33,7 +33,7 @@ class ExportFolderError(ValueError):
 
 
 def vocabulary_hash(tokenizer_file: Path) -> str:
-    """sha256 of the vocabulary in id order (the same function as fedhlm.export's)."""
+    """sha256 of the vocabulary in id order (the same function as fedhlm.models.export's)."""
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
@@ -139,7 +139,7 @@ class ExportedSLM:
     def token_inputs(self, texts: Sequence[str], uids: Sequence[int], labels: Sequence[int] | None = None,
                      rng: np.random.Generator | None = None, embeddings: np.ndarray | None = None,
                      batch_size: int = 32) -> list[TokenInput]:
-        """Draft every text (batched) into what DeviceClient.run_round routes; as fedhlm.hybrid's `draft`."""
+        """Draft every text (batched) into what DeviceClient.run_round routes; as fedhlm.models.hybrid's `draft`."""
         out: list[TokenInput] = []
         for lo in range(0, len(texts), batch_size):
             batch, view = self.route(list(texts[lo : lo + batch_size]), rng)

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model = Path(args.model)
     elif args.export_from:
-        from fedhlm.export import export
+        from fedhlm.models.export import export
 
         tmp = tempfile.mkdtemp(prefix="fedhlm-export-")
         model = Path(tmp)

@@ -44,7 +44,7 @@ def edge_count(clients: int, clients_per_edge: int | None = None) -> int:
 def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int,
              clients_per_edge: int | None = None) -> dict[str, Any]:
     """One pipeline run with `clients` clients over max(base_inputs, clients) inputs (at least one each)."""
-    from fedhlm import simulate as sim
+    from fedhlm.simulation import run as sim
 
     ctx = {**ctx, "inputs": ctx["inputs"][: max(base_inputs, clients)]}
     edges = edge_count(clients, clients_per_edge)
@@ -78,8 +78,8 @@ def _phases(row: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedhlm import simulate as sim
-    from fedhlm.config import ConfigError, load_config
+    from fedhlm.simulation import run as sim
+    from fedhlm.simulation.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="fedhlm bench scale", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quick.yaml")

@@ -42,8 +42,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedhlm.broker import LocalBroker, find_mosquitto
-from fedhlm.report import percentile
+from fedhlm.transport.broker import LocalBroker, find_mosquitto
+from fedhlm.reporting.summary import percentile
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode

@@ -1,7 +1,7 @@
 """News data for FedHLM: AG News or a generated corpus, splits, client partitions, prompts.
 
 Pure pieces (reading, generation, splitting, partitioning, encoding) import without
-Lightning; ``NewsDataModule`` and the ``fedhlm data`` command load on first use.
+Lightning; ``NewsDataModule`` loads on first use (``fedhlm data`` is `fedhlm.cli.data`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = [
     "CLASS_NAMES", "NUM_CLASSES", "PROMPT_SUFFIX", "SOURCES", "VERBALISERS",
     "NewsDataModule", "NewsItem", "PromptCollator", "Splits",
     "ag_news_candidates", "clean_text", "encode_prompts", "fetch_ag_news", "find_ag_news",
-    "generation_pairs", "label_histograms", "load_tokenizer", "main", "partition",
+    "generation_pairs", "label_histograms", "load_tokenizer", "partition",
     "prompt_text", "read_news_csv", "resolve_source", "split_items", "stratified_subset",
     "synthetic_corpus", "verbaliser_token_ids",
 ]
@@ -42,9 +42,3 @@ def __getattr__(name: str) -> Any:
         return NewsDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``fedhlm data ...``."""
-    from fedhlm.data.cli import main as cli_main
-
-    return cli_main(argv)

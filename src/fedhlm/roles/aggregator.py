@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.aggregation import Params, WeightedParams, check_params
-from fedhlm.rounds import RoundCollector, ServerState, load_state, save_state
+from fedhlm.core.aggregation import Params, WeightedParams, check_params
+from fedhlm.core.rounds import RoundCollector, ServerState, load_state, save_state
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint, Inbound
 

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedhlm.aggregation import check_params, personalise
-from fedhlm.peer_cache import PeerCache
-from fedhlm.report import TokenRecord
+from fedhlm.core.aggregation import check_params, personalise
+from fedhlm.core.peer_cache import PeerCache
+from fedhlm.reporting.summary import TokenRecord
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint, Inbound
@@ -128,7 +128,7 @@ def as_routing_head(head: Any) -> RoutingHead:
     """A ThresholdHead (torch) is wrapped; anything that already speaks RoutingHead is used as it is."""
     if all(hasattr(head, name) for name in ("route", "params", "load", "fit", "trainable")):
         return head
-    from fedhlm.head_module import TorchHead  # torch and Lightning only for a torch head
+    from fedhlm.models.head_fit import TorchHead  # torch and Lightning only for a torch head
 
     return TorchHead(head)
 

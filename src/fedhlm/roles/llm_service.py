@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedhlm.speculative import VerifyMode, verify_batch
+from fedhlm.maths.speculative import VerifyMode, verify_batch
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint, Inbound

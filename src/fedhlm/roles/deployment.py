@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedhlm.aggregation import Params
-from fedhlm.report import ByteCounts, TokenRecord
+from fedhlm.core.aggregation import Params
+from fedhlm.reporting.summary import ByteCounts, TokenRecord
 from fedhlm.roles.client import Client, ClientSettings, TokenInput, as_routing_head
 from fedhlm.roles.cloud import CloudServer
 from fedhlm.roles.edge import EdgeServer

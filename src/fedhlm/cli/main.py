@@ -11,19 +11,19 @@ import sys
 
 # subcommand -> (module, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("fedhlm.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
+    "broker": ("fedhlm.cli.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
     "bench": ("fedhlm.bench", "benchmarks: `fedhlm bench transport|scale|device`"),
-    "fit": ("fedhlm.lightning_cli", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
-    "validate": ("fedhlm.lightning_cli", "validate a model with the Lightning CLI"),
-    "test": ("fedhlm.lightning_cli", "test a model with the Lightning CLI"),
-    "export": ("fedhlm.export", "export the SLM for devices: ONNX (+ int8), head, tokenizer, manifest"),
-    "models": ("fedhlm.model_cache", "list the cached models with their test accuracy"),
-    "data": ("fedhlm.data", "data utilities: `fedhlm data fetch ag_news`, `fedhlm data info`"),
-    "simulate": ("fedhlm.simulate", "run the end-to-end simulation over a Mosquitto broker"),
-    "client": ("fedhlm.roles.run", "run one client role as its own process"),
-    "edge": ("fedhlm.roles.run", "run one edge server role as its own process"),
-    "cloud": ("fedhlm.roles.run", "run the cloud role as its own process"),
-    "llm": ("fedhlm.roles.run", "run an LLM refiner worker as its own process"),
+    "fit": ("fedhlm.cli.lightning", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
+    "validate": ("fedhlm.cli.lightning", "validate a model with the Lightning CLI"),
+    "test": ("fedhlm.cli.lightning", "test a model with the Lightning CLI"),
+    "export": ("fedhlm.cli.export", "export the SLM for devices: ONNX (+ int8), head, tokenizer, manifest"),
+    "models": ("fedhlm.cli.models", "list the cached models with their test accuracy"),
+    "data": ("fedhlm.cli.data", "data utilities: `fedhlm data fetch ag_news`, `fedhlm data info`"),
+    "simulate": ("fedhlm.cli.simulate", "run the end-to-end simulation over a Mosquitto broker"),
+    "client": ("fedhlm.cli.roles", "run one client role as its own process"),
+    "edge": ("fedhlm.cli.roles", "run one edge server role as its own process"),
+    "cloud": ("fedhlm.cli.roles", "run the cloud role as its own process"),
+    "llm": ("fedhlm.cli.roles", "run an LLM refiner worker as its own process"),
 }
 
 

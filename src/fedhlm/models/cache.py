@@ -17,11 +17,11 @@ The modules' defaults are what ``configs/slm.yaml`` and ``configs/llm.yaml`` spe
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -32,27 +32,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedhlm.hf_models import ModelFolderError, check_model_folder
+from fedhlm.models.store import HEAD_FILE, METRICS_FILE, jsonable, is_complete, model_dir
 
 log = logging.getLogger(__name__)
 
-HOME_VAR = "FEDHLM_HOME"
-METRICS_FILE = "metrics.json"
-HEAD_FILE = "threshold_head.pt"
-KINDS: dict[str, str] = {"slm": "fedhlm.slm.SLMModule", "llm": "fedhlm.llm.LLMRefiner"}
+KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.models.llm.LLMRefiner"}
 # what decides the trained weights besides module and data arguments
 TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1}
 DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}}
-# modules whose code decides the trained weights (relative to the fedhlm package)
-TRAINING_CODE = ("classifier.py", "hf_models.py", "slm.py", "llm.py", "threshold.py", "uncertainty.py",
-                 "data/encoding.py", "data/items.py", "data/module.py", "data/reader.py", "data/sources.py",
-                 "data/synthetic.py", "data/partition.py")
-
-
-def cache_root() -> Path:
-    """``$FEDHLM_HOME/models``, else ``~/.cache/fedhlm/models``."""
-    home = os.environ.get(HOME_VAR)
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "fedhlm") / "models"
+# modules whose code decides the trained weights, by module name: the fingerprint reads their source
+# wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
+TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
+                 "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.data.encoding", "fedhlm.data.items",
+                 "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
+                 "fedhlm.data.partition")
 
 
 def module_class(kind: str) -> type:
@@ -76,10 +69,6 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
 def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
                 trainer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The configuration that identifies a trained model, with every default written out."""
@@ -90,49 +79,44 @@ def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping
     data_args.pop("num_workers", None)  # does not change the result
     trainer_args = dict(trainer or {})
     train_args = {k: trainer_args.get(k, default) for k, default in TRAIN_KEYS.items()}
-    return _jsonable({"kind": kind, "model": model_args, "data": data_args, "trainer": train_args,
+    return jsonable({"kind": kind, "model": model_args, "data": data_args, "trainer": train_args,
                       "code": training_code_fingerprint()})
 
 
 @functools.cache
 def training_code_fingerprint() -> str:
-    """`code_fingerprint` of this package's `TRAINING_CODE`."""
-    return code_fingerprint(Path(__file__).resolve().parent, TRAINING_CODE)
+    """`code_fingerprint` of `TRAINING_CODE`."""
+    return code_fingerprint(TRAINING_CODE)
 
 
-def code_fingerprint(root: Path, names: tuple[str, ...]) -> str:
-    """Hash of the syntax trees of `names` under `root`, without docstrings: edits to comments, docs or
-    layout keep the cached models, a change to what the code does retrains them."""
+def code_fingerprint(modules: tuple[str, ...]) -> str:
+    """Hash of the syntax trees of `modules`, without docstrings and with each import reduced to the names
+    it binds: edits to comments, docs, layout or a module's location keep the cached models, a change to
+    what the code does retrains them."""
     digest = hashlib.sha256()
-    for name in names:
-        tree = ast.parse((root / name).read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
-        digest.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise ModuleNotFoundError(f"training code module {name} not found (TRAINING_CODE is out of date)")
+        digest.update(_normalised_tree(Path(spec.origin).read_text()).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Short stable hash of a configuration (sorted-key JSON)."""
-    text = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def model_dir(name: str, config: Mapping[str, Any], root: Path | None = None) -> Path:
-    """Where the model of this name and configuration lives (whether or not it exists yet)."""
-    return (root or cache_root()) / f"{name}-{config_hash(config)}"
-
-
-def is_complete(folder: Path) -> bool:
-    """A loadable model folder with its metrics."""
-    try:
-        check_model_folder(folder)
-    except ModelFolderError:
-        return False
-    return (folder / METRICS_FILE).is_file()
+def _normalised_tree(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound = [alias.asname or alias.name.split(".")[0] for alias in node.names]
+            node.__class__ = ast.Import  # what is bound counts, not where it came from
+            node.names = [ast.alias(name=n) for n in bound]
+            for field in ("module", "level"):
+                if hasattr(node, field):
+                    delattr(node, field)
+    return ast.dump(tree)
 
 
 def save_to_cache(module: Any, folder: Path, metrics: Mapping[str, Any]) -> Path:
@@ -146,7 +130,7 @@ def save_to_cache(module: Any, folder: Path, metrics: Mapping[str, Any]) -> Path
     head = getattr(module, "head", None)
     if head is not None and getattr(module, "fit_target", None) == "head":  # only a trained head is worth keeping
         torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, staging / HEAD_FILE)
-    (staging / METRICS_FILE).write_text(json.dumps(_jsonable(dict(metrics)), indent=2, sort_keys=True) + "\n")
+    (staging / METRICS_FILE).write_text(json.dumps(jsonable(dict(metrics)), indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
@@ -208,55 +192,3 @@ def training_metrics(module: Any, datamodule: Any, config: Mapping[str, Any], se
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": dict(config),
     }
-
-
-def cached_models(root: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """(folder, metrics) of every complete cached model, newest first."""
-    base = root or cache_root()
-    found = []
-    for folder in base.glob("*-*") if base.is_dir() else []:
-        if folder.name.startswith(".") or not is_complete(folder):
-            continue
-        try:
-            metrics = json.loads((folder / METRICS_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping %s: unreadable %s (%s)", folder, METRICS_FILE, err)
-            continue
-        found.append((folder, metrics))
-    return sorted(found, key=lambda fm: (fm[0] / METRICS_FILE).stat().st_mtime, reverse=True)
-
-
-def latest(name: str, root: Path | None = None) -> Path:
-    """The newest complete cached model called ``name`` (folder ``<name>-<hash>``)."""
-    base = root or cache_root()
-    for folder, _ in cached_models(base):
-        if folder.name.rsplit("-", 1)[0] == name:
-            return folder
-    raise ModelFolderError(f"no cached model named {name!r} in {base} (train one with `fedhlm fit --config configs/{name}.yaml`)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fedhlm models``: list the cached models with their test accuracy."""
-    parser = argparse.ArgumentParser(prog="fedhlm models", description="list the cached models")
-    parser.add_argument("--root", type=Path, default=None, help=f"cache folder (default ${HOME_VAR}/models or ~/.cache/fedhlm/models)")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    args = parser.parse_args(argv)
-    root = args.root or cache_root()
-    models = cached_models(root)
-    if args.json:
-        print(json.dumps([{"path": str(f), **m} for f, m in models], indent=2))
-        return 0
-    if not models:
-        print(f"no cached models in {root}")
-        return 0
-    print(f"{'model':<22} {'kind':<4} {'params':>11} {'test acc':>8} {'train s':>8}  data")
-    for folder, m in models:
-        acc = m.get("test_acc")
-        acc_text = f"{100 * acc:7.2f}%" if isinstance(acc, (int, float)) else "       -"
-        secs = m.get("train_seconds")
-        secs_text = f"{secs:8.1f}" if isinstance(secs, (int, float)) else "       -"
-        sizes = m.get("data_sizes") or {}
-        print(f"{folder.name:<22} {m.get('kind', '?'):<4} {m.get('params', 0):>11,} {acc_text} {secs_text}  "
-              f"{m.get('data_source', '?')} {sizes}")
-    print(f"({root})")
-    return 0

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedhlm.uncertainty import ENTROPY_INDEX, FEATURE_NAMES
+from fedhlm.maths.uncertainty import ENTROPY_INDEX, FEATURE_NAMES
 
 HeadMode = Literal["scalar", "linear", "mlp"]
 HEAD_MODES: tuple[str, ...] = ("scalar", "linear", "mlp")

@@ -8,11 +8,9 @@ retained model or queued message of one method leaks into the next.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -21,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from fedhlm.config import ConfigError, SimConfig, load_config
+from fedhlm.simulation.config import SimConfig
 
-log = logging.getLogger("fedhlm.simulate")
+log = logging.getLogger("fedhlm.simulation.run")
 
 FULL_VOCAB_FP32_BYTES = 30522 * 4  # a full fp32 distribution over MiniLM's vocabulary
 
@@ -46,12 +44,12 @@ def plan_rounds(parts: Sequence[Sequence[int]], ids: Sequence[str], rounds: int)
 def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p2p: bool, lam: float | None = None,
                delta: float | None = None, static_tau: float = 0.5, progress=None) -> dict[str, Any]:
     """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
-    from fedhlm.broker import LocalBroker
-    from fedhlm.deployment import Deployment, DeploymentSpec
-    from fedhlm.head_module import TorchHead
-    from fedhlm.report import TokenRecord
+    from fedhlm.transport.broker import LocalBroker
+    from fedhlm.roles.deployment import Deployment, DeploymentSpec
+    from fedhlm.models.head_fit import TorchHead
+    from fedhlm.reporting.summary import TokenRecord
     from fedhlm.roles.client import ClientSettings
-    from fedhlm.threshold import ThresholdHead
+    from fedhlm.maths.threshold import ThresholdHead
     from fedhlm.transport.address import BrokerAddress
 
     models, inputs, plan, assignment = ctx["models"], ctx["inputs"], ctx["plan"], ctx["assignment"]
@@ -192,7 +190,7 @@ def deployment_telemetry(dep) -> dict[str, Any]:
 
 
 def method_entry(result: dict[str, Any]) -> dict[str, Any]:
-    from fedhlm.report import ByteCounts, summarise
+    from fedhlm.reporting.summary import ByteCounts, summarise
 
     entry = summarise(result["records"], result["bytes"] or ByteCounts())
     dep = result.get("dep") or {}
@@ -220,8 +218,8 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
     """The models, the test inputs drafted by the SLM (batched, timed) and the calibration drafts."""
     from fedhlm.data import stratified_subset
     from fedhlm.data.module import NewsDataModule
-    from fedhlm.embedder import ContextEmbedder
-    from fedhlm.hybrid import HybridModels, context_texts
+    from fedhlm.models.embedder import ContextEmbedder
+    from fedhlm.models.hybrid import HybridModels, context_texts
 
     data_overrides = {"source": cfg.data.source, "path": cfg.data.path}
     models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=data_overrides, top_k=cfg.routing.top_k,
@@ -245,7 +243,7 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
 
 def plan_clients(cfg: SimConfig, inputs: Sequence[Any]) -> dict[str, Any]:
     """Share the inputs among the clients (IID or Dirichlet), cluster the clients onto edges, cut rounds."""
-    from fedhlm.clustering import assign_clients
+    from fedhlm.simulation.clustering import assign_clients
     from fedhlm.data import label_histograms, partition
 
     ids = client_ids(cfg.federation.clients)
@@ -263,7 +261,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     """Run every configured method and the sweeps; write report.json and the plots into out_dir."""
     from tqdm import tqdm
 
-    from fedhlm.report import check_consistency, per_round
+    from fedhlm.reporting.summary import check_consistency, per_round
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -323,7 +321,7 @@ def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
     """Convergence of the learned thresholds against the central optimum on the pooled pairs."""
     import torch
 
-    from fedhlm.threshold import ThresholdHead, central_threshold, routing_loss
+    from fedhlm.maths.threshold import ThresholdHead, central_threshold, routing_loss
 
     pairs = result["dep"]["pairs"]
     u = np.concatenate([np.asarray(p[0]) for p in pairs.values()]) if pairs else np.zeros(0)
@@ -429,7 +427,7 @@ def versions() -> dict[str, str]:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    from fedhlm import plots
+    from fedhlm.reporting import plots
 
     path = out_dir / "report.json"
     path.write_text(json.dumps(report, indent=2, default=_json_default))
@@ -466,26 +464,3 @@ def print_table(report: dict[str, Any]) -> None:
         mark = "MET " if t["met"] else "MISS"
         print(f"  [{mark}] {t['goal']}: {t['measured']}")
     print(f"status: {report.get('status')}, wall {report.get('wall_s')} s")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedhlm simulate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set federation.clients=20 (repeatable)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
-    parser.add_argument("--broker", default=None, help="use this broker (mqtt://user:pass@host:port) instead of a private one")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.broker:
-        overrides.append(f"broker={args.broker}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"fedhlm simulate: config error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(args.out or cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    report = simulate(cfg, out, show_progress=not args.no_progress)
-    return 0 if report["status"] == "complete" else 130

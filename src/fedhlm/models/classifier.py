@@ -5,7 +5,7 @@ A prompt ``[CLS] article topic :`` is classified by the next-token distribution 
 true class, so the model learns to put its mass on the four verbalisers (what is routed
 and verified is the full next-token distribution). The class decision renormalises the
 next-token probabilities over the verbalisers (mass elsewhere is ignored, not given to
-any class). :class:`~fedhlm.slm.SLMModule` and :class:`~fedhlm.llm.LLMRefiner` subclass
+any class). :class:`~fedhlm.models.slm.SLMModule` and :class:`~fedhlm.models.llm.LLMRefiner` subclass
 this and add the routing head and the verification respectively.
 """
 
@@ -22,7 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
 from fedhlm.data import NUM_CLASSES, load_tokenizer, verbaliser_token_ids
-from fedhlm.hf_models import (
+from fedhlm.models.backbone import (
     BackboneSpec,
     build_backbone,
     count_parameters,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.aggregation import Params, WeightedParams, aggregate
+from fedhlm.core.aggregation import Params, WeightedParams, aggregate
 
 
 @dataclass

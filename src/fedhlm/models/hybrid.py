@@ -20,12 +20,12 @@ import torch
 import yaml
 
 from fedhlm.data import NewsItem, encode_prompts, prompt_text
-from fedhlm.llm import LLMRefiner
-from fedhlm.model_cache import get_or_train
+from fedhlm.models.llm import LLMRefiner
+from fedhlm.models.cache import get_or_train
 from fedhlm.roles.client import TokenInput
-from fedhlm.slm import SLMModule
-from fedhlm.speculative import verify_batch
-from fedhlm.threshold import uhlm_threshold
+from fedhlm.models.slm import SLMModule
+from fedhlm.maths.speculative import verify_batch
+from fedhlm.maths.threshold import uhlm_threshold
 
 log = logging.getLogger(__name__)
 

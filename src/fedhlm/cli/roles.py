@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from fedhlm.config import ConfigError, load_config
+from fedhlm.simulation.config import ConfigError, load_config
 from fedhlm.transport.address import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
 
 
 def _initial_params(cfg) -> dict[str, np.ndarray]:
-    from fedhlm.threshold import ThresholdHead
+    from fedhlm.maths.threshold import ThresholdHead
 
     tau = 0.5 if cfg.routing.init_tau is None else cfg.routing.init_tau
     head = ThresholdHead(tau=tau, temperature=cfg.routing.temperature)
@@ -87,7 +87,7 @@ def _initial_params(cfg) -> dict[str, np.ndarray]:
 
 
 def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:
-    from fedhlm.hybrid import HybridModels
+    from fedhlm.models.hybrid import HybridModels
     from fedhlm.roles.llm_service import LLMService
 
     models = HybridModels(cfg.models.slm, cfg.models.llm)
@@ -133,11 +133,11 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:
 def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
     from fedhlm.data.module import NewsDataModule
     from fedhlm.data import partition
-    from fedhlm.embedder import ContextEmbedder
-    from fedhlm.head_module import TorchHead
-    from fedhlm.hybrid import HybridModels, context_texts
+    from fedhlm.models.embedder import ContextEmbedder
+    from fedhlm.models.head_fit import TorchHead
+    from fedhlm.models.hybrid import HybridModels, context_texts
     from fedhlm.roles.client import Client, ClientSettings
-    from fedhlm.threshold import ThresholdHead
+    from fedhlm.maths.threshold import ThresholdHead
 
     index, total = (int(x) for x in args.shard.split("/"))
     models = HybridModels(cfg.models.slm, cfg.models.llm, top_k=cfg.routing.top_k)

@@ -18,12 +18,10 @@ does): the vocabulary projection at every position would cost ten times the enco
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +32,10 @@ import torch
 from torch import nn
 
 from fedhlm import __version__
-from fedhlm.hf_models import _cache_kwarg, load_causal_lm, resolve_model_path
-from fedhlm.model_cache import HEAD_FILE, METRICS_FILE
+from fedhlm.models.backbone import cache_kwarg, load_causal_lm
+from fedhlm.models.store import HEAD_FILE, METRICS_FILE, minilm_path, resolve_model_path
 from fedhlm.transport.codec import SCHEMA_VERSION
-from fedhlm.uncertainty import FEATURE_NAMES
+from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ class KVCacheLM(nn.Module):
         cache = DynamicCache()
         for layer in range(self.layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        cache_kw = {_cache_kwarg(self.model.bert): cache}
+        cache_kw = {cache_kwarg(self.model.bert): cache}
         out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache_kw)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         logits = self.model.cls(out.last_hidden_state[rows, last_index])
@@ -200,7 +198,7 @@ def prompt_ids(tokenizer: Any) -> dict[str, Any]:
 
 
 def torch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    from fedhlm.hf_models import next_token_logits
+    from fedhlm.models.backbone import next_token_logits
 
     with torch.no_grad():
         return next_token_logits(model.eval(), batch["input_ids"], batch["attention_mask"], batch["last_index"]).numpy()
@@ -241,8 +239,6 @@ def export(model: str, out: str | Path, *, quantize: str | None = None, max_leng
     tokenizer_source = folder / TOKENIZER_FILE
     tokenizer = load_tokenizer(folder if tokenizer_source.is_file() else None)
     if not tokenizer_source.is_file():
-        from fedhlm.hf_models import minilm_path
-
         tokenizer_source = minilm_path() / TOKENIZER_FILE
     shutil.copyfile(tokenizer_source, out / TOKENIZER_FILE)
     settings = routing_settings(folder)
@@ -287,29 +283,3 @@ def export(model: str, out: str | Path, *, quantize: str | None = None, max_leng
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedhlm export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="SLM folder or cache:<name> (e.g. cache:slm)")
-    parser.add_argument("--format", default="onnx", choices=["onnx"])
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="also write an int8 model")
-    parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--max-length", type=int, default=64, help="prompt length the device truncates to")
-    parser.add_argument("--opset", type=int, default=OPSET)
-    args = parser.parse_args(argv)
-    try:
-        manifest = export(args.model, args.out, quantize=args.quantize, max_length=args.max_length, opset=args.opset)
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"fedhlm export: {err}", file=sys.stderr)
-        return 1
-    sizes = {p: (Path(args.out) / f).stat().st_size for p, f in manifest["files"]["models"].items()}
-    for precision, name in manifest["files"]["models"].items():
-        print(f"{precision}: {Path(args.out) / name} ({sizes[precision] / 2**20:.1f} MiB, max |logit diff| "
-              f"{manifest['parity'][precision]['max_abs_logit_diff']:.2e})")
-    print(f"manifest: {Path(args.out) / MANIFEST_FILE}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

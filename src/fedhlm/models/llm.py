@@ -1,7 +1,7 @@
 """LLMRefiner: the server's model - fine-tuned like the SLM, then verifies and classifies what clients send.
 
 Verification of one-token classification is a single batched forward over the prompts
-followed by :func:`fedhlm.speculative.verify_batch`. Multi-token generation keeps one
+followed by :func:`fedhlm.maths.speculative.verify_batch`. Multi-token generation keeps one
 KV cache per session (a bounded LRU of ``session_id -> past keys/values``): a client
 sends only the tokens added since its last contact, so a verification encodes those few
 tokens, never the whole prefix again.
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from fedhlm.classifier import Batch, NextTokenClassifier
-from fedhlm.hf_models import cache_length, extend_cache, next_token_logits
-from fedhlm.speculative import Verdicts, VerifyMode, verify, verify_batch
+from fedhlm.models.classifier import Batch, NextTokenClassifier
+from fedhlm.models.backbone import cache_length, extend_cache, next_token_logits
+from fedhlm.maths.speculative import Verdicts, VerifyMode, verify, verify_batch
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Session:
 class LLMRefiner(NextTokenClassifier):
     """The LLM (by default pretrained MiniLM as a decoder) with verification and per-session KV caches.
 
-    Args (besides those of :class:`~fedhlm.classifier.NextTokenClassifier`, whose
+    Args (besides those of :class:`~fedhlm.models.classifier.NextTokenClassifier`, whose
     defaults here are the pretrained MiniLM and a fine-tuning learning rate):
         verify_mode: "sample" (speculative sampling, output distributed as q) or
             "greedy" (keep the draft iff it is the LLM's argmax, else the argmax).

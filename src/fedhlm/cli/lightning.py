@@ -1,9 +1,9 @@
 """``fedhlm fit|validate|test``: the Lightning CLI over the SLM / LLM modules and NewsDataModule.
 
 The schema is the constructors' signatures (``--print_config`` shows it):
-``model: {class_path: fedhlm.slm.SLMModule | fedhlm.llm.LLMRefiner, init_args: ...}``,
+``model: {class_path: fedhlm.models.slm.SLMModule | fedhlm.models.llm.LLMRefiner, init_args: ...}``,
 ``data:`` NewsDataModule's arguments, ``trainer:`` Lightning's. After ``fit`` the model
-is tested and written into the model cache (:mod:`fedhlm.model_cache`) under the hash of
+is tested and written into the model cache (:mod:`fedhlm.models.cache`) under the hash of
 its configuration; ``validate``/``test`` without ``--ckpt_path`` load that cached model
 when it exists, so ``fedhlm test --config configs/slm.yaml`` evaluates what ``fit`` made.
 """
@@ -18,11 +18,12 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fedhlm.classifier import NextTokenClassifier
+from fedhlm.models.classifier import NextTokenClassifier
 from fedhlm.data.module import NewsDataModule
-from fedhlm.llm import LLMRefiner  # noqa: F401  (registers the subclass for short class names)
-from fedhlm.model_cache import full_config, is_complete, kind_of, model_dir, save_to_cache, training_metrics
-from fedhlm.slm import SLMModule  # noqa: F401
+from fedhlm.models.llm import LLMRefiner  # noqa: F401  (registers the subclass for short class names)
+from fedhlm.models.cache import full_config, kind_of, save_to_cache, training_metrics
+from fedhlm.models.store import is_complete, model_dir
+from fedhlm.models.slm import SLMModule  # noqa: F401
 
 log = logging.getLogger(__name__)
 

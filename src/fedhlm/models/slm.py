@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedhlm.classifier import Batch, NextTokenClassifier
-from fedhlm.head_module import quiet_lightning
-from fedhlm.hf_models import load_causal_lm, next_token_logits, resolve_model_path
-from fedhlm.model_cache import HEAD_FILE
-from fedhlm.speculative import VerifyMode, draft_from_topk, draft_distribution, rejection_probability
-from fedhlm.threshold import HeadMode, ThresholdHead, annealed_temperature, routing_loss
-from fedhlm.uncertainty import FEATURE_NAMES, features as uncertainty_features, topk_compress
+from fedhlm.models.classifier import Batch, NextTokenClassifier
+from fedhlm.models.head_fit import quiet_lightning
+from fedhlm.models.backbone import load_causal_lm, next_token_logits
+from fedhlm.models.store import HEAD_FILE, resolve_model_path
+from fedhlm.maths.speculative import VerifyMode, draft_from_topk, draft_distribution, rejection_probability
+from fedhlm.maths.threshold import HeadMode, ThresholdHead, annealed_temperature, routing_loss
+from fedhlm.maths.uncertainty import FEATURE_NAMES, features as uncertainty_features, topk_compress
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ FitTarget = Literal["lm", "head"]
 
 
 class SLMModule(NextTokenClassifier):
-    """The SLM (a small HF causal LM) and its :class:`~fedhlm.threshold.ThresholdHead`.
+    """The SLM (a small HF causal LM) and its :class:`~fedhlm.maths.threshold.ThresholdHead`.
 
-    Args (besides those of :class:`~fedhlm.classifier.NextTokenClassifier`; a ``pretrained``
+    Args (besides those of :class:`~fedhlm.models.classifier.NextTokenClassifier`; a ``pretrained``
     folder saved after a head fit also carries the trained head, which then replaces the
     head arguments below):
         fit_target: "lm" trains the language model; "head" freezes it and trains the head.

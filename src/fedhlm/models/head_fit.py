@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from fedhlm.threshold import ThresholdHead, routing_loss
+from fedhlm.maths.threshold import ThresholdHead, routing_loss
 
 OPTIMIZERS = ("sgd", "adam")
 FIT_ENGINES = ("loop", "trainer")

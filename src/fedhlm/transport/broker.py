@@ -7,7 +7,6 @@ nor disturb a shared one. The configuration comes from the repository's `broker/
 
 from __future__ import annotations
 
-import argparse
 import base64
 import getpass
 import hashlib
@@ -18,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -38,7 +36,7 @@ def config_dir() -> Path:
     """The folder holding mosquitto.conf, acl and acl-roles.template."""
     env = os.environ.get("FEDHLM_BROKER_DIR")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[2] / "broker", Path.cwd() / "broker"]
+    candidates += [Path(__file__).resolve().parents[3] / "broker", Path.cwd() / "broker"]
     for path in candidates:
         if (path / "mosquitto.conf").is_file():
             return path
@@ -292,31 +290,3 @@ class LocalBroker:
             raise ValueError("this broker has no TLS listener: pass tls=(certfile, keyfile, cafile)")
         return BrokerAddress(self.host, self.tls_port, user_id, self._passwords[user_id], tls=True,
                              ca_certs=str(self.tls.cafile))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`fedhlm broker`: a private broker in the foreground; prints its URL and every role's credentials."""
-    parser = argparse.ArgumentParser(prog="fedhlm broker", description=main.__doc__)
-    parser.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
-    parser.add_argument("--clients", type=int, default=4, help="number of client users c00, c01, ...")
-    parser.add_argument("--edges", type=int, default=2, help="number of edge users e0, e1, ...")
-    parser.add_argument("--run-dir", default=None, help="folder for config, passwords, persistence and log")
-    args = parser.parse_args(argv)
-    users = {f"c{i:02d}": "client" for i in range(args.clients)}
-    users |= {f"e{i}": "edge" for i in range(args.edges)}
-    users |= {"cloud": "cloud", "llm": "llm", "admin": "admin"}
-    broker = LocalBroker(users, run_dir=args.run_dir, port=args.port)
-    with broker:
-        print(f"FedHLM broker listening at {broker.url} (run dir {broker.run_dir})")
-        print("credentials (URL per role):")
-        for user_id in users:
-            print(f"  {users[user_id]:6s} {broker.address(user_id).url}")
-        print("Ctrl-C to stop.", flush=True)
-        try:
-            while broker.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    if not broker.running:
-        print("broker stopped.", file=sys.stderr)
-    return 0

@@ -1,0 +1,35 @@
+"""`fedhlm simulate`: the end-to-end run over Mosquitto, with the baselines, a JSON report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fedhlm.simulation.config import ConfigError, load_config
+from fedhlm.simulation.run import simulate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedhlm simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set federation.clients=20 (repeatable)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    parser.add_argument("--broker", default=None, help="use this broker (mqtt://user:pass@host:port) instead of a private one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.broker:
+        overrides.append(f"broker={args.broker}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"fedhlm simulate: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out or cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    report = simulate(cfg, out, show_progress=not args.no_progress)
+    return 0 if report["status"] == "complete" else 130
