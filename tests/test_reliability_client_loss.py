@@ -212,16 +212,16 @@ def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_lo
     must say "online" again, or its edge and every later subscriber would take it for gone."""
     from fedhlm.roles.client import ClientSettings
     from fedhlm.maths.threshold import ThresholdHead
-    from fedhlm.transport.netloop import NetworkLoop
+    from fedhlm.transport.network import OwnThreads, SharedLoop
 
     broker = LocalBroker(users({"c00": "e0"})).start()
-    loop = NetworkLoop().start() if shared_loop else None
+    network = SharedLoop(handler_threads=2) if shared_loop else OwnThreads()
     watch = Inbox()
     watcher = Endpoint(broker.address("e0"))
     watcher.subscribe(topics.client_status("c00"), watch)
     watcher.start().wait_connected()
     settings = ClientSettings(client_id="c00", edge_id="e0", policy="always")
-    client = Client(settings, broker.address("c00"), ThresholdHead(tau=0.5), lambda t: t, network_loop=loop)
+    client = Client(settings, broker.address("c00"), ThresholdHead(tau=0.5), lambda t: t, network=network)
     try:
         client.start()
         assert watch.wait_until(lambda items: [i.message.online for i in items] == [True])
@@ -238,6 +238,5 @@ def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_lo
     finally:
         client.stop()
         watcher.close()
-        if loop is not None:
-            loop.stop()
+        network.close()
         broker.cleanup()

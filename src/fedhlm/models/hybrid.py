@@ -24,7 +24,8 @@ from fedhlm.models.llm import LLMRefiner
 from fedhlm.models.cache import get_or_train
 from fedhlm.roles.client import TokenInput
 from fedhlm.models.slm import SLMModule
-from fedhlm.maths.speculative import verify_batch
+from fedhlm.maths.speculative import VerifyMode
+from fedhlm.maths.verification import Draft, verify_drafts
 from fedhlm.maths.threshold import uhlm_threshold
 
 log = logging.getLogger(__name__)
@@ -120,22 +121,14 @@ class HybridModels:
         return self.llm.q_probs({"input_ids": input_ids, "attention_mask": mask, "last_index": last})
 
     @torch.no_grad()
-    def llm_verdicts(self, drafts: Sequence[TokenInput], mode: str = "greedy", batch_size: int = 64
+    def llm_verdicts(self, drafts: Sequence[TokenInput], mode: VerifyMode = "greedy", batch_size: int = 64
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """In-process verification of drafts: (beta, final class) per input, for calibration."""
-        from fedhlm.roles.llm_service import pad_contexts
-
+        """In-process verification of drafts, by the service's own path: (beta, final class) per input."""
         betas, finals = [], []
         gen = torch.Generator().manual_seed(0)
         for lo in range(0, len(drafts), batch_size):
-            chunk = drafts[lo : lo + batch_size]
-            ids, mask, last = pad_contexts([d.context_ids for d in chunk], self.tokenizer.pad_token_id or 0)
-            q = self.q_fn(ids, mask, last)
-            v = verify_batch(
-                torch.from_numpy(np.stack([d.topk_ids for d in chunk]).astype(np.int64)),
-                torch.from_numpy(np.stack([d.topk_probs for d in chunk])), None, q,
-                torch.tensor([d.draft_token for d in chunk]), generator=gen, mode=mode,  # type: ignore[arg-type]
-            )
+            chunk = [Draft(d.context_ids, d.topk_ids, d.topk_probs, d.draft_token) for d in drafts[lo : lo + batch_size]]
+            v = verify_drafts(self.q_fn, chunk, pad_id=self.tokenizer.pad_token_id or 0, mode=mode, generator=gen)
             betas.append(v.beta.numpy())
             finals.extend(self.class_of(int(t)) for t in v.token)
         return np.concatenate(betas) if betas else np.zeros(0), np.array(finals)

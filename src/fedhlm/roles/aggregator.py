@@ -22,7 +22,8 @@ import numpy as np
 from fedhlm.core.aggregation import Params, WeightedParams, check_params
 from fedhlm.core.rounds import RoundCollector, ServerState, load_state, save_state
 from fedhlm.transport.address import BrokerAddress
-from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.endpoint import Inbound
+from fedhlm.transport.network import Network, OwnThreads
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class RoundAggregator:
         checkpoint: str | Path | None = None,
         max_abs: float = 1e3,
         tick_s: float = 0.02,
+        network: Network | None = None,
     ) -> None:
         self.id = role_id
         self.params: Params = {k: np.asarray(v, np.float32) for k, v in initial_params.items()}
@@ -65,7 +67,7 @@ class RoundAggregator:
         self._stop = threading.Event()
         self._tick_s = tick_s
         self._restore()
-        self.endpoint = Endpoint(address, persistent=True)
+        self.endpoint = (network or OwnThreads()).endpoint(address, persistent=True)
         self._thread = threading.Thread(target=self._loop, name=f"agg-{role_id}", daemon=True)
 
     # -- life cycle ----------------------------------------------------------------

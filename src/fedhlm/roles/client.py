@@ -15,7 +15,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from fedhlm.core.peer_cache import PeerCache
 from fedhlm.reporting.summary import TokenRecord
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
-from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.endpoint import Inbound
 from fedhlm.transport.messages import (
     ClientStatus,
     LLMVerdict,
@@ -36,7 +35,7 @@ from fedhlm.transport.messages import (
     ThresholdUpdate,
     TokenRequest,
 )
-from fedhlm.transport.netloop import NetworkLoop
+from fedhlm.transport.network import Network, OwnThreads
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +147,10 @@ class Client:
         class_of: Callable[[int], int],
         embedding_dim: int = 384,
         *,
-        network_loop: NetworkLoop | None = None,
-        handler_pool: Executor | None = None,
+        network: Network | None = None,
     ) -> None:
-        """`network_loop` / `handler_pool`: share one network thread and a few handler threads with the
-        other clients of this process (a gateway or a large simulation) instead of two threads each."""
+        """`network`: how the endpoint runs (default its own threads; a `SharedLoop` shares one network
+        thread and a few handler threads with the other clients of this process, as a gateway would)."""
         self.s = settings
         self.id = settings.client_id
         self.head = as_routing_head(head)
@@ -172,8 +170,7 @@ class Client:
         self.tau_history: list[tuple[int, float]] = []
         self._said_offline = False
         will = (topics.client_status(self.id), ClientStatus(self.id, False, settings.edge_id, time.time()))
-        self.endpoint = Endpoint(address, persistent=True, will=will, network_loop=network_loop,
-                                 handler_pool=handler_pool)
+        self.endpoint = (network or OwnThreads()).endpoint(address, persistent=True, will=will)
 
     # -- life cycle ----------------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> "Client":

@@ -22,7 +22,7 @@ from fedhlm.roles.edge import EdgeServer
 from fedhlm.roles.llm_service import LLMService, QFunction
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
-from fedhlm.transport.netloop import NetworkLoop
+from fedhlm.transport.network import Network, OwnThreads, SharedLoop
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class Deployment:
         self.edges: dict[str, EdgeServer] = {}
         self.clients: dict[str, Client] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._network: NetworkLoop | None = None
-        self._handlers: ThreadPoolExecutor | None = None
+        self._network: Network | None = None
 
     def initial_params(self) -> Params:
         return as_routing_head(self.spec.head_factory()).params()
@@ -113,14 +112,12 @@ class Deployment:
                     global_wait_s=3 * spec.deadline_s, neighbours=neighbours,
                     checkpoint=ckpt / f"{edge}.json" if ckpt else None,
                 ).start()
-        if spec.shared_network:
-            self._network = NetworkLoop(name="clients-netloop").start()
-            self._handlers = ThreadPoolExecutor(max_workers=spec.handler_threads, thread_name_prefix="client-handlers")
+        self._network = SharedLoop(spec.handler_threads, name="clients") if spec.shared_network else OwnThreads()
         for cid, edge in spec.assignment.items():
             settings = dataclasses.replace(spec.client, client_id=cid, edge_id=edge,
                                            **spec.client_overrides.get(cid, {}))
             client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim,
-                            network_loop=self._network, handler_pool=self._handlers)
+                            network=self._network)
             self.clients[cid] = client
         # every client starts connecting at once; the broker takes them in turn (a thousand take seconds)
         timeout_s = max(10.0, 0.05 * len(self.clients))
@@ -162,9 +159,7 @@ class Deployment:
         for client in self.clients.values():
             _quietly(client.stop)
         if self._network is not None:
-            self._network.stop()
-        if self._handlers is not None:
-            self._handlers.shutdown(wait=True, cancel_futures=True)
+            self._network.close()
         for edge in self.edges.values():
             _quietly(edge.stop)
         if self.cloud is not None:

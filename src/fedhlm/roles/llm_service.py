@@ -12,23 +12,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from fedhlm.maths.speculative import VerifyMode, verify_batch
+from fedhlm.maths.speculative import VerifyMode
+from fedhlm.maths.verification import Draft, QFunction, verify_drafts
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
-from fedhlm.transport.endpoint import Endpoint, Inbound
+from fedhlm.transport.endpoint import Inbound
+from fedhlm.transport.network import Network, OwnThreads
 from fedhlm.transport.messages import LLMVerdict, TokenRequest
 
 log = logging.getLogger(__name__)
-
-# context token ids [B, L] (right padded), attention mask [B, L], last index [B] -> q [B, V]
-QFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class LLMServiceStats:
@@ -52,6 +48,7 @@ class LLMService:
         max_wait_ms: float = 5.0,
         pad_id: int = 0,
         seed: int = 0,
+        network: Network | None = None,
     ) -> None:
         self.q_fn = q_fn
         self.group = group
@@ -61,7 +58,7 @@ class LLMService:
         self.pad_id = pad_id
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = LLMServiceStats()
-        self.endpoint = Endpoint(address, persistent=False)
+        self.endpoint = (network or OwnThreads()).endpoint(address, persistent=False)
         self._queue: queue.Queue[Inbound | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name=f"llm-{address.username}", daemon=True)
 
@@ -111,23 +108,8 @@ class LLMService:
     def _answer(self, batch: list[Inbound]) -> None:
         requests: list[TokenRequest] = [b.message for b in batch]  # type: ignore[misc]
         start = time.perf_counter()
-        input_ids, mask, last = pad_contexts([r.context_ids for r in requests], self.pad_id)
-        with torch.no_grad():
-            q = self.q_fn(input_ids, mask, last)
-        accepted = torch.zeros(len(requests), dtype=torch.bool)
-        token = torch.zeros(len(requests), dtype=torch.long)
-        beta = torch.zeros(len(requests))
-        q_draft = torch.zeros(len(requests))
-        by_k: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_k.setdefault(r.topk_ids.size, []).append(i)
-        for rows in by_k.values():  # one verification per top-k size (normally a single group)
-            idx = torch.tensor(rows)
-            ids = torch.from_numpy(np.stack([requests[i].topk_ids for i in rows]).astype(np.int64))
-            probs = torch.from_numpy(np.stack([requests[i].topk_probs for i in rows]).astype(np.float32))
-            drafts = torch.tensor([requests[i].draft_token for i in rows], dtype=torch.long)
-            v = verify_batch(ids, probs, None, q[idx], drafts, generator=self.generator, mode=self.mode)
-            accepted[idx], token[idx], beta[idx], q_draft[idx] = v.accepted, v.token, v.beta, v.q_draft
+        v = verify_drafts(self.q_fn, [Draft(r.context_ids, r.topk_ids, r.topk_probs, r.draft_token) for r in requests],
+                          pad_id=self.pad_id, mode=self.mode, generator=self.generator)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         self.stats.requests += len(batch)
         self.stats.batches += 1
@@ -135,19 +117,8 @@ class LLMService:
         for i, (inbound, r) in enumerate(zip(batch, requests)):
             verdict = LLMVerdict(
                 client_id=r.client_id, session_id=r.session_id, seq=r.seq,
-                accepted=bool(accepted[i]), final_token=int(token[i]),
-                beta=float(beta[i].clamp(0, 1)), q_draft=float(q_draft[i].clamp(0, 1)),
+                accepted=bool(v.accepted[i]), final_token=int(v.token[i]),
+                beta=float(v.beta[i].clamp(0, 1)), q_draft=float(v.q_draft[i].clamp(0, 1)),
                 llm_ms=elapsed_ms,
             )
             self.endpoint.reply(inbound, verdict, qos=1)
-
-
-def pad_contexts(contexts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, L], attention mask [B, L] and the last real position [B]."""
-    length = max(int(c.size) for c in contexts)
-    ids = torch.full((len(contexts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(contexts), length), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, : c.size] = torch.from_numpy(c.astype("int64"))
-        mask[i, : c.size] = 1
-    return ids, mask, mask.sum(dim=1) - 1

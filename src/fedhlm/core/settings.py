@@ -1,0 +1,173 @@
+"""The knobs a client, an edge and a simulation share: one dataclass a section, one default a knob.
+
+`RoutingSettings`, `FederationSettings` and `P2PSettings` are the `routing:`, `federation:` and
+`p2p:` sections of every YAML the project reads (a simulation, `fedhlm client`, a device), and
+`ClientSettings` is made of them, so a simulated client, a `fedhlm client` process and a
+device given the same file train the same head. Each dataclass checks its own ranges on
+construction and names the field it refuses (`routing.lam: must be >= 0, got -1`).
+Torch-free: the device package imports this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+Optimizer = Literal["sgd", "adam"]
+FitEngine = Literal["loop", "trainer"]
+VerifyModeName = Literal["greedy", "sample"]
+Aggregation = Literal["fedavg", "median", "trimmed_mean"]
+Clustering = Literal["round_robin", "given", "kmeans_labels", "kmeans_embeddings"]
+PeerScope = Literal["cluster", "neighbours"]
+PolicyName = Literal["learned", "static", "always", "never"]
+
+
+class SettingError(ValueError):
+    """A setting is out of range or of the wrong kind; the message starts with its dotted name."""
+
+
+def check_range(section: str, name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise SettingError naming `section.name` unless lo <= value <= hi (open ends where asked); None passes."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        raise SettingError(f"{section}.{name}: must be a number, got {value!r}")
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        low = "-inf" if lo is None else lo
+        high = "inf" if hi is None else hi
+        raise SettingError(f"{section}.{name}: must be in {left}{low}, {high}{right}, got {value!r}")
+
+
+def check_choice(section: str, name: str, value: Any, choices: Any) -> None:
+    """Raise SettingError naming `section.name` unless value is one of the Literal's choices."""
+    allowed = choices.__args__ if hasattr(choices, "__args__") else tuple(choices)
+    if value not in allowed:
+        raise SettingError(f"{section}.{name}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+@dataclass
+class RoutingSettings:
+    """How a client routes and learns its threshold head."""
+
+    top_k: int = 8  # entries of the SLM distribution sent to the LLM (the rest as one tail mass)
+    lam: float = 0.1  # price of one transmission, in units of rejection risk
+    exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
+    importance_weights: bool = True  # exploration pairs weigh 1/exploration in the local loss (unbiased estimate)
+    init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
+    temperature: float = 0.1  # sigmoid temperature T of s = sigmoid((u - tau) / T)
+    local_steps: int = 20  # head optimiser steps per round
+    lr: float = 1.0  # local step size: plain SGD steps, so FedAvg follows the pooled loss's gradient
+    optimizer: Optimizer = "sgd"
+    fit_engine: FitEngine = "loop"  # loop: the head module's steps in a plain loop; trainer: a Lightning Trainer
+    lr_decay: float = 1.0  # local lr / (1 + lr_decay * round): shrinking steps let FedAvg settle on the optimum
+    verify: VerifyModeName = "greedy"  # greedy: the LLM's argmax replaces a rejected draft; sample: speculative
+    llm_timeout_s: float = 10.0  # per attempt: no verdict by then and the client keeps its own token
+    llm_retries: int = 1  # resends of a request that got no verdict (a dead shared-subscription worker keeps it)
+    noise_std: float = 0.0  # Gaussian noise on uploaded threshold updates (privacy), never on the local head
+
+    def __post_init__(self) -> None:
+        s = "routing"
+        check_range(s, "top_k", self.top_k, 1)
+        check_range(s, "lam", self.lam, 0)
+        check_range(s, "exploration", self.exploration, 0, 1)
+        check_range(s, "temperature", self.temperature, 0, lo_open=True)
+        check_range(s, "local_steps", self.local_steps, 0)
+        check_range(s, "lr", self.lr, 0, lo_open=True)
+        check_range(s, "lr_decay", self.lr_decay, 0)
+        check_range(s, "llm_timeout_s", self.llm_timeout_s, 0, lo_open=True)
+        check_range(s, "llm_retries", self.llm_retries, 0)
+        check_range(s, "noise_std", self.noise_std, 0)
+        check_choice(s, "optimizer", self.optimizer, Optimizer)
+        check_choice(s, "fit_engine", self.fit_engine, FitEngine)
+        check_choice(s, "verify", self.verify, VerifyModeName)
+
+
+@dataclass
+class FederationSettings:
+    """Who takes part and how rounds close (HierFAVG: edge rounds, a cloud round every `cloud_every`)."""
+
+    clients: int = 12
+    edges: int = 3
+    rounds: int = 6
+    cloud_every: int = 2  # edge rounds per cloud round
+    quorum: float = 0.75  # share of a cluster an edge needs at the deadline
+    round_deadline_s: float = 20.0  # an edge closes a round with a quorum by then; a client waits twice that
+    personalise: float = 0.0  # a in tau_i <- a tau_i + (1 - a) tau_edge
+    aggregation: Aggregation = "fedavg"
+    trim_fraction: float = 0.2  # of each side, for trimmed_mean
+    clustering: Clustering = "round_robin"
+    assignment: dict[str, str] = field(default_factory=dict)  # client -> edge when clustering == given
+
+    def __post_init__(self) -> None:
+        s = "federation"
+        for name in ("clients", "edges", "rounds", "cloud_every"):
+            check_range(s, name, getattr(self, name), 1)
+        check_range(s, "quorum", self.quorum, 0, 1, lo_open=True)
+        check_range(s, "round_deadline_s", self.round_deadline_s, 0, lo_open=True)
+        check_range(s, "personalise", self.personalise, 0, 1)
+        check_range(s, "trim_fraction", self.trim_fraction, 0, 0.5, hi_open=True)
+        check_choice(s, "aggregation", self.aggregation, Aggregation)
+        check_choice(s, "clustering", self.clustering, Clustering)
+
+    @property
+    def client_wait_s(self) -> float:
+        """How long a client waits for its edge's model after sending an update."""
+        return 2 * self.round_deadline_s
+
+
+@dataclass
+class P2PSettings:
+    """The peer step: ask the cluster before the LLM."""
+
+    enabled: bool = True
+    delta: float = 0.9  # cosine similarity a peer's cached context needs
+    deadline_ms: float = 40.0  # how long a client waits for a peer answer
+    scope: PeerScope = "cluster"  # neighbours: then the other clusters through the edge
+    audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
+    cache_entries: int = 2000
+    ttl_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        s = "p2p"
+        check_range(s, "delta", self.delta, -1, 1)
+        check_range(s, "deadline_ms", self.deadline_ms, 0, lo_open=True)
+        check_range(s, "audit", self.audit, 0, 1)
+        check_range(s, "cache_entries", self.cache_entries, 1)
+        check_range(s, "ttl_s", self.ttl_s, 0, lo_open=True)
+        check_choice(s, "scope", self.scope, PeerScope)
+
+
+@dataclass
+class ClientSettings:
+    """One client: its ids, its routing policy and the shared sections (see the module docstring)."""
+
+    client_id: str
+    edge_id: str
+    policy: PolicyName = "learned"  # a name in `core.policies.POLICIES`
+    static_tau: float = 0.5  # entropy threshold of the static policy
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    p2p: P2PSettings = field(default_factory=P2PSettings)
+    embedder_name: str = "all-MiniLM-L6-v2"  # peers only answer queries embedded by the same model
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("client", "policy", self.policy, PolicyName)
+
+
+def from_mapping(cls: type, data: dict[str, Any] | None, section: str) -> Any:
+    """A settings dataclass from a plain mapping (a YAML section); an unknown key is an error naming it."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingError(f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise SettingError(f"{section}: {exc}") from None
