@@ -17,9 +17,11 @@ import torch
 
 from fedhlm.transport.broker import LocalBroker
 from fedhlm.roles.deployment import Deployment, DeploymentSpec
-from fedhlm.roles.client import ClientSettings, TokenInput
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.head_fit import TorchHead
 from fedhlm.transport import topics
 from fedhlm.transport.codec import encode
 from fedhlm.transport.messages import ThresholdUpdate
@@ -47,19 +49,21 @@ def make_inputs(rng: np.random.Generator, n: int, start_uid: int) -> list[TokenI
     for i, u in enumerate(rng.uniform(0.0, 1.0, n)):
         f = np.zeros(len(FEATURE_NAMES), np.float32)
         f[0] = u
-        out.append(TokenInput(uid=start_uid + i, label=i % 2, context_ids=np.array([1, round(u * 1000)], np.int32),
+        out.append(TokenInput(uid=start_uid + i, context_ids=np.array([1, round(u * 1000)], np.int32),
                               draft_token=0, topk_ids=np.array([0, 1], np.int32),
                               topk_probs=np.array([P_DRAFT, 1 - P_DRAFT], np.float32), tail_mass=0.0, features=f))
     return out
 
 
 def spec() -> DeploymentSpec:
-    settings = ClientSettings(client_id="x", edge_id="x", exploration=0.3, lam=LAM, local_steps=20, lr=1.0,
-                              lr_decay=1.0, round_wait_s=15.0)
+    settings = ClientSettings(client_id="x", edge_id="x",
+                              routing=RoutingSettings(exploration=0.3, lam=LAM, local_steps=20, lr=1.0, lr_decay=1.0,
+                                                      verify="greedy"),
+                              federation=FederationSettings(quorum=1.0, round_deadline_s=10.0, cloud_every=2),
+                              p2p=P2PSettings(enabled=False))
     return DeploymentSpec(assignment={c: EDGES[i % 2] for i, c in enumerate(CLIENTS)}, client=settings,
-                          head_factory=lambda: ThresholdHead(tau=TAU0, temperature=T), q_fn=q_fn,
-                          class_of=lambda t: t if t < 2 else -1, verify_mode="greedy", quorum=1.0, deadline_s=10.0,
-                          cloud_every=2)
+                          head_factory=lambda: TorchHead(ThresholdHead(tau=TAU0, temperature=T)), q_fn=q_fn,
+                          class_of=lambda t: t if t < 2 else -1)
 
 
 def users() -> dict[str, str]:
@@ -70,7 +74,7 @@ def as_device(dep: Deployment, cid: str, broker: LocalBroker, **changes: object)
     """Replace a started Python Client by a DeviceClient with the same id and settings."""
     old = dep.clients[cid]
     old.stop()
-    settings = DeviceSettings.from_fields(dataclasses.asdict(old.s), **changes)
+    settings = DeviceSettings(**{f.name: getattr(old.s, f.name) for f in dataclasses.fields(old.s)}, **changes)
     device = DeviceClient(settings, broker.address(cid), ScalarHead(TAU0, T), dep.spec.class_of).start()
     dep.clients[cid] = device  # type: ignore[assignment]  # Deployment only calls the shared methods
     return device
@@ -117,7 +121,7 @@ def test_update_left_in_the_outbox_is_resent_and_aggregated_at_start(tmp_path) -
     init = {"tau": np.array(0.5, np.float32), "temperature": np.array(T, np.float32)}
     with LocalBroker(users()) as broker:
         edge = EdgeServer("e0", broker.address("e0"), ["c000"], init, quorum=1.0, deadline_s=5.0, cloud_every=100).start()
-        settings = DeviceSettings("c000", "e0", state_dir=str(tmp_path), round_wait_s=5.0)
+        settings = DeviceSettings("c000", "e0", state_dir=str(tmp_path), federation=FederationSettings(round_deadline_s=2.5))
         device = DeviceClient(settings, broker.address("c000"), ScalarHead(0.5, T), lambda t: -1)
         # a power cut after the update was written but before its PUBACK: it is on disk, not at the edge
         lost = ThresholdUpdate("c000", "e0", 0, 7, {"tau": np.array(0.25, np.float32),

@@ -76,8 +76,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 
     folder, vectors, tmp = map(Path, sys.argv[1:4])
     slm = ExportedSLM(folder)
-    inputs = slm.token_inputs(["stocks fell as markets slid", "the team won"], [1, 2], [2, 1],
-                              np.random.default_rng(0))
+    inputs = slm.token_inputs(["stocks fell as markets slid", "the team won"], [1, 2], np.random.default_rng(0))
     head = slm.head()
     fit_sgd(head, np.stack([i.features for i in inputs]), np.array([0.0, 1.0], np.float32), lam=0.1, steps=3)
     same = 0

@@ -16,8 +16,10 @@ import torch
 
 from fedhlm.transport.broker import LocalBroker
 from fedhlm.roles.deployment import Deployment, DeploymentSpec
-from fedhlm.roles.client import ClientSettings, TokenInput
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
 from fedhlm.maths.threshold import ThresholdHead, central_threshold
+from fedhlm.models.head_fit import TorchHead
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.messages import ThresholdUpdate
@@ -53,7 +55,7 @@ def make_inputs(rng: np.random.Generator, n: int, start_uid: int) -> list[TokenI
         f = np.zeros(len(FEATURE_NAMES), np.float32)
         f[0] = u[i]
         out.append(TokenInput(
-            uid=start_uid + i, label=0, context_ids=np.array([1, round(u[i] * 1000)], np.int32),
+            uid=start_uid + i, context_ids=np.array([1, round(u[i] * 1000)], np.int32),
             draft_token=0, topk_ids=np.array([0, 1], np.int32), topk_probs=np.array([P_DRAFT, 1 - P_DRAFT], np.float32),
             tail_mass=0.0, features=f,
         ))
@@ -65,19 +67,19 @@ def users() -> dict[str, str]:
             "admin": "admin"}
 
 
-def spec(tmp_path, **client_changes) -> DeploymentSpec:
-    settings = ClientSettings(client_id="x", edge_id="x", policy="learned", exploration=0.3, lam=LAM,
-                              local_steps=20, lr=1.0, lr_decay=2.0, round_wait_s=15.0, llm_timeout_s=10.0, **client_changes)
+def spec(tmp_path, **routing_changes) -> DeploymentSpec:
+    routing = RoutingSettings(**{**dict(exploration=0.3, lam=LAM, local_steps=20, lr=1.0, lr_decay=2.0,
+                                        llm_timeout_s=10.0,
+                                        verify="sample"),  # soft beta = max(0, 1 - q/p): E[beta | u] without label noise
+                                 **routing_changes})
+    settings = ClientSettings(client_id="x", edge_id="x", policy="learned", routing=routing, p2p=P2PSettings(enabled=False),
+                              federation=FederationSettings(quorum=0.75, round_deadline_s=3.0, cloud_every=2))
     return DeploymentSpec(
         assignment={c: EDGES[i % 3] for i, c in enumerate(CLIENTS)},
         client=settings,
-        head_factory=lambda: ThresholdHead(tau=0.8, temperature=T),
+        head_factory=lambda: TorchHead(ThresholdHead(tau=0.8, temperature=T)),
         q_fn=q_fn,
         class_of=lambda t: t if t < 2 else -1,
-        verify_mode="sample",  # soft beta = max(0, 1 - q/p): E[beta | u] without label noise
-        quorum=0.75,
-        deadline_s=3.0,
-        cloud_every=2,
         checkpoint_dir=tmp_path,
     )
 
@@ -205,9 +207,10 @@ def test_labels_weigh_the_inverse_of_their_chance_to_be_sent() -> None:
     from fedhlm.transport.address import BrokerAddress
 
     def client(weighted: bool) -> Client:
-        settings = ClientSettings(client_id="c0", edge_id="e0", policy="learned", exploration=0.25, audit=0.5,
-                                  importance_weights=weighted)
-        return Client(settings, BrokerAddress("127.0.0.1", 1, username="c0"), ThresholdHead(tau=0.5), lambda t: t)
+        settings = ClientSettings(client_id="c0", edge_id="e0", policy="learned", p2p=P2PSettings(audit=0.5),
+                                  routing=RoutingSettings(exploration=0.25, importance_weights=weighted))
+        return Client(settings, BrokerAddress("127.0.0.1", 1, username="c0"), TorchHead(ThresholdHead(tau=0.5)),
+                      lambda t: t)
 
     c = client(True)
     for reason in ("uncertain", "exploration", "audit"):

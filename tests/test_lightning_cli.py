@@ -12,17 +12,20 @@ from fedhlm.models.cache import DEFAULT_TRAINER, full_config
 from fedhlm.models.store import cached_models, config_hash
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY_ARGS = [
-    "--model.init_args.hidden_size=32",
-    "--model.init_args.num_layers=1",
-    "--model.init_args.intermediate_size=64",
-    "--model.init_args.embeddings_from=null",
+RUN_ARGS = [
     "--data.source=synthetic",
     "--data.synthetic_size=200",
     "--data.batch_size=16",
     "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
+]
+TINY_ARGS = [
+    "--model.init_args.hidden_size=32",
+    "--model.init_args.num_layers=1",
+    "--model.init_args.intermediate_size=64",
+    "--model.init_args.embeddings_from=null",
+    *RUN_ARGS,
 ]
 
 
@@ -37,7 +40,7 @@ def test_print_config_shows_the_module_and_data_arguments(capsys):
         main(["fit", "--config", str(CONFIGS / "slm.yaml"), "--print_config"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: fedhlm.models.slm.SLMModule" in out and "fit_target: lm" in out
+    assert "class_path: fedhlm.models.slm.SLMModule" in out and "topk: 8" in out and "distill_weight: 0.0" in out
     assert "source: auto" in out and "cache: true" in out
 
 
@@ -46,7 +49,9 @@ def test_every_shipped_config_parses(capsys):
         with pytest.raises(SystemExit) as stop:
             main(["fit", "--config", str(CONFIGS / name), "--print_config"])
         assert stop.value.code == 0, name
-    assert "class_path: fedhlm.models.llm.LLMRefiner" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "class_path: fedhlm.models.llm.LLMRefiner" in out
+    assert "class_path: fedhlm.models.head_fit.CentralHeadModule" in out and "optimizer: adam" in out
 
 
 @pytest.mark.parametrize("kind", ["slm", "llm"])
@@ -106,19 +111,62 @@ def test_code_fingerprint_ignores_comments_docstrings_and_import_origins_but_not
     assert full_config("slm")["code"] == training_code_fingerprint()
 
 
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> dict[str, str]:
+    """A tiny random SLM and LLM folder: what configs/head.yaml pairs."""
+    from fedhlm.models.llm import LLMRefiner
+    from fedhlm.models.slm import SLMModule
+
+    root = tmp_path_factory.mktemp("pair")
+    SLMModule(**RANDOM_TINY, seed=2).save_pretrained(str(root / "slm"))
+    LLMRefiner(**RANDOM_TINY, seed=1).save_pretrained(str(root / "llm"))
+    return {"pretrained": str(root / "slm"), "teacher": str(root / "llm")}
+
+
+def test_head_config_fits_only_the_head_and_caches_the_slm_with_it(tiny_pair, private_cache, capsys):
+    """configs/head.yaml: the frozen SLM and the LLM label prompts; the cached folder is the SLM plus its trained head."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedhlm.maths.threshold import annealed_temperature
+    from fedhlm.models.slm import SLMModule
+
+    run = [f"--model.init_args.pretrained={tiny_pair['pretrained']}", f"--model.init_args.teacher={tiny_pair['teacher']}",
+           "--model.init_args.tau=10.0", "--model.init_args.temperature=1.0",  # a random SLM's entropy is near 10.3
+           *RUN_ARGS, "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=2"]
+    assert main(["fit", "--config", str(CONFIGS / "head.yaml"), *run]) == 0
+    [(folder, metrics)] = cached_models()
+    assert folder.name.startswith("head-") and metrics["kind"] == "head"
+    assert {"test_routing_loss", "test_offload_rate"} <= set(metrics)
+    head = torch.load(folder / "threshold_head.pt", weights_only=True)
+    assert float(head["tau"]) != 10.0  # trained
+    assert float(head["temperature"]) == pytest.approx(annealed_temperature(2, 1.0, 0.02, 0.995))  # head.yaml anneals
+    a, b = load_file(folder / "model.safetensors"), load_file(f"{tiny_pair['pretrained']}/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the SLM itself is untouched
+    assert SLMModule(pretrained=str(folder)).head.tau.item() == pytest.approx(float(head["tau"]))
+    capsys.readouterr()
+    assert main(["test", "--config", str(CONFIGS / "head.yaml"), *run]) == 0
+    assert f"evaluating the cached model {folder}" in capsys.readouterr().out
+
+
 RANDOM_TINY = {"pretrained": None, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
                "embeddings_from": None}
 
 
-@pytest.mark.parametrize(("kind", "tiny"), [("slm", RANDOM_TINY), ("llm", RANDOM_TINY), ("llm", {"pretrained": "minilm"})],
-                         ids=["slm-random", "llm-random", "llm-pretrained"])
-def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("kind", "tiny"), [("slm", RANDOM_TINY), ("llm", RANDOM_TINY), ("llm", {"pretrained": "minilm"}),
+                                            ("head", "tiny_pair")],
+                         ids=["slm-random", "llm-random", "llm-pretrained", "head"])
+def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, monkeypatch, request):
     """Both paths name the same cache folder, so they must fill it with the same model: dropout included,
     whatever state the random generator was left in (a pretrained start does not reseed it)."""
     import torch
     from safetensors.torch import load_file
 
     from fedhlm.models.cache import get_or_train
+
+    if isinstance(tiny, str):  # head.yaml's settings on a tiny pair, whose entropy is near 10.3
+        shipped = yaml.safe_load((CONFIGS / "head.yaml").read_text())["model"]["init_args"]
+        tiny = {**shipped, **request.getfixturevalue(tiny), "tau": 10.0, "temperature": 1.0}
 
     data = {"source": "synthetic", "synthetic_size": 200, "batch_size": 16}
     trainer = {"max_steps": 3, "limit_val_batches": 1, "limit_test_batches": 1}
@@ -134,3 +182,8 @@ def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, m
     assert from_api.name == from_cli.name
     a, b = load_file(from_cli / "model.safetensors"), load_file(from_api / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    heads = [folder / "threshold_head.pt" for folder in (from_cli, from_api)]
+    assert heads[0].exists() == heads[1].exists() == (kind == "head")
+    if kind == "head":
+        a, b = (torch.load(h, weights_only=True) for h in heads)
+        assert float(a["tau"]) != 10.0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,12 +19,15 @@ from fedhlm.models.backbone import (
     save_model,
 )
 from fedhlm.models.llm import LLMRefiner, SessionMismatch
-from fedhlm.models.cache import get_or_train
-from fedhlm.models.store import ModelFolderError, cached_models, latest
+from fedhlm.models.cache import get_or_train, save_to_cache
+from fedhlm.models.head_fit import FIT_ENGINES, OPTIMIZERS, CentralHeadModule, HeadModule, TorchHead, fit_head
+from fedhlm.models.store import HEAD_FILE, ModelFolderError, cached_models, latest
 from fedhlm.cli.models import main as models_main
 from fedhlm.models.slm import SLMModule
-from fedhlm.maths.threshold import central_threshold
+from fedhlm.maths.speculative import rejection_probability
+from fedhlm.maths.threshold import ThresholdHead, annealed_temperature, central_threshold
 from fedhlm.maths.uncertainty import FEATURE_NAMES
+from fedhlm.maths.verification import Draft, verify_drafts
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +52,13 @@ def tokenizer():
 def tiny_llm_folder(tmp_path_factory, tokenizer) -> Path:
     model = build_bert_decoder(BackboneSpec(**TINY, seed=1), vocab_size=len(tokenizer))
     return save_model(model, tmp_path_factory.mktemp("tiny_llm"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_slm_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_slm")
+    SLMModule(**TINY, seed=2).save_pretrained(str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -185,38 +195,123 @@ def test_distillation_adds_the_kl_to_the_teachers_class_distribution(tiny_llm_fo
     assert student.lm_target_loss(batch).item() == pytest.approx((plain + 0.5 * 4.0 * kl).item(), rel=1e-4)
 
 
-def test_fit_head_reaches_the_central_threshold_quickly(tiny_slm):
+def test_sampled_drafts_come_from_the_uploaded_topk(tokenizer):
+    slm = SLMModule(**TINY, topk=4, draft="sample")
+    out = slm.route_batch(prompts(tokenizer, 16))
+    assert (out["topk_ids"] == out["draft_token"].unsqueeze(-1)).any(-1).all()
+    p = out["topk_probs"] / out["topk_probs"].sum(-1, keepdim=True)
+    assert torch.allclose(out["p_draft"], p[out["topk_ids"] == out["draft_token"].unsqueeze(-1)], atol=1e-6)
+    with pytest.raises(ValueError, match="draft must be one of"):
+        SLMModule(**TINY, draft="beam")
+
+
+def pooled_pairs(n: int = 2000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    u = 2 * torch.rand(2000, generator=g)
+    u = 2 * torch.rand(n, generator=g)
     beta = (0.4 * u + 0.05).clamp(0, 1)
-    feats = torch.stack([u, torch.rand(2000), torch.rand(2000), torch.rand(2000)], dim=-1)
-    tiny_slm.fit_head(feats, beta, lam=0.45, steps=5, lr=0.05)  # warm-up: first Trainer pays imports
-    result = tiny_slm.fit_head(feats, beta, lam=0.45, steps=200, lr=0.05)
+    feats = torch.stack([u, torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)], dim=-1)
+    return u, feats, beta
+
+
+@pytest.mark.parametrize("engine", sorted(FIT_ENGINES))
+def test_fitting_the_slms_head_reaches_the_central_threshold_and_leaves_the_lm_alone(tiny_slm, engine):
+    u, feats, beta = pooled_pairs()
+    lm_before = {k: v.clone() for k, v in tiny_slm.model.state_dict().items()}
+    fit_head(tiny_slm.head, feats, beta, lam=0.45, steps=5, lr=0.05, optimizer="adam", engine=engine)  # warm-up: imports
+    result = fit_head(tiny_slm.head, feats, beta, lam=0.45, steps=200, lr=0.05, optimizer="adam", engine=engine)
     target = central_threshold(u, beta, 0.45, method="sigmoid", temperature=float(tiny_slm.head.temperature))
-    assert result["tau"] == pytest.approx(target, rel=0.02)
+    assert result["tau"] == pytest.approx(target, rel=0.02) and tiny_slm.head.effective_tau() == result["tau"]
     assert result["loss_after"] < result["loss_before"]
     assert result["seconds"] < 3.0
-    assert tiny_slm.fit_target == "lm" and all(p.requires_grad for p in tiny_slm.model.parameters())
+    after = tiny_slm.model.state_dict()
+    assert all(torch.equal(lm_before[k], after[k]) for k in lm_before)
+    assert all(p.requires_grad for p in tiny_slm.model.parameters())
 
 
-def test_head_target_from_prompts_uses_the_teacher_verdicts(tiny_llm_folder, tokenizer):
-    slm = SLMModule(**TINY, teacher=str(tiny_llm_folder), fit_target="head", verify_mode="greedy")
+def test_both_fit_engines_take_the_same_steps():
+    _, feats, beta = pooled_pairs(300)
+    heads = {name: ThresholdHead(tau=0.3) for name in FIT_ENGINES}
+    for name, head in heads.items():
+        fit_head(head, feats, beta, lam=0.3, steps=25, lr=0.5, engine=name)
+    taus = {name: float(head.tau.detach()) for name, head in heads.items()}
+    assert len(set(taus.values())) == 1 and taus["loop"] != 0.3, taus
+
+
+def test_optimisers_and_fit_engines_are_registries(monkeypatch):
+    _, feats, beta = pooled_pairs(100)
+    steps_taken = []
+
+    class CountingEngine:
+        def fit(self, module, batch, steps):
+            steps_taken.append((type(module).__name__, steps, len(batch)))
+
+    monkeypatch.setitem(FIT_ENGINES, "count", CountingEngine)
+    head = ThresholdHead(tau=0.3)
+    result = fit_head(head, feats, beta, lam=0.3, steps=7, engine="count", weights=torch.ones(100))
+    assert steps_taken == [("HeadModule", 7, 3)] and result["tau"] == pytest.approx(0.3)
+    torch_head = TorchHead(head, engine=CountingEngine())  # an engine object works as well as its name
+    torch_head.fit(feats.numpy(), beta.numpy(), lam=0.3, steps=2, lr=0.1)
+    assert steps_taken[-1] == ("HeadModule", 2, 2) and isinstance(TorchHead(head).engine, FIT_ENGINES["loop"])
+    monkeypatch.setitem(OPTIMIZERS, "rmsprop", torch.optim.RMSprop)
+    assert isinstance(HeadModule(head, optimizer="rmsprop").configure_optimizers(), torch.optim.RMSprop)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        HeadModule(head, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        TorchHead(head, engine="threads")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        fit_head(head, feats, beta, lam=0.3, engine="threads")
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_central_head_pairs_are_the_teachers_verdicts_on_the_slms_drafts(tiny_slm_folder, tiny_llm_folder, tokenizer, mode):
+    central = CentralHeadModule(pretrained=str(tiny_slm_folder), teacher=str(tiny_llm_folder), verify_mode=mode, topk=4)
     batch = prompts(tokenizer)
-    feats, beta = slm.head_pairs(batch)
-    teacher_best = LLMRefiner(pretrained=str(tiny_llm_folder)).q_probs(batch).argmax(-1)
-    drafts = slm.route_batch(batch)["draft_token"]
-    assert torch.equal(beta, (drafts != teacher_best).float())  # greedy beta: 1 iff the LLM disagrees
+    feats, beta = central.head_pairs(batch)
+    q = LLMRefiner(pretrained=str(tiny_llm_folder)).q_probs(batch)
+    view = SLMModule(pretrained=str(tiny_slm_folder), topk=4).route_batch(batch)
+    assert torch.allclose(feats, view["features"], atol=1e-6)
+    if mode == "greedy":  # beta 1 iff the LLM disagrees
+        assert torch.equal(beta, (view["draft_token"] != q.argmax(-1)).float())
+    else:
+        q_x = q.gather(1, view["draft_token"].unsqueeze(1)).squeeze(1)
+        assert torch.allclose(beta, rejection_probability(view["p_draft"], q_x), atol=1e-5)
     assert feats.shape == (6, len(FEATURE_NAMES))
 
 
-def test_save_and_reload_keeps_logits_and_head(tmp_path, tiny_slm, tokenizer, monkeypatch):
-    from fedhlm.models.cache import save_to_cache
+def test_central_head_fit_trains_only_the_head_with_the_slm_in_eval_mode(tiny_slm_folder, tiny_llm_folder, tmp_path):
+    from lightning.pytorch import Trainer
 
+    from fedhlm.data.module import NewsDataModule
+
+    # a random SLM's entropy is near log |V| = 10.3: a threshold there has a gradient
+    central = CentralHeadModule(pretrained=str(tiny_slm_folder), teacher=str(tiny_llm_folder), topk=4, lam=0.05,
+                                lr=0.05, tau=10.0, temperature=1.0, anneal_to=0.5, anneal_decay=0.9)
+    lm_before = {k: v.clone() for k, v in central.slm.model.state_dict().items()}
+    seen = []
+    central.slm.model.bert.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    data = NewsDataModule(source="synthetic", synthetic_size=200, batch_size=16)
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(central, datamodule=data)
+    assert seen and not any(seen)  # the features are the frozen SLM's, never with dropout
+    assert central.head.tau.item() != 10.0 and float(central.head.temperature) == pytest.approx(
+        annealed_temperature(3, 1.0, 0.5, 0.9))
+    assert all(torch.equal(lm_before[k], v) for k, v in central.slm.model.state_dict().items())
+    assert central.head.tau.item() == pytest.approx(10.0 - 4 * 0.05, abs=1e-3)  # four Adam steps, all one way
+    assert {"train_routing_loss", "val_routing_loss", "val_offload_rate", "tau"} <= set(trainer.callback_metrics)
+    folder = save_to_cache(central, tmp_path / "head-abc", {"kind": "head"})
+    again = SLMModule(pretrained=str(folder), topk=4)
+    assert again.head.effective_tau() == pytest.approx(central.head.effective_tau())
+    assert float(again.head.temperature) == pytest.approx(float(central.head.temperature))
+
+
+def test_save_and_reload_keeps_logits_and_head(tmp_path, tiny_slm, tokenizer):
     batch = prompts(tokenizer)
     with torch.no_grad():
         tiny_slm.head.tau.fill_(0.123)
-    tiny_slm.fit_target = "head"  # a trained head is saved with the model
     folder = save_to_cache(tiny_slm, tmp_path / "slm-abc", {"kind": "slm", "test_acc": 0.5})
+    assert not (folder / HEAD_FILE).exists()  # an lm fit leaves the head untrained: not saved
+    tiny_slm.save_head(folder)  # what a head fit saves with the model
     again = SLMModule(pretrained=str(folder))
     assert torch.allclose(again.route_batch(batch)["class_probs"], tiny_slm.route_batch(batch)["class_probs"], atol=1e-6)
     assert again.head.effective_tau() == pytest.approx(0.123)
@@ -242,7 +337,7 @@ def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
         q = tiny_llm.session_q("s", ids[-1:], len(ids) - 1)
         draft = int(q.argmax())
         accepted, token, beta, q_draft = tiny_llm.verify_in_session(
-            "s", [], len(ids), torch.tensor([draft]), torch.tensor([1.0]), 0.0, draft
+            "s", [], len(ids), torch.tensor([draft]), torch.tensor([1.0]), 0.0, draft, mode="sample"
         )
     finally:
         handle.remove()
@@ -268,14 +363,22 @@ def test_sessions_are_evicted_least_recently_used_and_out_of_step_requests_refus
 def test_refiner_verifies_a_batch_of_client_uploads(tiny_slm, tiny_llm, tokenizer):
     batch = prompts(tokenizer)
     upload = tiny_slm.route_batch(batch)
-    request = {**batch, **{k: upload[k] for k in ("topk_ids", "topk_probs", "tail_mass", "draft_token")}}
-    verdicts, classes = tiny_llm.verify(request, generator=torch.Generator().manual_seed(0))
+    drafts = [Draft(batch["input_ids"][i, : int(batch["last_index"][i]) + 1].numpy(), upload["topk_ids"][i].numpy(),
+                    upload["topk_probs"][i].numpy(), int(upload["draft_token"][i])) for i in range(6)]
+
+    def q_fn(input_ids, mask, last):
+        return tiny_llm.q_probs({"input_ids": input_ids, "attention_mask": mask, "last_index": last})
+
+    verdicts = verify_drafts(q_fn, drafts, pad_id=tokenizer.pad_token_id, mode="sample",
+                             generator=torch.Generator().manual_seed(0))
     q = tiny_llm.q_probs(batch)
     q_x = q.gather(1, upload["draft_token"].unsqueeze(1)).squeeze(1)
-    assert torch.allclose(verdicts.q_draft, q_x, atol=1e-6)
+    assert torch.allclose(verdicts.q_draft, q_x, atol=1e-5)
     assert torch.allclose(verdicts.beta, (1 - q_x / upload["p_draft"]).clamp_min(0), atol=1e-5)
     assert torch.equal(verdicts.token[verdicts.accepted], upload["draft_token"][verdicts.accepted])
-    assert torch.equal(classes, tiny_llm.class_of_token(verdicts.token))
+    classes = tiny_llm.class_of_token(verdicts.token)
+    verbalisers = torch.tensor(tiny_llm.verbaliser_ids)
+    assert torch.equal(verbalisers[classes[classes >= 0]], verdicts.token[classes >= 0])
 
 
 # ---- model cache ------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import torch
 
 from fedhlm.transport.broker import LocalBroker
 from fedhlm.roles.deployment import Deployment, DeploymentSpec
-from fedhlm.roles.client import ClientSettings, TokenInput
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings
 from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.head_fit import TorchHead
 from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 DIM = 16
@@ -29,17 +31,20 @@ def q_fn(input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> tor
 def token(uid: int, embedding: np.ndarray) -> TokenInput:
     f = np.zeros(len(FEATURE_NAMES), np.float32)
     f[0] = 1.0
-    return TokenInput(uid=uid, label=2, context_ids=np.array([1, 5, uid % 7], np.int32), draft_token=0,
+    return TokenInput(uid=uid, context_ids=np.array([1, 5, uid % 7], np.int32), draft_token=0,
                       topk_ids=np.array([0, 1], np.int32), topk_probs=np.array([0.6, 0.4], np.float32),
                       tail_mass=0.0, features=f, embedding=(embedding / np.linalg.norm(embedding)).astype(np.float32))
 
 
 def deployment(broker: LocalBroker, scope: str = "cluster", deadline_s: float = 0.1, **overrides) -> Deployment:
-    settings = ClientSettings(client_id="-", edge_id="-", policy="always", p2p=True, delta=0.9,
-                              p2p_deadline_s=deadline_s, p2p_scope=scope, audit=0.0, embedder_name="test-emb")
-    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: ThresholdHead(tau=0.5),
+    settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
+                              p2p=P2PSettings(enabled=True, delta=0.9, deadline_ms=1000 * deadline_s, scope=scope,
+                                              audit=0.0),
+                              federation=FederationSettings(round_deadline_s=5.0))
+    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings,
+                          head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
                           q_fn=q_fn, class_of=lambda t: t if t < 4 else -1, embedding_dim=DIM,
-                          client_overrides=overrides, deadline_s=5.0)
+                          client_overrides=overrides)
     return Deployment(spec, broker.address).start()
 
 

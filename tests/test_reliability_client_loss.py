@@ -54,7 +54,7 @@ def run_round_with_kills(dep: Deployment, round_: int, victims: list[str], skip:
 
 def test_20_percent_of_clients_killed_mid_round_rounds_close_and_they_rejoin_later(tmp_path) -> None:
     broker = LocalBroker(users(ASSIGN)).start()
-    spec = federated_spec(ASSIGN, tmp_path, deployment=dict(quorum=0.75, deadline_s=DEADLINE_S))
+    spec = federated_spec(ASSIGN, tmp_path, federation=dict(quorum=0.75, round_deadline_s=DEADLINE_S))
     dep = Deployment(spec, broker.address).start()
     presence = Inbox()
     watcher = Endpoint(broker.address("admin"))
@@ -212,6 +212,7 @@ def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_lo
     must say "online" again, or its edge and every later subscriber would take it for gone."""
     from fedhlm.roles.client import ClientSettings
     from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.head_fit import TorchHead
     from fedhlm.transport.network import OwnThreads, SharedLoop
 
     broker = LocalBroker(users({"c00": "e0"})).start()
@@ -221,7 +222,7 @@ def test_client_back_after_a_dropped_connection_is_marked_online_again(shared_lo
     watcher.subscribe(topics.client_status("c00"), watch)
     watcher.start().wait_connected()
     settings = ClientSettings(client_id="c00", edge_id="e0", policy="always")
-    client = Client(settings, broker.address("c00"), ThresholdHead(tau=0.5), lambda t: t, network=network)
+    client = Client(settings, broker.address("c00"), TorchHead(ThresholdHead(tau=0.5)), lambda t: t, network=network)
     try:
         client.start()
         assert watch.wait_until(lambda items: [i.message.online for i in items] == [True])

@@ -189,7 +189,7 @@ def admin_publisher(broker: LocalBroker) -> mqtt.Client:
 def run(cases: list[tuple[str, bytes, str]] | None) -> dict:
     """Two rounds of a 2-edge deployment, with the fuzz published while it trains; the thresholds it ends with."""
     broker = LocalBroker(users(ASSIGN)).start()
-    spec = federated_spec(ASSIGN, local_steps=5, p2p=True, llm_timeout_s=10.0)
+    spec = federated_spec(ASSIGN, routing=dict(local_steps=5, llm_timeout_s=10.0), p2p=dict(enabled=True))
     dep = Deployment(spec, broker.address).start()
     endpoints = {**{c: dep.clients[c].endpoint for c in ("c00", "c02")}, "e0": dep.edges["e0"].endpoint,
                  "e1": dep.edges["e1"].endpoint, "cloud": dep.cloud.endpoint, "llm": dep.llm[0].endpoint}

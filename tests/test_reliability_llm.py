@@ -20,9 +20,9 @@ pytestmark = pytest.mark.reliability
 TIMEOUT_S = 0.3
 
 
-def offloading_deployment(broker: LocalBroker, clients: int, **client_changes) -> Deployment:
+def offloading_deployment(broker: LocalBroker, clients: int, **routing) -> Deployment:
     """Clients that send every token to the LLM, and no LLM worker: the tests start (and kill) their own."""
-    spec = federated_spec(assignment(clients, 1), policy="always", deployment=dict(llm_workers=0), **client_changes)
+    spec = federated_spec(assignment(clients, 1), policy="always", deployment=dict(llm_workers=0), routing=routing)
     return Deployment(spec, broker.address).start()
 
 

@@ -151,14 +151,17 @@ EDGE = textwrap.dedent("""
 CLIENT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from fedhlm.roles.client import Client, ClientSettings
+    from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
     from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.head_fit import TorchHead
+    from fedhlm.roles.client import Client
     from fedhlm.transport.address import BrokerAddress
     from test_federated_roles import make_inputs
     cfg = json.loads(sys.stdin.readline())
-    settings = ClientSettings(cfg["id"], "e0", policy="learned", exploration=0.0, local_steps=0, round_wait_s=60.0,
-                              llm_timeout_s=10.0)
-    client = Client(settings, BrokerAddress(**cfg["address"]), ThresholdHead(tau=cfg["tau"], temperature=0.1),
+    settings = ClientSettings(cfg["id"], "e0", policy="learned", p2p=P2PSettings(enabled=False),
+                              routing=RoutingSettings(exploration=0.0, local_steps=0, llm_timeout_s=10.0),
+                              federation=FederationSettings(round_deadline_s=30.0))
+    client = Client(settings, BrokerAddress(**cfg["address"]), TorchHead(ThresholdHead(tau=cfg["tau"], temperature=0.1)),
                     lambda t: t if t < 2 else -1).start(30)
     rng = np.random.default_rng(cfg["seed"])
     out = {"latency_ms": [], "uploads": []}

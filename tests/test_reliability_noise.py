@@ -14,6 +14,7 @@ from fedhlm.transport.broker import LocalBroker
 from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.client import Client
 from fedhlm.maths.threshold import ThresholdHead, central_threshold
+from fedhlm.models.head_fit import TorchHead
 from test_reliability_support import LAM, T, assignment, federated_spec, round_inputs, users
 
 pytestmark = pytest.mark.reliability
@@ -37,10 +38,11 @@ def spy_on_uploads(client: Client, gaps: list[float], temperatures: list[float])
 
 def test_noise_std_blurs_each_uploaded_threshold_and_fedavg_still_converges(tmp_path) -> None:
     assign = assignment(9, 3)
-    overrides = {cid: {"noise_std": NOISE[edge]} for cid, edge in assign.items()}
+    overrides = {cid: {"routing": {"noise_std": NOISE[edge]}} for cid, edge in assign.items()}
     spec = federated_spec(
-        assign, head_factory=lambda: ThresholdHead(tau=0.8, temperature=T), local_steps=20, lr=1.0, lr_decay=2.0,
-        exploration=0.3, deployment=dict(verify_mode="sample", cloud_every=1000, client_overrides=overrides),
+        assign, head_factory=lambda: TorchHead(ThresholdHead(tau=0.8, temperature=T)),
+        routing=dict(local_steps=20, lr=1.0, lr_decay=2.0, exploration=0.3, verify="sample"),
+        federation=dict(cloud_every=1000), deployment=dict(client_overrides=overrides),
     )
     gaps: dict[str, list[float]] = {e: [] for e in NOISE}
     temperatures: list[float] = []

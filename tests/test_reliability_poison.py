@@ -96,7 +96,7 @@ POISON_TAU = 900.0  # finite and within max_abs (1e3): validation lets it throug
 def test_one_poisoning_client_drags_fedavg_but_not_median_or_trimmed_mean(method: str) -> None:
     assign = assignment(5, 1)
     broker = LocalBroker(users(assign)).start()
-    spec = federated_spec(assign, deployment=dict(aggregation=method, trim_fraction=0.2, cloud_every=1000))
+    spec = federated_spec(assign, federation=dict(aggregation=method, trim_fraction=0.2, cloud_every=1000))
     dep = Deployment(spec, broker.address).start()
     try:
         liar = dep.clients["c04"]

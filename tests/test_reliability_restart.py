@@ -24,7 +24,7 @@ OUTAGE_S = 1.0
 def test_broker_restart_mid_round_loses_no_update_and_aggregates_none_twice(tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="fedhlm")
     broker = LocalBroker(users(ASSIGN), run_dir=tmp_path / "broker").start()
-    dep = Deployment(federated_spec(ASSIGN, tmp_path / "ckpt", llm_timeout_s=1.0), broker.address).start()
+    dep = Deployment(federated_spec(ASSIGN, tmp_path / "ckpt", routing=dict(llm_timeout_s=1.0)), broker.address).start()
     at_stop: dict = {}
     restarted = threading.Event()
     try:

@@ -145,7 +145,7 @@ def test_no_password_reaches_logs_or_run_files(tmp_path, caplog) -> None:
     assign = assignment(2, 1)
     broker = LocalBroker(users(assign), run_dir=tmp_path / "broker").start()
     passwords = [broker.address(u).password for u in users(assign)]
-    dep = Deployment(federated_spec(assign, tmp_path / "ckpt", llm_timeout_s=1.0), broker.address).start()
+    dep = Deployment(federated_spec(assign, tmp_path / "ckpt", routing=dict(llm_timeout_s=1.0)), broker.address).start()
     try:
         dep.run_round(0, round_inputs(assign, 0, 8))
         broker.restart()  # disconnects and reconnects log the broker address on every role

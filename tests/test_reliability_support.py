@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.roles.deployment import DeploymentSpec
-from fedhlm.roles.client import ClientSettings, TokenInput
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
 from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.head_fit import TorchHead
+from fedhlm.roles.deployment import DeploymentSpec
 from test_federated_roles import LAM, T, make_inputs, q_fn
 
 __all__ = ["LAM", "T", "assignment", "distinct_heads", "federated_spec", "make_inputs", "round_inputs", "users",
@@ -35,23 +37,26 @@ def users(assign: dict[str, str], llm_workers: int = 1) -> dict[str, str]:
             "cloud": "cloud", **workers, "admin": "admin"}
 
 
-def distinct_heads(start: float = 0.5, step: float = 0.01) -> Callable[[], ThresholdHead]:
+def distinct_heads(start: float = 0.5, step: float = 0.01) -> Callable[[], TorchHead]:
     """A head factory whose heads start at different taus, so that an aggregate depends on who took part."""
     counter = itertools.count()
-    return lambda: ThresholdHead(tau=start + step * next(counter), temperature=T)
+    return lambda: TorchHead(ThresholdHead(tau=start + step * next(counter), temperature=T))
 
 
 def federated_spec(assign: dict[str, str], checkpoint_dir: Path | None = None, *, head_factory=None,
-                   deployment: dict | None = None, **client_changes) -> DeploymentSpec:
-    """A learned-threshold deployment over the synthetic LLM; `client_changes` edit the ClientSettings."""
-    settings = dict(policy="learned", exploration=0.3, lam=LAM, local_steps=0, lr=1.0, lr_decay=2.0,
-                    round_wait_s=20.0, llm_timeout_s=2.0)
-    settings.update(client_changes)
-    options = dict(quorum=1.0, deadline_s=20.0, cloud_every=2, verify_mode="greedy")
-    options.update(deployment or {})
+                   policy: str = "learned", routing: dict | None = None, federation: dict | None = None,
+                   p2p: dict | None = None, deployment: dict | None = None) -> DeploymentSpec:
+    """A learned-threshold deployment over the synthetic LLM; `routing`/`federation`/`p2p` change those sections."""
+    sections = dict(
+        routing=RoutingSettings(**{**dict(exploration=0.3, lam=LAM, local_steps=0, lr=1.0, lr_decay=2.0,
+                                          llm_timeout_s=2.0, verify="greedy"), **(routing or {})}),
+        federation=FederationSettings(**{**dict(quorum=1.0, round_deadline_s=20.0, cloud_every=2), **(federation or {})}),
+        p2p=P2PSettings(**{"enabled": False, **(p2p or {})}),
+    )
+    options = dict(deployment or {})
     return DeploymentSpec(
         assignment=assign,
-        client=ClientSettings(client_id="-", edge_id="-", **settings),
+        client=ClientSettings(client_id="-", edge_id="-", policy=policy, **sections),
         head_factory=head_factory or distinct_heads(),
         q_fn=q_fn,
         class_of=lambda t: t if t < 2 else -1,

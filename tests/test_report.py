@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fedhlm.core.records import RoutedToken
 from fedhlm.reporting.summary import ByteCounts, TokenRecord, check_consistency, per_round, summarise
 
 
@@ -45,4 +46,13 @@ def test_per_round_series() -> None:
 
 def test_unknown_route_is_refused() -> None:
     with pytest.raises(ValueError, match="route"):
-        TokenRecord("c0", 0, 1, 0, 0, 0, route="cloud")
+        TokenRecord("c0", 0, 1, 0, 0, route="cloud")
+
+
+def test_a_routed_token_gets_its_label_only_in_the_report() -> None:
+    """The client returns RoutedTokens (it never sees ground truth); the report row adds the label."""
+    routed = RoutedToken("c0", 2, 7, draft=1, final=3, route="llm", reason="uncertain", latency_ms=4.0, llm_final=3)
+    row = TokenRecord.labelled(routed, 3)
+    assert row.label == 3 and row.final == 3 and row.round == 2 and row.reason == "uncertain" and row.llm_final == 3
+    assert not hasattr(routed, "label")
+    assert summarise([row, TokenRecord.labelled(routed, 0)], ByteCounts())["accuracy"] == pytest.approx(0.5)

@@ -115,3 +115,30 @@ def test_inconsistent_tail_mass_is_refused_with_the_row():
     ids, top, _ = topk_compress(p.expand(2, V), 3)
     with pytest.raises(ValueError, match="row 0"):
         verify_batch(ids, top, torch.tensor([0.9, 0.9]), q.expand(2, V), ids[:, 0])
+
+
+def test_verify_drafts_pads_contexts_groups_topk_sizes_and_matches_verify_batch_row_by_row() -> None:
+    """The one verification path (LLM service, calibration) gives each row what verify_batch gives it alone."""
+    from fedhlm.maths.verification import Draft, pad_contexts, verify_drafts
+
+    seen = {}
+
+    def q_fn(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        seen.update(ids=ids, mask=mask, last=last)
+        g = torch.Generator().manual_seed(int(ids[:, 0].sum()))
+        return torch.softmax(torch.randn(ids.shape[0], V, generator=g), dim=-1)
+
+    drafts = [Draft(np.array([3, 1, 4]), np.array([0, 5]), np.array([0.7, 0.3], np.float32), 5),
+              Draft(np.array([2]), np.array([1, 2, 3]), np.array([0.5, 0.3, 0.2], np.float32), 1),
+              Draft(np.array([7, 7]), np.array([4, 6]), np.array([0.9, 0.1], np.float32), 4)]
+    v = verify_drafts(q_fn, drafts, pad_id=0, mode="greedy")
+    ids, mask, last = pad_contexts([d.context_ids for d in drafts], 0)
+    assert torch.equal(seen["ids"], ids) and last.tolist() == [2, 0, 1] and mask.sum().item() == 6
+    q = q_fn(ids, mask, last)
+    for i, d in enumerate(drafts):
+        alone = verify_batch(torch.from_numpy(d.topk_ids)[None], torch.from_numpy(d.topk_probs)[None], None,
+                             q[i : i + 1], torch.tensor([d.draft_token]), mode="greedy")
+        assert bool(v.accepted[i]) == bool(alone.accepted[0]) and int(v.token[i]) == int(alone.token[0])
+        assert float(v.beta[i]) == pytest.approx(float(alone.beta[0]))
+    with pytest.raises(ValueError, match="no drafts"):
+        verify_drafts(q_fn, [], pad_id=0, mode="greedy")

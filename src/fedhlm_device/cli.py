@@ -67,16 +67,17 @@ def run(config: DeviceConfig) -> int:
             if stop["now"] or (inputs and not chunk):
                 break
             start = time.perf_counter()
-            drafted = slm.token_inputs([t for _, t in chunk], range(r * 100_000, r * 100_000 + len(chunk)),
-                                       [label for label, _ in chunk], rng)
+            uids = range(r * 100_000, r * 100_000 + len(chunk))
+            drafted = slm.token_inputs([t for _, t in chunk], uids, rng)
             slm_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(chunk))
             records = client.run_round(r, drafted, slm_ms)
             client.finish_round(r)
-            labelled = [t for t in records if t.label >= 0]
+            label_of = {uid: label for uid, (label, _) in zip(uids, chunk)}  # the client itself never sees labels
+            labelled = [t for t in records if label_of[t.uid] >= 0]
             stats = client.endpoint.stats()
             print(json.dumps({
                 "round": r, "inputs": len(records), "routes": dict(Counter(t.route for t in records)),
-                "accuracy": sum(t.final == t.label for t in labelled) / len(labelled) if labelled else None,
+                "accuracy": sum(t.final == label_of[t.uid] for t in labelled) / len(labelled) if labelled else None,
                 "tau": client.head.effective_tau(), "slm_ms": round(slm_ms, 3),
                 "sent_bytes": stats.sent_bytes, "received_bytes": stats.received_bytes,
             }), flush=True)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", help="client id, also the MQTT username by default (env FEDHLM_ID)")
     parser.add_argument("--edge", help="edge id of this client's cluster (env FEDHLM_EDGE)")
     parser.add_argument("--model", help="folder written by `fedhlm export` (env FEDHLM_MODEL)")
-    parser.add_argument("--config", help="YAML file with these keys and a `settings:` map")
+    parser.add_argument("--config", help="YAML file with these keys and the routing:/federation:/p2p: sections")
     parser.add_argument("--precision", choices=["fp32", "int8"])
     parser.add_argument("--threads", type=int)
     parser.add_argument("--ca-certs", dest="ca_certs")

@@ -16,8 +16,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
-from fedhlm.roles.client import Client, ClientSettings, TokenInput
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings, from_mapping
+from fedhlm.roles.client import Client
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode
@@ -38,17 +41,22 @@ class DeviceSettings(ClientSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.optimizer != "sgd":
-            raise ValueError(f"optimizer: a device trains its head with 'sgd' only, got {self.optimizer!r}")
+        if self.routing.optimizer != "sgd":
+            raise ValueError(f"routing.optimizer: a device trains its head with 'sgd' only, got {self.routing.optimizer!r}")
 
     @classmethod
-    def from_fields(cls, values: dict, **changes: object) -> "DeviceSettings":
-        """From a dict of setting names (e.g. dataclasses.asdict of a ClientSettings); unknown names are an error."""
+    def from_sections(cls, sections: dict, **changes: object) -> "DeviceSettings":
+        """From the YAML sections a simulation and `fedhlm client` read (`routing:`, `federation:`, `p2p:`) plus
+        top-level setting names (`policy`, `seed`, ...); an unknown name is an error naming it."""
+        values = dict(sections)
+        config = SimpleNamespace(seed=values.pop("seed", 0), **{
+            name: from_mapping(kind, values.pop(name, None), name)
+            for name, kind in (("routing", RoutingSettings), ("federation", FederationSettings), ("p2p", P2PSettings))})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown device settings {unknown}")
-        return cls(**{**values, **changes})
+        return cls.from_config(config, **{**values, **changes})
 
 
 class DeviceClient(Client):
@@ -91,7 +99,7 @@ class DeviceClient(Client):
 
     def _publish_acked(self, topic: str, message: ThresholdUpdate, entry: Path | None) -> None:
         try:
-            self.endpoint.publish(topic, message, qos=1, wait=entry is not None, timeout_s=self.s.round_wait_s)
+            self.endpoint.publish(topic, message, qos=1, wait=entry is not None, timeout_s=self.s.federation.client_wait_s)
         except TimeoutError:
             log.warning("%s: no PUBACK for %s yet; it stays in the outbox", self.id, topic)
             return

@@ -4,7 +4,9 @@
 
 Environment: FEDHLM_BROKER, FEDHLM_ID, FEDHLM_EDGE, FEDHLM_MODEL (and FEDHLM_PASSWORD when the
 URL carries no password). The YAML file has the same top-level keys as DeviceConfig and a
-`settings:` map of DeviceSettings fields (policy, exploration, lam, lr, ...).
+`routing:`, `federation:` and `p2p:` sections of a simulation config (the same names and defaults, so a
+device and a `fedhlm client` given one file train the same head) and a `settings:` map of the
+other client settings (`policy`, `seed`, ...).
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class DeviceConfig:
     rounds: int = 1
     per_round: int = 50
     state_dir: str = "~/.fedhlm-device"
-    settings: dict[str, Any] = field(default_factory=dict)  # DeviceSettings fields
+    settings: dict[str, Any] = field(default_factory=dict)  # policy, static_tau, seed, embedder_name
+    routing: dict[str, Any] = field(default_factory=dict)  # core.settings.RoutingSettings fields
+    federation: dict[str, Any] = field(default_factory=dict)  # core.settings.FederationSettings fields
+    p2p: dict[str, Any] = field(default_factory=lambda: {"enabled": False})  # a device has no embedder: off
 
     def check(self) -> None:
         for name in ("broker", "id", "edge", "model"):
@@ -57,8 +62,9 @@ class DeviceConfig:
         return address
 
     def device_settings(self) -> DeviceSettings:
-        return DeviceSettings.from_fields(dict(self.settings), client_id=self.id, edge_id=self.edge,
-                                          state_dir=str(Path(self.state_dir).expanduser() / self.id))
+        sections = {**self.settings, "routing": self.routing, "federation": self.federation, "p2p": self.p2p}
+        return DeviceSettings.from_sections(sections, client_id=self.id, edge_id=self.edge,
+                                            state_dir=str(Path(self.state_dir).expanduser() / self.id))
 
 
 def load_config(path: str | None, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> DeviceConfig:

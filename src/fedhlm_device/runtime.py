@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fedhlm.transport.codec import SCHEMA_VERSION
-from fedhlm_device.client import TokenInput
+from fedhlm.core.wire import SCHEMA_VERSION
+from fedhlm.core.records import TokenInput
 from fedhlm_device.features import FEATURE_NAMES, RouteView, route_view
 from fedhlm_device.head import ScalarHead
 from fedhlm_device.prompt import PromptEncoder
@@ -136,7 +136,7 @@ class ExportedSLM:
                           normalise_entropy=bool(self.routing["normalise_entropy"]), rng=rng)
         return batch, view
 
-    def token_inputs(self, texts: Sequence[str], uids: Sequence[int], labels: Sequence[int] | None = None,
+    def token_inputs(self, texts: Sequence[str], uids: Sequence[int],
                      rng: np.random.Generator | None = None, embeddings: np.ndarray | None = None,
                      batch_size: int = 32) -> list[TokenInput]:
         """Draft every text (batched) into what DeviceClient.run_round routes; as fedhlm.models.hybrid's `draft`."""
@@ -146,7 +146,7 @@ class ExportedSLM:
             for i in range(batch["input_ids"].shape[0]):
                 j, last = lo + i, int(batch["last_index"][i])
                 out.append(TokenInput(
-                    uid=int(uids[j]), label=-1 if labels is None else int(labels[j]),
+                    uid=int(uids[j]),
                     context_ids=batch["input_ids"][i, : last + 1].astype(np.int32),
                     draft_token=int(view.draft_token[i]), topk_ids=view.topk_ids[i], topk_probs=view.topk_probs[i],
                     tail_mass=float(view.tail_mass[i]), features=view.features[i],

@@ -21,16 +21,17 @@ from typing import Any
 
 
 
-def in_process_tokens_per_s(ctx: dict[str, Any], records: list) -> float:
-    """The same work without MQTT: the SLM's drafts plus one batched LLM verification of the offloaded tokens."""
-    models, inputs = ctx["models"], ctx["inputs"]
-    by_uid = {d.uid: d for d in inputs}
+def in_process_tokens_per_s(prep, records: list, mode: str) -> float:  # noqa: ANN001
+    """The same work without MQTT: the SLM's drafts of every item plus one batched LLM verification of the
+    offloaded tokens, in one process."""
+    models = prep.models
+    drafted = models.draft(prep.items)
+    by_uid = {d.uid: d for d in drafted.inputs}
     sent = [by_uid[t.uid] for t in records if t.route == "llm"]
     start = time.perf_counter()
     if sent:
-        models.llm_verdicts(sent, "greedy")
-    llm_seconds = time.perf_counter() - start
-    total = ctx["slm_ms"] * len(records) / 1000.0 + llm_seconds
+        models.llm_verdicts(sent, mode)
+    total = drafted.seconds + time.perf_counter() - start
     return len(records) / total if total > 0 else float("inf")
 
 
@@ -41,23 +42,25 @@ def edge_count(clients: int, clients_per_edge: int | None = None) -> int:
     return max(1, min(clients // 4, 10))
 
 
-def run_size(cfg, ctx: dict[str, Any], clients: int, base_inputs: int,
+def run_size(cfg, prep, clients: int, base_inputs: int,  # noqa: ANN001
              clients_per_edge: int | None = None) -> dict[str, Any]:
     """One pipeline run with `clients` clients over max(base_inputs, clients) inputs (at least one each)."""
     from fedhlm.simulation import run as sim
+    from fedhlm.simulation.methods import METHODS
 
-    ctx = {**ctx, "inputs": ctx["inputs"][: max(base_inputs, clients)]}
+    items = prep.items[: max(base_inputs, clients)]
     edges = edge_count(clients, clients_per_edge)
     size_cfg = replace(cfg, federation=replace(cfg.federation, clients=clients, edges=edges,
                                                clustering="round_robin"))
-    run_ctx = {**ctx, **sim.plan_clients(size_cfg, ctx["inputs"])}
+    prep = replace(prep, items=items, plan=sim.plan_clients(size_cfg, items))
+    method = METHODS["fedhlm"] if size_cfg.p2p.enabled else METHODS["fedhlm_no_p2p"]
     start = time.perf_counter()
-    result = sim.run_method("fedhlm", size_cfg, run_ctx, policy="learned", p2p=size_cfg.p2p.enabled)
+    result = sim.run_method(method, size_cfg, prep)
     wall = time.perf_counter() - start
     records = result["records"]
     dep = result["dep"]
     messages = dep.get("messages_sent_total", 0)
-    in_proc = in_process_tokens_per_s(ctx, records)
+    in_proc = in_process_tokens_per_s(prep, records, size_cfg.routing.verify)
     tokens_per_s = len(records) / wall if wall > 0 else 0.0
     return {
         "clients": clients, "edges": edges, "tokens": len(records),
@@ -102,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedhlm bench scale: config error: {exc}", file=sys.stderr)
         return 2
-    print("[bench scale] preparing models and drafts ...", flush=True)
-    ctx = sim.prepare_inputs(cfg, progress=True)
-    ctx["init_tau"] = (cfg.routing.init_tau if cfg.routing.init_tau is not None
-                       else ctx["models"].static_threshold(ctx["calib"], cfg.routing.lam, cfg.routing.verify)["tau"])
+    print("[bench scale] preparing models and data ...", flush=True)
+    prep = sim.prepare_inputs(cfg, progress=True)
+    prep.init_tau = (cfg.routing.init_tau if cfg.routing.init_tau is not None
+                     else prep.models.static_threshold(prep.calib, cfg.routing.lam, cfg.routing.verify)["tau"])
     rows = []
     for n in sizes:
         print(f"[bench scale] {n} clients ...", flush=True)
         try:
-            rows.append(run_size(cfg, ctx, n, args.inputs, args.clients_per_edge))
+            rows.append(run_size(cfg, prep, n, args.inputs, args.clients_per_edge))
         except Exception as exc:  # a size that does not run is a result too: say so and go on
             print(f"  {n:5d} clients: FAILED: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"clients": n, "error": f"{type(exc).__name__}: {exc}"})

@@ -1,11 +1,13 @@
-"""``fedhlm fit|validate|test``: the Lightning CLI over the SLM / LLM modules and NewsDataModule.
+"""``fedhlm fit|validate|test``: the Lightning CLI over the model kinds of the cache and NewsDataModule.
 
 The schema is the constructors' signatures (``--print_config`` shows it):
-``model: {class_path: fedhlm.models.slm.SLMModule | fedhlm.models.llm.LLMRefiner, init_args: ...}``,
-``data:`` NewsDataModule's arguments, ``trainer:`` Lightning's. After ``fit`` the model
-is tested and written into the model cache (:mod:`fedhlm.models.cache`) under the hash of
-its configuration; ``validate``/``test`` without ``--ckpt_path`` load that cached model
-when it exists, so ``fedhlm test --config configs/slm.yaml`` evaluates what ``fit`` made.
+``model: {class_path: <a class of fedhlm.models.cache.KINDS>, init_args: ...}`` - the SLM
+(``fedhlm.models.slm.SLMModule``), the LLM (``fedhlm.models.llm.LLMRefiner``) or the
+centralised head fit (``fedhlm.models.head_fit.CentralHeadModule``) - ``data:``
+NewsDataModule's arguments, ``trainer:`` Lightning's. After ``fit`` the model is tested
+and written into the model cache (:mod:`fedhlm.models.cache`) under the hash of its
+configuration; ``validate``/``test`` without ``--ckpt_path`` load that cached model when
+it exists, so ``fedhlm test --config configs/slm.yaml`` evaluates what ``fit`` made.
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ import warnings
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fedhlm.models.classifier import NextTokenClassifier
 from fedhlm.data.module import NewsDataModule
-from fedhlm.models.llm import LLMRefiner  # noqa: F401  (registers the subclass for short class names)
-from fedhlm.models.cache import full_config, kind_of, save_to_cache, training_metrics
+from fedhlm.models.cache import KINDS, full_config, kind_of, module_class, save_to_cache, training_metrics
 from fedhlm.models.store import is_complete, model_dir
-from fedhlm.models.slm import SLMModule  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class FedHLMCLI(LightningCLI):
                             help="after fit, test and save the model into the model cache; "
                                  "for validate/test, load the cached model of this config")
         parser.add_argument("--cache_name", type=str | None, default=None,
-                            help="name of the cached model (default: its kind, slm or llm)")
+                            help=f"name of the cached model (default: its kind, one of {', '.join(KINDS)})")
 
     # ---- cache bookkeeping -----------------------------------------------------------------
     def _cfg(self) -> Namespace:
@@ -75,9 +75,11 @@ class FedHLMCLI(LightningCLI):
         seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
         _, full, folder = self._cache_folder()
         tested = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        metrics = training_metrics(self.model, self.datamodule, full, seconds, tested[0] if tested else {})
+        results = tested[0] if tested else {}
+        metrics = training_metrics(self.model, self.datamodule, full, seconds, results)
         save_to_cache(self.model, folder, metrics)
-        print(f"saved {metrics['kind']} model to {folder} (test acc {metrics.get('test_acc', float('nan')):.4f})")
+        summary = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(results.items()))
+        print(f"saved {metrics['kind']} model to {folder} ({summary or 'not tested'})")
 
     def _load_cached(self) -> None:
         cfg = self._cfg()
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         # `fedhlm` passes its own argv on; LightningCLI warns when sys.argv also holds arguments
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        for kind in KINDS:
+            module_class(kind)  # imported, so their short class names resolve
         FedHLMCLI(
-            NextTokenClassifier,
+            LightningModule,
             NewsDataModule,
             subclass_mode_model=True,
             save_config_callback=None,

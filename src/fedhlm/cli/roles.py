@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from fedhlm.core.aggregation import make_aggregator
+from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
 from fedhlm.simulation.config import ConfigError, load_config
 from fedhlm.transport.address import BrokerAddress
 
@@ -78,21 +80,23 @@ def main(argv: list[str]) -> int:
     return {"llm": run_llm, "cloud": run_cloud, "edge": run_edge, "client": run_client}[role](args, cfg, address, role_id)
 
 
-def _initial_params(cfg) -> dict[str, np.ndarray]:
+def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The head every role of a process deployment starts from: `routing.init_tau`, else the uncalibrated
+    default (processes have no calibration split to fit U-HLM's threshold on; a simulation does)."""
     from fedhlm.maths.threshold import ThresholdHead
 
-    tau = 0.5 if cfg.routing.init_tau is None else cfg.routing.init_tau
+    tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
     head = ThresholdHead(tau=tau, temperature=cfg.routing.temperature)
     return {k: v.detach().numpy() for k, v in head.state_dict().items()}
 
 
-def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:
-    from fedhlm.models.hybrid import HybridModels
+def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
+    from fedhlm.models.hybrid import load_llm
     from fedhlm.roles.llm_service import LLMService
 
-    models = HybridModels(cfg.models.slm, cfg.models.llm)
-    service = LLMService(address, models.q_fn, group=args.group, mode=cfg.routing.verify,
-                         pad_id=models.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
+    llm = load_llm(cfg.models.llm)  # the LLM only: a refiner never needs the SLM
+    service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify,
+                         pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
     print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)
@@ -101,11 +105,12 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:
     return 0
 
 
-def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:
+def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.cloud import CloudServer
 
+    fed = cfg.federation
     cloud = CloudServer(role_id, address, args.edges.split(","), _initial_params(cfg), quorum=1.0,
-                        deadline_s=cfg.federation.round_deadline_s, method=cfg.federation.aggregation,
+                        deadline_s=fed.round_deadline_s, aggregator=make_aggregator(fed.aggregation, fed.trim_fraction),
                         checkpoint=args.checkpoint).start()
     print(f"cloud {role_id} at round {cloud.round}, edges {args.edges}", flush=True)
     stop = threading.Event()
@@ -114,14 +119,15 @@ def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:
     return 0
 
 
-def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:
+def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.edge import EdgeServer
 
+    fed = cfg.federation
     neighbours = [e for e in args.neighbours.split(",") if e]
     edge = EdgeServer(role_id, address, args.clients.split(","), _initial_params(cfg),
-                      quorum=cfg.federation.quorum, deadline_s=cfg.federation.round_deadline_s,
-                      method=cfg.federation.aggregation, cloud_every=cfg.federation.cloud_every,
-                      global_wait_s=3 * cfg.federation.round_deadline_s, neighbours=neighbours,
+                      quorum=fed.quorum, deadline_s=fed.round_deadline_s,
+                      aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), cloud_every=fed.cloud_every,
+                      global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours,
                       checkpoint=args.checkpoint).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)
     stop = threading.Event()
@@ -130,45 +136,39 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:
     return 0
 
 
-def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:
-    from fedhlm.data.module import NewsDataModule
+def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
+    """One client of a process deployment: the simulation's inputs for shard i of N, its own SLM, its own head."""
     from fedhlm.data import partition
+    from fedhlm.data.module import NewsDataModule
+    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.drafter import SLMDrafter
     from fedhlm.models.embedder import ContextEmbedder
     from fedhlm.models.head_fit import TorchHead
-    from fedhlm.models.hybrid import HybridModels, context_texts
-    from fedhlm.roles.client import Client, ClientSettings
-    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.hybrid import load_slm
+    from fedhlm.roles.client import Client
+    from fedhlm.simulation.run import plan_rounds, test_items
 
     index, total = (int(x) for x in args.shard.split("/"))
-    models = HybridModels(cfg.models.slm, cfg.models.llm, top_k=cfg.routing.top_k)
-    dm = NewsDataModule(**models.configs["slm"]["data"])
+    slm = load_slm(cfg.models.slm, top_k=cfg.routing.top_k)
+    dm = NewsDataModule(**slm.configs["slm"]["data"])
     dm.setup()
-    test = list(dm.splits.test)[: cfg.data.inputs or None]
+    test = test_items(cfg, dm.splits)  # the same articles, the same shares and rounds as a simulation
     part = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)[index]
-    mine = [test[i] for i in part]
+    rounds = plan_rounds([part], [role_id], cfg.federation.rounds)
     embedder = ContextEmbedder() if cfg.p2p.enabled else None
-    drafts = models.draft(mine, embedder.encode(context_texts(mine)) if embedder else None)
-    tau = cfg.routing.init_tau if cfg.routing.init_tau is not None else 0.5
-    settings = ClientSettings(
-        client_id=role_id, edge_id=args.edge, policy="learned", exploration=cfg.routing.exploration,
-        importance_weights=cfg.routing.importance_weights,
-        lam=cfg.routing.lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
-        lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
-        llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
-        round_wait_s=2 * cfg.federation.round_deadline_s, personalise=cfg.federation.personalise,
-        p2p=cfg.p2p.enabled, delta=cfg.p2p.delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000, p2p_scope=cfg.p2p.scope,
-        audit=cfg.p2p.audit, embedder_name=embedder.name if embedder else "none", seed=cfg.seed,
-    )
+    settings = ClientSettings.from_config(cfg, client_id=role_id, edge_id=args.edge, policy="learned",
+                                          embedder_name=embedder.name if embedder else "none")
+    tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
     head = TorchHead(ThresholdHead(tau=tau, temperature=cfg.routing.temperature), engine=cfg.routing.fit_engine)
-    client = Client(settings, address, head, models.class_of,
-                    embedder.dim if embedder else 384).start()
-    chunks = np.array_split(np.arange(len(drafts.inputs)), cfg.federation.rounds)
+    client = Client(settings, address, head, slm.class_of, embedder.dim if embedder else 384,
+                    drafter=SLMDrafter(slm, embedder)).start()
+    label_of = {item.uid: item.label for item in test}
     correct = total_tokens = 0
     try:
-        for r, chunk in enumerate(chunks):
-            records = client.run_round(r, [drafts.inputs[i] for i in chunk], drafts.ms_per_token)
+        for r, by_client in enumerate(rounds):
+            records = client.serve_round(r, [test[i] for i in by_client[role_id]])
             client.finish_round(r)
-            correct += sum(1 for t in records if t.final == t.label)
+            correct += sum(1 for t in records if t.final == label_of[t.uid])
             total_tokens += len(records)
             llm = sum(1 for t in records if t.route == "llm")
             print(f"round {r}: {len(records)} tokens, {llm} to the LLM, tau={client.head.effective_tau():.4f}",

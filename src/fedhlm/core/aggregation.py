@@ -2,19 +2,20 @@
 
 Weighted FedAvg (McMahan et al., 2017) is what the edge and the cloud do in FedHLM
 (HierFAVG pattern: edge rounds, then a cloud round). Coordinate-wise median and trimmed
-mean (Yin et al., 2018) are the robust options; the same functions serve edge and cloud,
-a robust choice is a parameter, not another class.
+mean (Yin et al., 2018) are the robust options; the same functions serve edge and cloud.
+A configuration names one (`AGGREGATORS`), `make_aggregator` binds its options once, and
+the round collector only ever calls the resulting function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 Params = dict[str, np.ndarray]
-METHODS = ("fedavg", "median", "trimmed_mean")
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,27 @@ def trimmed_mean(updates: Sequence[WeightedParams], trim_fraction: float = 0.2) 
     return out
 
 
+Aggregator = Callable[[Sequence["WeightedParams"]], "Params | None"]
+
+# name -> factory of the bound aggregator; options a method does not use are ignored
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
+    "fedavg": lambda trim_fraction=0.2: fedavg,
+    "median": lambda trim_fraction=0.2: median,
+    "trimmed_mean": lambda trim_fraction=0.2: partial(trimmed_mean, trim_fraction=trim_fraction),
+}
+METHODS = tuple(AGGREGATORS)
+
+
+def make_aggregator(method: str = "fedavg", trim_fraction: float = 0.2) -> Aggregator:
+    """The aggregation function a configuration names, with its options bound."""
+    if method not in AGGREGATORS:
+        raise ValueError(f"aggregation method must be one of {METHODS}, got {method!r}")
+    return AGGREGATORS[method](trim_fraction=trim_fraction)
+
+
 def aggregate(updates: Sequence[WeightedParams], method: str = "fedavg", trim_fraction: float = 0.2) -> Params | None:
-    """Dispatch on the configured aggregation method."""
-    if method == "fedavg":
-        return fedavg(updates)
-    if method == "median":
-        return median(updates)
-    if method == "trimmed_mean":
-        return trimmed_mean(updates, trim_fraction)
-    raise ValueError(f"aggregation method must be one of {METHODS}, got {method!r}")
+    """One aggregation by name (for a one-off call; roles bind theirs once with `make_aggregator`)."""
+    return make_aggregator(method, trim_fraction)(updates)
 
 
 def personalise(local: Mapping[str, np.ndarray], shared: Mapping[str, np.ndarray], a: float) -> Params:

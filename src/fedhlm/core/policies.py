@@ -27,6 +27,7 @@ class RoutingPolicy:
     name: ClassVar[str] = ""
     federated: ClassVar[bool] = False  # fits a head every round and averages it with the edge
     explores: ClassVar[bool] = False  # sends a share of confident tokens too, for unbiased labels
+    sends: ClassVar[bool] = True  # may send anything at all (False: needs no network)
 
     @classmethod
     def build(cls, static_tau: float) -> "RoutingPolicy":
@@ -42,6 +43,7 @@ class NeverOffload(RoutingPolicy):
     """The SLM alone."""
 
     name = "never"
+    sends = False
 
 
 class AlwaysOffload(RoutingPolicy):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.core.aggregation import Params, WeightedParams, aggregate
+from fedhlm.core.aggregation import Aggregator, Params, WeightedParams, fedavg
 
 
 @dataclass
@@ -71,11 +71,11 @@ class RoundCollector:
         """Past the deadline without a quorum: the caller may close the round empty-handed."""
         return now >= self.opened_at + self.deadline_s and len(self.received) < self.quorum_count
 
-    def close(self, now: float, method: str = "fedavg", trim_fraction: float = 0.2) -> tuple[Params | None, int, list[str]]:
+    def close(self, now: float, aggregator: Aggregator = fedavg) -> tuple[Params | None, int, list[str]]:
         """Aggregate the current round, open the next; returns (params or None, samples, who)."""
         updates = self.received
         who = sorted(updates)
-        params = aggregate([updates[p] for p in who], method, trim_fraction)
+        params = aggregator([updates[p] for p in who])
         samples = sum(max(u.num_samples, 0) for u in updates.values())
         self._pending.pop(self.round, None)
         self.round += 1

@@ -11,7 +11,7 @@ Torch-free: the device package imports this.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Optimizer = Literal["sgd", "adam"]
@@ -21,6 +21,9 @@ Aggregation = Literal["fedavg", "median", "trimmed_mean"]
 Clustering = Literal["round_robin", "given", "kmeans_labels", "kmeans_embeddings"]
 PeerScope = Literal["cluster", "neighbours"]
 PolicyName = Literal["learned", "static", "always", "never"]
+
+# the entropy threshold (nats) a head starts from when nothing calibrated one
+UNCALIBRATED_TAU = 0.5
 
 
 class SettingError(ValueError):
@@ -141,6 +144,11 @@ class P2PSettings:
         check_range(s, "ttl_s", self.ttl_s, 0, lo_open=True)
         check_choice(s, "scope", self.scope, PeerScope)
 
+    @property
+    def asks_neighbours(self) -> bool:
+        """A query the cluster misses goes on to the other clusters (through the edge)."""
+        return self.enabled and self.scope == "neighbours"
+
 
 @dataclass
 class ClientSettings:
@@ -149,7 +157,7 @@ class ClientSettings:
     client_id: str
     edge_id: str
     policy: PolicyName = "learned"  # a name in `core.policies.POLICIES`
-    static_tau: float = 0.5  # entropy threshold of the static policy
+    static_tau: float = UNCALIBRATED_TAU  # entropy threshold of the static policy
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     p2p: P2PSettings = field(default_factory=P2PSettings)
@@ -158,6 +166,21 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         check_choice("client", "policy", self.policy, PolicyName)
+
+    @classmethod
+    def from_config(cls, config: Any, *, client_id: str, edge_id: str, **changes: Any) -> "ClientSettings":
+        """The one way an entry point (a simulation, `fedhlm client`, a device) turns its config into a client's
+        settings: any object with `routing`, `federation`, `p2p` sections and a `seed`; `changes` set the rest."""
+        values = {"routing": config.routing, "federation": config.federation, "p2p": config.p2p, "seed": config.seed}
+        return cls(client_id=client_id, edge_id=edge_id, **{**values, **changes})
+
+    def with_changes(self, **changes: Any) -> "ClientSettings":
+        """A copy with `changes`; a section given as a mapping (`routing={"noise_std": 0.1}`) changes only those
+        fields of it, so one client of a deployment can differ in one knob."""
+        sections = {f.name for f in fields(self) if f.name in ("routing", "federation", "p2p")}
+        merged = {k: replace(getattr(self, k), **v) if k in sections and isinstance(v, dict) else v
+                  for k, v in changes.items()}
+        return replace(self, **merged)
 
 
 def from_mapping(cls: type, data: dict[str, Any] | None, section: str) -> Any:

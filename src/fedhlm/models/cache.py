@@ -7,8 +7,9 @@ builds, feeds and trains the models (`TRAINING_CODE`, comments and docstrings ig
 a changed setting or a changed model definition trains a new model instead of silently
 reusing an old one. Each folder is a
 Hugging Face ``save_pretrained`` folder (model + tokenizer), plus ``metrics.json`` (test
-accuracy, parameters, training time, data source, the configuration) and, for an SLM,
-``threshold_head.pt`` once its head was trained (``fit_target="head"``). A folder appears only once complete (written aside, then renamed).
+accuracy, parameters, training time, data source, the configuration) and, for a ``head`` fit
+(the SLM with its centrally trained head), ``threshold_head.pt``: each module's ``save_pretrained``
+writes what it trained. A folder appears only once complete (written aside, then renamed).
 
 The modules' defaults are what ``configs/slm.yaml`` and ``configs/llm.yaml`` spell out and
 :data:`DEFAULT_TRAINER` is their training length, so ``get_or_train("slm")`` and
@@ -32,24 +33,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedhlm.models.store import HEAD_FILE, METRICS_FILE, jsonable, is_complete, model_dir
+from fedhlm.models.store import METRICS_FILE, jsonable, is_complete, model_dir
 
 log = logging.getLogger(__name__)
 
-KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.models.llm.LLMRefiner"}
+KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.models.llm.LLMRefiner",
+                         "head": "fedhlm.models.head_fit.CentralHeadModule"}
 # what decides the trained weights besides module and data arguments
 TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1}
-DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}}
+DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}, "head": {"max_epochs": 1}}
 # modules whose code decides the trained weights, by module name: the fingerprint reads their source
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
 TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
                  "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.data.encoding", "fedhlm.data.items",
                  "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
                  "fedhlm.data.partition")
+# what else decides a kind's trained weights: the central head fit labels its pairs with the verification maths
+KIND_CODE: dict[str, tuple[str, ...]] = {"head": ("fedhlm.models.head_fit", "fedhlm.maths.speculative")}
 
 
 def module_class(kind: str) -> type:
-    """The LightningModule class of a model kind ("slm" or "llm")."""
+    """The LightningModule class of a model kind ("slm", "llm" or "head")."""
     if kind not in KINDS:
         raise ValueError(f"model kind must be one of {sorted(KINDS)}, got {kind!r}")
     module, name = KINDS[kind].rsplit(".", 1)
@@ -57,7 +61,7 @@ def module_class(kind: str) -> type:
 
 
 def kind_of(model: Any) -> str:
-    """"slm" or "llm" for a module instance or class (by the classes in KINDS)."""
+    """The kind ("slm", "llm", "head") of a module instance or class (by the classes in KINDS)."""
     for kind in KINDS:
         if isinstance(model, module_class(kind)) or model is module_class(kind):
             return kind
@@ -80,13 +84,13 @@ def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping
     trainer_args = dict(trainer or {})
     train_args = {k: trainer_args.get(k, default) for k, default in TRAIN_KEYS.items()}
     return jsonable({"kind": kind, "model": model_args, "data": data_args, "trainer": train_args,
-                      "code": training_code_fingerprint()})
+                      "code": training_code_fingerprint(KIND_CODE.get(kind, ()))})
 
 
 @functools.cache
-def training_code_fingerprint() -> str:
-    """`code_fingerprint` of `TRAINING_CODE`."""
-    return code_fingerprint(TRAINING_CODE)
+def training_code_fingerprint(extra: tuple[str, ...] = ()) -> str:
+    """`code_fingerprint` of `TRAINING_CODE` (and of a kind's `extra` modules)."""
+    return code_fingerprint(TRAINING_CODE + extra)
 
 
 def code_fingerprint(modules: tuple[str, ...]) -> str:
@@ -120,16 +124,12 @@ def _normalised_tree(source: str) -> str:
 
 
 def save_to_cache(module: Any, folder: Path, metrics: Mapping[str, Any]) -> Path:
-    """Write model, tokenizer, head and metrics.json aside, then move into ``folder`` (atomic on one disk)."""
-    import torch
-
+    """Write what the module saves (model, tokenizer, a trained head) and metrics.json aside, then move into
+    ``folder`` (atomic on one disk)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     module.save_pretrained(str(staging))
-    head = getattr(module, "head", None)
-    if head is not None and getattr(module, "fit_target", None) == "head":  # only a trained head is worth keeping
-        torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, staging / HEAD_FILE)
     (staging / METRICS_FILE).write_text(json.dumps(jsonable(dict(metrics)), indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)

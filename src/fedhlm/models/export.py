@@ -34,7 +34,7 @@ from torch import nn
 from fedhlm import __version__
 from fedhlm.models.backbone import cache_kwarg, load_causal_lm
 from fedhlm.models.store import HEAD_FILE, METRICS_FILE, minilm_path, resolve_model_path
-from fedhlm.transport.codec import SCHEMA_VERSION
+from fedhlm.core.wire import SCHEMA_VERSION
 from fedhlm.maths.uncertainty import FEATURE_NAMES
 
 log = logging.getLogger(__name__)

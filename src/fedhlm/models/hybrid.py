@@ -1,8 +1,8 @@
 """The SLM/LLM pair of a run: found in (or trained into) the model cache, then used in batches.
 
-The SLM drafts every input once, batched (clients of a simulation share one model
-instance; what each client sends stays its own), and the LLM answers the refiner's
-batched verification requests. The static-threshold baseline (U-HLM) is calibrated here,
+The SLM drafts inputs in batches (each simulated client drafts its own through
+`models.drafter.SLMDrafter`; the pair's instance is shared), and the LLM answers the
+refiner's batched verification requests. The static-threshold baseline (U-HLM) is calibrated here,
 in-process, on the calibration split: the LLM's verdicts there are the fit's labels.
 """
 
@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from fedhlm.data import NewsItem, encode_prompts, prompt_text
 from fedhlm.models.llm import LLMRefiner
 from fedhlm.models.cache import get_or_train
-from fedhlm.roles.client import TokenInput
+from fedhlm.core.records import Drafted, TokenInput
 from fedhlm.models.slm import SLMModule
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, verify_drafts
@@ -32,68 +30,68 @@ log = logging.getLogger(__name__)
 
 
 def read_fit_config(path: str | Path) -> dict[str, Any]:
-    """The model / data / trainer sections of a `fedhlm fit` YAML, as get_or_train takes them."""
+    """The model / data / trainer sections of a `fedhlm fit` YAML, as get_or_train takes them.
+
+    Read by the Lightning CLI's parser over the classes `fedhlm fit` uses, so a key the fit would
+    refuse (a misspelt init arg, an unknown data option) fails here, before any training; model
+    and data come back with every default written out, the trainer section as given.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentError, namespace_to_dict
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from fedhlm.data.module import NewsDataModule
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    model = raw.get("model") or {}
+    parser = LightningArgumentParser(exit_on_error=False, allow_abbrev=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--seed_everything", type=bool | int, default=True)
+    for name, kind in (("cache", bool | None), ("cache_name", str | None), ("ckpt_path", str | None)):
+        parser.add_argument(f"--{name}", type=kind, default=None)  # `fedhlm fit` options: allowed, unused here
+    parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True, required=False)  # as `fedhlm fit`
+    parser.add_lightning_class_args(NewsDataModule, "data")
+    parser.add_argument("--trainer", type=dict, default={})  # as given: get_or_train adds its own defaults
+    try:
+        cfg = namespace_to_dict(parser.parse_args([f"--config={path}"] if path.read_text().strip() else []))
+    except ArgumentError as exc:
+        raise ValueError(f"model config {path}: {' '.join(str(exc).split())}") from None
     return {
-        "model": dict(model.get("init_args") or {}),
-        "data": dict(raw.get("data") or {}),
-        "trainer": dict(raw.get("trainer") or {}),
+        "model": dict((cfg.get("model") or {}).get("init_args") or {}),
+        "data": dict(cfg["data"]),
+        "trainer": dict(cfg["trainer"] or {}),
     }
 
 
-@dataclass
-class Drafts:
-    """The SLM's output for a list of items, and what it cost."""
-
-    inputs: list[TokenInput]
-    seconds: float
-
-    @property
-    def ms_per_token(self) -> float:
-        return 1000.0 * self.seconds / max(1, len(self.inputs))
+def _fit_config(path: str | Path, data_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = read_fit_config(path)
+    cfg["data"].update(data_overrides or {})
+    return cfg
 
 
-class HybridModels:
-    """Loads the two cached models; `kind` configs are `fedhlm fit` YAMLs (trained once when missing)."""
+class DraftingSLM:
+    """The cached SLM a client drafts with: prompt encoding, the batched routing view, token -> class."""
 
-    def __init__(self, slm_config: str | Path, llm_config: str | Path, *, data_overrides: dict[str, Any] | None = None,
-                 top_k: int | None = None, progress: bool = True) -> None:
-        self.configs = {}
-        folders = {}
-        for kind, path in (("slm", slm_config), ("llm", llm_config)):
-            cfg = read_fit_config(path)
-            cfg["data"].update(data_overrides or {})
-            self.configs[kind] = cfg
-            folders[kind] = get_or_train(kind, cfg, progress=progress)
-        self.folders = folders
-        split_keys = ("source", "path", "seed", "limit", "fractions", "synthetic_size")
-        slm_data, llm_data = self.configs["slm"]["data"], self.configs["llm"]["data"]
-        if any(slm_data.get(k) != llm_data.get(k) for k in split_keys):
-            log.warning("the SLM and LLM configs split the data differently (%s vs %s): the LLM may have seen "
-                        "test inputs", {k: slm_data.get(k) for k in split_keys}, {k: llm_data.get(k) for k in split_keys})
-        slm_args = {k: v for k, v in self.configs["slm"]["model"].items() if k not in {"pretrained", "teacher"}}
-        self.slm = SLMModule(pretrained=str(folders["slm"]), **slm_args).eval()
-        self.llm = LLMRefiner(pretrained=str(folders["llm"])).eval()
+    def __init__(self, config: dict[str, Any], folder: Path, top_k: int | None = None) -> None:
+        self.config, self.folder = config, folder
+        slm_args = {k: v for k, v in config["model"].items() if k not in {"pretrained", "teacher"}}
+        self.slm = SLMModule(pretrained=str(folder), **slm_args).eval()
         if top_k is not None:
             self.slm.topk = top_k  # how much of the distribution an offloaded token carries
         self.tokenizer = self.slm.tokenizer
-        self.max_length = int(self.configs["slm"]["data"].get("max_length", 64))
+        self.max_length = int(config["data"].get("max_length", 64))
         self._class_of = {tok: c for c, tok in enumerate(self.slm.verbaliser_ids)}
-        self._calib_beta: dict[tuple, np.ndarray] = {}  # (uids, mode) -> beta: a lambda sweep asks again and again
 
     @property
-    def split_seed(self) -> int:
-        return int(self.configs["slm"]["data"].get("seed", 0))
+    def configs(self) -> dict[str, dict[str, Any]]:
+        return {"slm": self.config}
 
     def class_of(self, token: int) -> int:
         return self._class_of.get(int(token), -1)
 
     @torch.no_grad()
-    def draft(self, items: Sequence[NewsItem], embeddings: np.ndarray | None = None, batch_size: int = 64) -> Drafts:
+    def draft(self, items: Sequence[NewsItem], embeddings: np.ndarray | None = None, batch_size: int = 64) -> Drafted:
         """TokenInputs for every item, in order (the SLM's batched forward passes, timed)."""
         inputs: list[TokenInput] = []
         start = time.perf_counter()
@@ -104,7 +102,7 @@ class HybridModels:
             for i, item in enumerate(chunk):
                 last = int(batch["last_index"][i])
                 inputs.append(TokenInput(
-                    uid=item.uid, label=item.label,
+                    uid=item.uid,
                     context_ids=batch["input_ids"][i, : last + 1].numpy().astype(np.int32),
                     draft_token=int(out["draft_token"][i]),
                     topk_ids=out["topk_ids"][i].numpy().astype(np.int32),
@@ -113,15 +111,59 @@ class HybridModels:
                     features=out["features"][i].float().numpy(),
                     embedding=None if embeddings is None else embeddings[lo + i],
                 ))
-        return Drafts(inputs, time.perf_counter() - start)
+        return Drafted(inputs, time.perf_counter() - start)
+
+
+class ServingLLM:
+    """The cached LLM a refiner serves: its next-token distribution for batches of contexts."""
+
+    def __init__(self, config: dict[str, Any], folder: Path) -> None:
+        self.config, self.folder = config, folder
+        self.llm = LLMRefiner(pretrained=str(folder)).eval()
+        self.tokenizer = self.llm.tokenizer
 
     @torch.no_grad()
     def q_fn(self, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The LLM's next-token distribution after each context (what the refiner service calls)."""
         return self.llm.q_probs({"input_ids": input_ids, "attention_mask": mask, "last_index": last})
 
+
+def load_slm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, top_k: int | None = None,
+             progress: bool = True) -> DraftingSLM:
+    """The SLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
+    cfg = _fit_config(config, data_overrides)
+    return DraftingSLM(cfg, get_or_train("slm", cfg, progress=progress), top_k)
+
+
+def load_llm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, progress: bool = True) -> ServingLLM:
+    """The LLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
+    cfg = _fit_config(config, data_overrides)
+    return ServingLLM(cfg, get_or_train("llm", cfg, progress=progress))
+
+
+class HybridModels:
+    """Both cached models of a run in one process (a simulation), and the static-threshold calibration."""
+
+    def __init__(self, slm_config: str | Path, llm_config: str | Path, *, data_overrides: dict[str, Any] | None = None,
+                 top_k: int | None = None, progress: bool = True) -> None:
+        self.drafting = load_slm(slm_config, data_overrides=data_overrides, top_k=top_k, progress=progress)
+        self.serving = load_llm(llm_config, data_overrides=data_overrides, progress=progress)
+        self.configs = {"slm": self.drafting.config, "llm": self.serving.config}
+        self.folders = {"slm": self.drafting.folder, "llm": self.serving.folder}
+        split_keys = ("source", "path", "seed", "limit", "fractions", "synthetic_size")
+        slm_data, llm_data = self.configs["slm"]["data"], self.configs["llm"]["data"]
+        if any(slm_data.get(k) != llm_data.get(k) for k in split_keys):
+            log.warning("the SLM and LLM configs split the data differently (%s vs %s): the LLM may have seen "
+                        "test inputs", {k: slm_data.get(k) for k in split_keys}, {k: llm_data.get(k) for k in split_keys})
+        self.slm, self.llm = self.drafting.slm, self.serving.llm
+        self.tokenizer = self.drafting.tokenizer
+        self.class_of = self.drafting.class_of
+        self.draft = self.drafting.draft
+        self.q_fn = self.serving.q_fn
+        self._calib_beta: dict[tuple, np.ndarray] = {}  # (uids, mode) -> beta: a lambda sweep asks again and again
+
     @torch.no_grad()
-    def llm_verdicts(self, drafts: Sequence[TokenInput], mode: VerifyMode = "greedy", batch_size: int = 64
+    def llm_verdicts(self, drafts: Sequence[TokenInput], mode: VerifyMode, batch_size: int = 64
                      ) -> tuple[np.ndarray, np.ndarray]:
         """In-process verification of drafts, by the service's own path: (beta, final class) per input."""
         betas, finals = [], []
@@ -133,7 +175,7 @@ class HybridModels:
             finals.extend(self.class_of(int(t)) for t in v.token)
         return np.concatenate(betas) if betas else np.zeros(0), np.array(finals)
 
-    def static_threshold(self, calib: Sequence[TokenInput], lam: float, mode: str = "greedy") -> dict[str, float]:
+    def static_threshold(self, calib: Sequence[TokenInput], lam: float, mode: VerifyMode) -> dict[str, float]:
         """U-HLM's threshold: fit beta = a u + b on the calibration split, tau = (lam - b) / a."""
         key = (tuple(d.uid for d in calib), mode)
         if key not in self._calib_beta:

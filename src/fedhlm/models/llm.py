@@ -1,10 +1,10 @@
-"""LLMRefiner: the server's model - fine-tuned like the SLM, then verifies and classifies what clients send.
+"""LLMRefiner: the server's model - fine-tuned like the SLM, then classifies and verifies what clients send.
 
-Verification of one-token classification is a single batched forward over the prompts
-followed by :func:`fedhlm.maths.speculative.verify_batch`. Multi-token generation keeps one
-KV cache per session (a bounded LRU of ``session_id -> past keys/values``): a client
-sends only the tokens added since its last contact, so a verification encodes those few
-tokens, never the whole prefix again.
+One-token requests (classification) are verified by :func:`fedhlm.maths.verification.verify_drafts`
+over :meth:`LLMRefiner.q_probs`, the one verification path the LLM service and the
+calibration share. Multi-token generation keeps one KV cache per session (a bounded LRU of
+``session_id -> past keys/values``): a client sends only the tokens added since its last
+contact, so a verification encodes those few tokens, never the whole prefix again.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from fedhlm.models.classifier import Batch, NextTokenClassifier
 from fedhlm.models.backbone import cache_length, extend_cache, next_token_logits
-from fedhlm.maths.speculative import Verdicts, VerifyMode, verify, verify_batch
+from fedhlm.maths.speculative import VerifyMode, verify
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ class LLMRefiner(NextTokenClassifier):
 
     Args (besides those of :class:`~fedhlm.models.classifier.NextTokenClassifier`, whose
     defaults here are the pretrained MiniLM and a fine-tuning learning rate):
-        verify_mode: "sample" (speculative sampling, output distributed as q) or
-            "greedy" (keep the draft iff it is the LLM's argmax, else the argmax).
         max_sessions: KV caches kept; the least recently used is evicted beyond this.
     """
 
@@ -61,7 +59,6 @@ class LLMRefiner(NextTokenClassifier):
         weight_decay: float = 0.01,
         warmup_steps: int = 30,
         seed: int = 0,
-        verify_mode: VerifyMode = "sample",
         max_sessions: int = 256,
     ) -> None:
         super().__init__(
@@ -72,7 +69,6 @@ class LLMRefiner(NextTokenClassifier):
         self.save_hyperparameters()
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        self.verify_mode: VerifyMode = verify_mode
         self.max_sessions = max_sessions
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.generator = torch.Generator().manual_seed(seed)
@@ -83,21 +79,6 @@ class LLMRefiner(NextTokenClassifier):
         """The LLM's next-token distribution [B, V] after each prompt."""
         with self.serving():
             return torch.softmax(self.next_logits(batch).float(), dim=-1)
-
-    @torch.no_grad()
-    def verify(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[Verdicts, torch.Tensor]:
-        """Verify B drafts against their prompts in one forward.
-
-        ``batch``: the prompt tensors (input_ids, attention_mask, last_index) plus the
-        client's upload: topk_ids [B, k], topk_probs [B, k], tail_mass [B], draft_token [B].
-        Returns the verdicts and the class of each final token (-1: not a verbaliser).
-        """
-        q = self.q_probs(batch)
-        verdicts = verify_batch(
-            batch["topk_ids"].to(q.device), batch["topk_probs"].to(q.device), batch["tail_mass"].to(q.device),
-            q, batch["draft_token"].to(q.device), generator=generator or self._cpu_generator(q), mode=self.verify_mode,
-        )
-        return verdicts, self.class_of_token(verdicts.token)
 
     def _cpu_generator(self, like: torch.Tensor) -> torch.Generator | None:
         return self.generator if like.device.type == "cpu" else None
@@ -149,8 +130,13 @@ class LLMRefiner(NextTokenClassifier):
         tail_mass: float | torch.Tensor | None,
         draft_token: int,
         generator: torch.Generator | None = None,
+        *,
+        mode: VerifyMode,
     ) -> tuple[bool, int, float, float]:
         """Verify one drafted token of a generation: (accepted, final_token, beta, q(draft)).
+
+        ``mode``: "sample" (speculative sampling, the output distributed as q) or "greedy"
+        (keep the draft iff it is the LLM's argmax, else the argmax).
 
         The final token is *not* appended to the session: the client sends it back as the
         first of its next new tokens, so the refiner only ever holds confirmed tokens.
@@ -158,7 +144,7 @@ class LLMRefiner(NextTokenClassifier):
         q = self.session_q(session_id, token_ids, start)
         return verify(
             topk_ids.to(q.device), topk_probs.to(q.device), tail_mass, q, draft_token,
-            generator=generator or self._cpu_generator(q), mode=self.verify_mode,
+            generator=generator or self._cpu_generator(q), mode=mode,
         )
 
     def end_session(self, session_id: str) -> bool:

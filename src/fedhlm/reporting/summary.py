@@ -7,57 +7,25 @@ percentiles) is tested without a broker or a model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-ROUTES = ("local", "peer", "llm")
-BYTE_KINDS = ("llm", "p2p", "fl")
+from fedhlm.core.records import BYTE_KINDS, ROUTES, ByteCounts, RoutedToken
+
+__all__ = ["BYTE_KINDS", "ROUTES", "ByteCounts", "TokenRecord", "check_consistency", "per_round", "percentile", "summarise"]
+
 
 
 @dataclass(frozen=True)
-class TokenRecord:
-    """One routed token: where it was resolved and what it cost."""
+class TokenRecord(RoutedToken):
+    """A routed token with the ground truth the client never saw (-1 when unknown): one report row."""
 
-    client_id: str
-    round: int
-    uid: int
-    label: int  # ground-truth class (-1 when unknown)
-    draft: int  # the SLM's class
-    final: int  # the class the client ended with
-    route: str  # local | peer | llm
-    reason: str = ""  # uncertain | exploration | audit | fallback ('' for plain local)
-    latency_ms: float = 0.0
-    llm_final: int | None = None  # the LLM's answer where it was asked (audits, exploration)
-    peer_token: int | None = None  # the reused answer on a peer hit
+    label: int = -1
 
-    def __post_init__(self) -> None:
-        if self.route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {self.route!r}")
-
-
-@dataclass
-class ByteCounts:
-    """Bytes seen at the clients' endpoints: uplink = published, downlink = received."""
-
-    uplink: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
-    downlink: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
-    messages_up: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
-
-    def add(self, other: "ByteCounts") -> None:
-        for kind in BYTE_KINDS:
-            self.uplink[kind] += other.uplink.get(kind, 0)
-            self.downlink[kind] += other.downlink.get(kind, 0)
-            self.messages_up[kind] += other.messages_up.get(kind, 0)
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "uplink": sum(self.uplink.values()),
-            "downlink": sum(self.downlink.values()),
-            **{kind: self.uplink[kind] + self.downlink[kind] for kind in BYTE_KINDS},
-            "uplink_by_kind": dict(self.uplink),
-            "downlink_by_kind": dict(self.downlink),
-        }
+    @classmethod
+    def labelled(cls, token: RoutedToken, label: int) -> "TokenRecord":
+        return cls(**{f.name: getattr(token, f.name) for f in fields(RoutedToken)}, label=int(label))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.core.aggregation import Params, WeightedParams, check_params
+from fedhlm.core.aggregation import Aggregator, Params, WeightedParams, check_params, fedavg
 from fedhlm.core.rounds import RoundCollector, ServerState, load_state, save_state
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Inbound
@@ -42,8 +42,7 @@ class RoundAggregator:
         *,
         quorum: float = 0.75,
         deadline_s: float = 20.0,
-        method: str = "fedavg",
-        trim_fraction: float = 0.2,
+        aggregator: Aggregator = fedavg,
         checkpoint: str | Path | None = None,
         max_abs: float = 1e3,
         tick_s: float = 0.02,
@@ -52,8 +51,7 @@ class RoundAggregator:
         self.id = role_id
         self.params: Params = {k: np.asarray(v, np.float32) for k, v in initial_params.items()}
         self.num_samples = 0
-        self.method = method
-        self.trim_fraction = trim_fraction
+        self.aggregator = aggregator  # bound once by the configuration (`make_aggregator`)
         self.max_abs = max_abs
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.collector = RoundCollector(set(participants), quorum=quorum, deadline_s=deadline_s,
@@ -151,7 +149,7 @@ class RoundAggregator:
             if not (c.ready(now) or starving or self._present_reported()):
                 return False
             round_ = c.round
-            params, samples, who = c.close(now, self.method, self.trim_fraction)
+            params, samples, who = c.close(now, self.aggregator)
         if params is not None:
             self.params, self.num_samples = params, samples
         self.history.append({"round": round_, "participants": who, "samples": samples,

@@ -6,7 +6,6 @@ over MQTT, exactly as it would as its own process on another host (`fedhlm clien
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedhlm.core.aggregation import Params
-from fedhlm.reporting.summary import ByteCounts, TokenRecord
-from fedhlm.roles.client import Client, ClientSettings, TokenInput, as_routing_head
+from fedhlm.core.aggregation import Params, make_aggregator
+from fedhlm.core.policies import policy_class
+from fedhlm.core.records import ByteCounts, Drafter, RoutedToken
+from fedhlm.core.settings import ClientSettings
+from fedhlm.maths.verification import QFunction
+from fedhlm.roles.client import Client, RoutingHead
 from fedhlm.roles.cloud import CloudServer
 from fedhlm.roles.edge import EdgeServer
-from fedhlm.roles.llm_service import LLMService, QFunction
+from fedhlm.roles.llm_service import LLMService
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.network import Network, OwnThreads, SharedLoop
@@ -29,25 +31,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DeploymentSpec:
-    """Who runs, where, and with what settings."""
+    """Who runs, where, and with what settings: the client template's sections are the deployment's too
+    (the edges' quorum and deadline, the aggregation, the verification mode), so they are set once."""
 
     assignment: dict[str, str]  # client id -> edge id
     client: ClientSettings  # template; client_id / edge_id are filled per client
-    head_factory: Callable[[], Any]  # a ThresholdHead, or any RoutingHead (e.g. a TorchHead with its fit engine)
+    head_factory: Callable[[], RoutingHead]  # a fresh head per client (e.g. a TorchHead with its fit engine)
     q_fn: QFunction
     class_of: Callable[[int], int]
-    verify_mode: str = "greedy"
+    drafter: Drafter | None = None  # the clients' SLM (one model instance; each client drafts its own inputs)
     pad_id: int = 0
     embedding_dim: int = 384
-    quorum: float = 0.75
-    deadline_s: float = 20.0
-    cloud_every: int = 2
-    aggregation: str = "fedavg"
-    trim_fraction: float = 0.2
     checkpoint_dir: Path | None = None
     llm_workers: int = 1
-    seed: int = 0
-    client_overrides: dict[str, dict] = field(default_factory=dict)  # client id -> settings to change
+    client_overrides: dict[str, dict] = field(default_factory=dict)  # client id -> `ClientSettings.with_changes`
     # clients share one network thread and a few handler threads, as on a gateway; False: two threads each
     shared_network: bool = True
     handler_threads: int = 8
@@ -58,11 +55,11 @@ class DeploymentSpec:
 
     @property
     def federated(self) -> bool:
-        return self.client.policy == "learned"
+        return policy_class(self.client.policy).federated
 
     @property
     def neighbour_p2p(self) -> bool:
-        return self.client.p2p and self.client.p2p_scope == "neighbours"
+        return self.client.p2p.asks_neighbours
 
 
 class Deployment:
@@ -79,7 +76,7 @@ class Deployment:
         self._network: Network | None = None
 
     def initial_params(self) -> Params:
-        return as_routing_head(self.spec.head_factory()).params()
+        return self.spec.head_factory().params()
 
     def start(self) -> "Deployment":
         """Start every role; if one fails, stop the ones already running and re-raise."""
@@ -91,33 +88,33 @@ class Deployment:
 
     def _start(self) -> "Deployment":
         spec = self.spec
+        fed, seed = spec.client.federation, spec.client.seed
         for i in range(spec.llm_workers):
-            worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.verify_mode,
-                                pad_id=spec.pad_id, seed=spec.seed + i)
+            worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.client.routing.verify,
+                                pad_id=spec.pad_id, seed=seed + i)
             self.llm.append(worker.start())
         if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
             init = self.initial_params()
             ckpt = spec.checkpoint_dir
+            aggregator = make_aggregator(fed.aggregation, fed.trim_fraction)
             self.cloud = CloudServer(
-                "cloud", self.address("cloud"), spec.edges, init, quorum=1.0, deadline_s=spec.deadline_s,
-                method=spec.aggregation, trim_fraction=spec.trim_fraction,
-                checkpoint=ckpt / "cloud.json" if ckpt else None,
+                "cloud", self.address("cloud"), spec.edges, init, quorum=1.0, deadline_s=fed.round_deadline_s,
+                aggregator=aggregator, checkpoint=ckpt / "cloud.json" if ckpt else None,
             ).start()
             for edge in spec.edges:
                 members = [c for c, e in spec.assignment.items() if e == edge]
-                neighbours = [e for e in spec.edges if e != edge] if spec.client.p2p_scope == "neighbours" else []
+                neighbours = [e for e in spec.edges if e != edge] if spec.neighbour_p2p else []
                 self.edges[edge] = EdgeServer(
-                    edge, self.address(edge), members, init, quorum=spec.quorum, deadline_s=spec.deadline_s,
-                    method=spec.aggregation, trim_fraction=spec.trim_fraction, cloud_every=spec.cloud_every,
-                    global_wait_s=3 * spec.deadline_s, neighbours=neighbours,
+                    edge, self.address(edge), members, init, quorum=fed.quorum, deadline_s=fed.round_deadline_s,
+                    aggregator=aggregator, cloud_every=fed.cloud_every,
+                    global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours,
                     checkpoint=ckpt / f"{edge}.json" if ckpt else None,
                 ).start()
         self._network = SharedLoop(spec.handler_threads, name="clients") if spec.shared_network else OwnThreads()
         for cid, edge in spec.assignment.items():
-            settings = dataclasses.replace(spec.client, client_id=cid, edge_id=edge,
-                                           **spec.client_overrides.get(cid, {}))
+            settings = spec.client.with_changes(client_id=cid, edge_id=edge, **spec.client_overrides.get(cid, {}))
             client = Client(settings, self.address(cid), spec.head_factory(), spec.class_of, spec.embedding_dim,
-                            network=self._network)
+                            drafter=spec.drafter, network=self._network)
             self.clients[cid] = client
         # every client starts connecting at once; the broker takes them in turn (a thousand take seconds)
         timeout_s = max(10.0, 0.05 * len(self.clients))
@@ -128,15 +125,17 @@ class Deployment:
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="client")
         return self
 
-    def run_round(self, round_: int, inputs: dict[str, Sequence[TokenInput]], slm_ms: float = 0.0,
-                  skip: set[str] | None = None) -> list[TokenRecord]:
-        """Every client routes its inputs of this round, then (if federated) trains and syncs its head."""
+    def run_round(self, round_: int, items: dict[str, Sequence[Any]], skip: set[str] | None = None
+                  ) -> list[RoutedToken]:
+        """Every client serves its items of this round (its own SLM drafts them), then, if federated, trains and
+        syncs its head. Items may also be ready `TokenInput`s when the deployment has no drafter."""
         assert self._pool is not None, "start() first"
         skip = skip or set()
 
-        def one(cid: str) -> list[TokenRecord]:
+        def one(cid: str) -> list[RoutedToken]:
             client = self.clients[cid]
-            records = client.run_round(round_, inputs.get(cid, []), slm_ms)
+            mine = items.get(cid, [])
+            records = client.serve_round(round_, mine) if client.drafter is not None else client.run_round(round_, mine)
             if self.spec.federated:
                 client.finish_round(round_)
             return records

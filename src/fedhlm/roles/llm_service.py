@@ -42,8 +42,8 @@ class LLMService:
         address: BrokerAddress,
         q_fn: QFunction,
         *,
+        mode: VerifyMode,  # the config's routing.verify: the one default lives there
         group: str = "llm",
-        mode: VerifyMode = "greedy",
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         pad_id: int = 0,

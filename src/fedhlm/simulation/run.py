@@ -8,18 +8,23 @@ retained model or queued message of one method leaks into the next.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedhlm.core.records import TokenInput
+from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
 from fedhlm.simulation.config import SimConfig
+from fedhlm.simulation.methods import METHODS, Method
 
 log = logging.getLogger("fedhlm.simulation.run")
 
@@ -40,55 +45,86 @@ def plan_rounds(parts: Sequence[Sequence[int]], ids: Sequence[str], rounds: int)
     return plan
 
 
+@dataclass
+class ClientPlan:
+    """Which test items each client gets in each round, and which edge each client belongs to."""
+
+    rounds: list[dict[str, list[int]]]  # per round: client id -> indices into Prepared.items
+    assignment: dict[str, str]  # client id -> edge id
+    label_histograms: list[list[int]]
+
+
+@dataclass
+class Prepared:
+    """Everything the methods of one run share: the models, the test items, the calibration drafts, the plan."""
+
+    source: str
+    models: Any  # models.hybrid.HybridModels
+    items: list[Any]  # the test NewsItems, in plan order
+    calib: list[TokenInput]  # the calibration split drafted centrally (U-HLM's fit)
+    split_sizes: dict[str, int]
+    embedder: Any | None  # models.embedder.ContextEmbedder for the P2P methods
+    plan: ClientPlan | None = None
+    init_tau: float = UNCALIBRATED_TAU
+
+    @property
+    def embedder_name(self) -> str:
+        return self.embedder.name if self.embedder is not None else "none"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedder.dim if self.embedder is not None else 384
+
+    def label_of(self) -> dict[int, int]:
+        return {item.uid: item.label for item in self.items}
+
+
+def client_settings(cfg: SimConfig, method: Method, prep: Prepared, *, lam: float | None = None,
+                    delta: float | None = None, static_tau: float = UNCALIBRATED_TAU) -> ClientSettings:
+    """The clients' settings of one method: the config's sections, with the method's policy and peers."""
+    routing = cfg.routing if lam is None else dataclasses.replace(cfg.routing, lam=lam)
+    p2p = dataclasses.replace(cfg.p2p, enabled=method.p2p, delta=cfg.p2p.delta if delta is None else delta)
+    return ClientSettings.from_config(cfg, client_id="-", edge_id="-", policy=method.policy, static_tau=static_tau,
+                                      routing=routing, p2p=p2p, embedder_name=prep.embedder_name)
+
+
 # ---- one method -------------------------------------------------------------------------------------
-def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p2p: bool, lam: float | None = None,
-               delta: float | None = None, static_tau: float = 0.5, progress=None) -> dict[str, Any]:
+def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | None = None,
+               delta: float | None = None, static_tau: float = UNCALIBRATED_TAU, progress=None) -> dict[str, Any]:
     """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
-    from fedhlm.transport.broker import LocalBroker
-    from fedhlm.roles.deployment import Deployment, DeploymentSpec
+    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.drafter import SLMDrafter
     from fedhlm.models.head_fit import TorchHead
     from fedhlm.reporting.summary import TokenRecord
-    from fedhlm.roles.client import ClientSettings
-    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.roles.deployment import Deployment, DeploymentSpec
     from fedhlm.transport.address import BrokerAddress
+    from fedhlm.transport.broker import LocalBroker
 
-    models, inputs, plan, assignment = ctx["models"], ctx["inputs"], ctx["plan"], ctx["assignment"]
-    slm_ms = ctx["slm_ms"]
-    lam = cfg.routing.lam if lam is None else lam
-    delta = cfg.p2p.delta if delta is None else delta
-    if policy == "never":  # the SLM alone: nothing to send, no broker needed
+    assert prep.plan is not None, "plan the clients first"
+    models, plan, label_of = prep.models, prep.plan, prep.label_of()
+    drafter = SLMDrafter(models.drafting, prep.embedder if method.p2p else None)
+    settings = client_settings(cfg, method, prep, lam=lam, delta=delta, static_tau=static_tau)
+    if not method.needs_network:  # the SLM alone: each client drafts and keeps its tokens, nothing is sent
         records = []
-        for r, by_client in enumerate(plan):
+        for r, by_client in enumerate(plan.rounds):
             for cid, idx in by_client.items():
-                for i in idx:
-                    d = inputs[i]
+                drafted = drafter.draft([prep.items[i] for i in idx])
+                for d in drafted.inputs:
                     c = models.class_of(d.draft_token)
-                    records.append(TokenRecord(cid, r, d.uid, d.label, c, c, "local", latency_ms=slm_ms))
+                    records.append(TokenRecord(cid, r, d.uid, c, c, "local", latency_ms=drafted.ms_per_token,
+                                               label=label_of[d.uid]))
             if progress is not None:
                 progress.update(1)
         return {"records": records, "bytes": None, "federated": None, "dep": None}
 
-    settings = ClientSettings(
-        client_id="-", edge_id="-", policy=policy, static_tau=static_tau, exploration=cfg.routing.exploration,
-        importance_weights=cfg.routing.importance_weights,
-        lam=lam, local_steps=cfg.routing.local_steps, lr=cfg.routing.lr, optimizer=cfg.routing.optimizer,
-        lr_decay=cfg.routing.lr_decay, llm_timeout_s=cfg.routing.llm_timeout_s,
-        llm_retries=cfg.routing.llm_retries, noise_std=cfg.routing.noise_std,
-        round_wait_s=2 * cfg.federation.round_deadline_s, personalise=cfg.federation.personalise,
-        p2p=p2p, delta=delta, p2p_deadline_s=cfg.p2p.deadline_ms / 1000.0, p2p_scope=cfg.p2p.scope,
-        audit=cfg.p2p.audit, embedder_name=ctx["embedder_name"], cache_entries=cfg.p2p.cache_entries,
-        cache_ttl_s=cfg.p2p.ttl_s, seed=cfg.seed,
-    )
     spec = DeploymentSpec(
-        assignment=assignment, client=settings,
-        head_factory=lambda: TorchHead(ThresholdHead(tau=ctx["init_tau"], temperature=cfg.routing.temperature),
+        assignment=plan.assignment, client=settings,
+        head_factory=lambda: TorchHead(ThresholdHead(tau=prep.init_tau, temperature=cfg.routing.temperature),
                                        engine=cfg.routing.fit_engine),
-        q_fn=models.q_fn, class_of=models.class_of, verify_mode=cfg.routing.verify,
-        pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=ctx["embedding_dim"],
-        quorum=cfg.federation.quorum, deadline_s=cfg.federation.round_deadline_s,
-        cloud_every=cfg.federation.cloud_every, aggregation=cfg.federation.aggregation, seed=cfg.seed,
+        q_fn=models.q_fn, class_of=models.class_of, drafter=drafter,
+        pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=prep.embedding_dim,
     )
-    users = {**{c: "client" for c in assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
+    users = {**{c: "client" for c in plan.assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
              "llm": "llm", "admin": "admin"}
     if cfg.broker:  # one account for every role, each under its own client id; no stale models from a last run
         base = BrokerAddress.from_url(cfg.broker)
@@ -105,14 +141,14 @@ def run_method(name: str, cfg: SimConfig, ctx: dict[str, Any], *, policy: str, p
         dep = Deployment(spec, address).start()
         phases["start_s"] = time.perf_counter() - started
         try:
-            for r, by_client in enumerate(plan):
-                round_inputs = {cid: [inputs[i] for i in idx] for cid, idx in by_client.items()}
-                records.extend(dep.run_round(r, round_inputs, slm_ms))
+            for r, by_client in enumerate(plan.rounds):
+                round_items = {cid: [prep.items[i] for i in idx] for cid, idx in by_client.items()}
+                records.extend(TokenRecord.labelled(t, label_of[t.uid]) for t in dep.run_round(r, round_items))
                 if spec.federated:
                     fed_rounds.append(federated_round(dep, r))
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix_str(f"{name} r{r} llm={sum(1 for t in records if t.route == 'llm')}")
+                    progress.set_postfix_str(f"{method.name} r{r} llm={sum(1 for t in records if t.route == 'llm')}")
         finally:
             phases["rounds_s"] = time.perf_counter() - started - phases["start_s"]
             counts = dep.byte_counts()
@@ -207,19 +243,18 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
-def prepare(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
-    """Data, models, drafts, partition and clusters: everything the methods share."""
-    ctx = prepare_inputs(cfg, progress)
-    ctx.update(plan_clients(cfg, ctx["inputs"]))
-    return ctx
+def prepare(cfg: SimConfig, progress: bool = True) -> Prepared:
+    """Data, models, calibration, partition and clusters: everything the methods share."""
+    prep = prepare_inputs(cfg, progress)
+    prep.plan = plan_clients(cfg, prep.items)
+    return prep
 
 
-def prepare_inputs(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
-    """The models, the test inputs drafted by the SLM (batched, timed) and the calibration drafts."""
-    from fedhlm.data import stratified_subset
+def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
+    """The models, the test items (each client drafts its own later) and the calibration split's drafts."""
     from fedhlm.data.module import NewsDataModule
     from fedhlm.models.embedder import ContextEmbedder
-    from fedhlm.models.hybrid import HybridModels, context_texts
+    from fedhlm.models.hybrid import HybridModels
 
     data_overrides = {"source": cfg.data.source, "path": cfg.data.path}
     models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=data_overrides, top_k=cfg.routing.top_k,
@@ -227,34 +262,37 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> dict[str, Any]:
     # the SLM's own data module gives the split it was trained on: the test inputs are held out
     datamodule = NewsDataModule(**models.configs["slm"]["data"])
     datamodule.setup()
-    source_name, splits = datamodule.source_name, datamodule.splits
+    splits = datamodule.splits
+    test = test_items(cfg, splits)
+    wants_peers = any(METHODS[m].p2p for m in cfg.methods) or bool(cfg.delta_sweep)
+    return Prepared(source=datamodule.source_name, models=models, items=test,
+                    calib=models.draft(list(splits.calib)).inputs, split_sizes=splits.sizes(),
+                    embedder=ContextEmbedder() if wants_peers else None)
+
+
+def test_items(cfg: SimConfig, splits: Any) -> list[Any]:
+    """The test articles a run spreads over its clients: `data.inputs` of them, stratified (0 = all)."""
+    from fedhlm.data import stratified_subset
+
     test = list(splits.test)
     if cfg.data.inputs and cfg.data.inputs < len(test):
         test = stratified_subset(test, cfg.data.inputs, seed=cfg.seed)
-    embedder = ContextEmbedder() if "fedhlm" in cfg.methods or cfg.delta_sweep else None
-    embeddings = embedder.encode(context_texts(test)) if embedder is not None else None
-    drafts = models.draft(test, embeddings)
-    return {
-        "source": source_name, "models": models, "inputs": drafts.inputs, "slm_ms": drafts.ms_per_token,
-        "calib": models.draft(list(splits.calib)).inputs, "split_sizes": splits.sizes(),
-        "embedder_name": embedder.name if embedder else "none", "embedding_dim": embedder.dim if embedder else 384,
-    }
+    return test
 
 
-def plan_clients(cfg: SimConfig, inputs: Sequence[Any]) -> dict[str, Any]:
-    """Share the inputs among the clients (IID or Dirichlet), cluster the clients onto edges, cut rounds."""
-    from fedhlm.simulation.clustering import assign_clients
+def plan_clients(cfg: SimConfig, items: Sequence[Any]) -> ClientPlan:
+    """Share the items among the clients (IID or Dirichlet), cluster the clients onto edges, cut rounds."""
     from fedhlm.data import label_histograms, partition
+    from fedhlm.simulation.clustering import assign_clients
 
     ids = client_ids(cfg.federation.clients)
-    labels = [d.label for d in inputs]
+    labels = [d.label for d in items]
     parts = partition(labels, len(ids), alpha=cfg.data.alpha, seed=cfg.seed)
     hist = label_histograms(labels, parts)
     profiles = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     assignment = assign_clients(ids, cfg.federation.edges, cfg.federation.clustering, profiles=profiles,
                                 given=cfg.federation.assignment, seed=cfg.seed)
-    return {"plan": plan_rounds(parts, ids, cfg.federation.rounds), "assignment": assignment,
-            "label_histograms": hist.tolist()}
+    return ClientPlan(plan_rounds(parts, ids, cfg.federation.rounds), assignment, hist.tolist())
 
 
 def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
@@ -273,37 +311,33 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["config"]["broker"] = redact(report["config"]["broker"])
     try:
         print("[fedhlm] preparing data and models ...", flush=True)
-        ctx = prepare(cfg, progress=show_progress)
-        report["data"] = {"source": ctx["source"], "test_inputs": len(ctx["inputs"]), "splits": ctx["split_sizes"],
-                          "label_histograms": ctx["label_histograms"], "assignment": ctx["assignment"]}
-        if ctx["source"] == "synthetic":
+        prep = prepare(cfg, progress=show_progress)
+        report["data"] = {"source": prep.source, "test_inputs": len(prep.items), "splits": prep.split_sizes,
+                          "label_histograms": prep.plan.label_histograms, "assignment": prep.plan.assignment}
+        if prep.source == "synthetic":
             print("[fedhlm] WARNING: AG News not found; running on the GENERATED synthetic corpus", flush=True)
             report["data"]["warning"] = "AG News not found: results are on the generated synthetic corpus"
-        report["models"] = {k: str(v) for k, v in ctx["models"].folders.items()}
-        report["slm_ms_per_token"] = ctx["slm_ms"]
-        static = ctx["models"].static_threshold(ctx["calib"], cfg.routing.lam, cfg.routing.verify)
+        report["models"] = {k: str(v) for k, v in prep.models.folders.items()}
+        static = prep.models.static_threshold(prep.calib, cfg.routing.lam, cfg.routing.verify)
         report["static_hlm"] = static
-        ctx["init_tau"] = static["tau"] if cfg.routing.init_tau is None else cfg.routing.init_tau
-        runs = {
-            "slm_only": dict(policy="never", p2p=False),
-            "llm_only": dict(policy="always", p2p=False),
-            "static_hlm": dict(policy="static", p2p=False, static_tau=static["tau"]),
-            "fedhlm_no_p2p": dict(policy="learned", p2p=False),
-            "fedhlm": dict(policy="learned", p2p=True),
-        }
+        prep.init_tau = static["tau"] if cfg.routing.init_tau is None else cfg.routing.init_tau
         steps = cfg.federation.rounds * (len(cfg.methods) + 2 * len(cfg.lambda_sweep) + len(cfg.delta_sweep))
         bar = tqdm(total=steps, desc="rounds", unit="round", disable=not show_progress)
         results = {}
         for name in cfg.methods:
-            result = run_method(name, cfg, ctx, progress=bar, **runs[name])
+            method = METHODS[name]
+            tau = static["tau"] if method.calibrated else UNCALIBRATED_TAU
+            result = run_method(method, cfg, prep, static_tau=tau, progress=bar)
             results[name] = result
             report["methods"][name] = method_entry(result)
             report["rounds"]["by_method"][name] = per_round(result["records"])
+        if "slm_only" in results:  # each client's own SLM batch, per token
+            report["slm_ms_per_token"] = float(np.mean([t.latency_ms for t in results["slm_only"]["records"]]))
         if "fedhlm" in results or "fedhlm_no_p2p" in results:
             fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
             report["federated"] = federated_section(results[fed_name], cfg)
-        report["lambda_sweep"] = lambda_sweep(cfg, ctx, bar) if cfg.lambda_sweep else {}
-        report["delta_sweep"] = delta_sweep(cfg, ctx, bar) if cfg.delta_sweep else []
+        report["lambda_sweep"] = lambda_sweep(cfg, prep, bar) if cfg.lambda_sweep else {}
+        report["delta_sweep"] = delta_sweep(cfg, prep, bar) if cfg.delta_sweep else []
         bar.close()
         report["consistency_problems"] = check_consistency(report["methods"])
         report["targets"] = targets(report)
@@ -354,23 +388,22 @@ def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
     return section
 
 
-def lambda_sweep(cfg: SimConfig, ctx: dict[str, Any], bar) -> dict[str, list[dict[str, float]]]:
+def lambda_sweep(cfg: SimConfig, prep: Prepared, bar) -> dict[str, list[dict[str, float]]]:
     """Accuracy vs LLM share for each lambda: FedHLM (no P2P, to isolate the threshold) and the static HLM."""
     out: dict[str, list[dict[str, float]]] = {"fedhlm_no_p2p": [], "static_hlm": []}
     for lam in cfg.lambda_sweep:
-        res = method_entry(run_method("fedhlm_no_p2p", cfg, ctx, policy="learned", p2p=False, lam=lam, progress=bar))
+        res = method_entry(run_method(METHODS["fedhlm_no_p2p"], cfg, prep, lam=lam, progress=bar))
         out["fedhlm_no_p2p"].append({"lambda": lam, "accuracy": res["accuracy"], "llm_share": res["llm_share"]})
-        tau = ctx["models"].static_threshold(ctx["calib"], lam, cfg.routing.verify)["tau"]
-        res = method_entry(run_method("static_hlm", cfg, ctx, policy="static", p2p=False, static_tau=tau,
-                                      progress=bar))
+        tau = prep.models.static_threshold(prep.calib, lam, cfg.routing.verify)["tau"]
+        res = method_entry(run_method(METHODS["static_hlm"], cfg, prep, static_tau=tau, progress=bar))
         out["static_hlm"].append({"lambda": lam, "tau": tau, "accuracy": res["accuracy"], "llm_share": res["llm_share"]})
     return out
 
 
-def delta_sweep(cfg: SimConfig, ctx: dict[str, Any], bar) -> list[dict[str, Any]]:
+def delta_sweep(cfg: SimConfig, prep: Prepared, bar) -> list[dict[str, Any]]:
     points = []
     for delta in cfg.delta_sweep:
-        res = method_entry(run_method("fedhlm", cfg, ctx, policy="learned", p2p=True, delta=delta, progress=bar))
+        res = method_entry(run_method(METHODS["fedhlm"], cfg, prep, delta=delta, progress=bar))
         peer = res["peer"]
         points.append({"delta": delta, "hit_rate": peer.get("hit_rate") or 0.0,
                        "wrong_reuse_rate": peer.get("wrong_reuse_rate"), "audited": peer["audited"],

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedhlm.core.wire import SCHEMA_VERSION
 from fedhlm.transport import topics
 from fedhlm.transport.messages import (
     MESSAGE_TYPES,
@@ -34,7 +35,6 @@ from fedhlm.transport.messages import (
     TokenRequest,
 )
 
-SCHEMA_VERSION = 1
 # Mosquitto refuses packets over 256 KiB (broker/mosquitto.conf); keep 1 KiB for topic and properties.
 MAX_PAYLOAD_BYTES = 255 * 1024
 

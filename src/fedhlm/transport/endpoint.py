@@ -7,6 +7,11 @@ Subscriptions live in the endpoint and are (re)made in `on_connect`, so a reconn
 broker restart restores them; a persistent session (`persistent=True`) also keeps QoS 1
 messages queued at the broker while the role is away.
 
+This module keeps the paho side: life cycle, subscriptions and publishing. What any transport
+shares lives beside it: `counters` (TrafficStats), `correlation` (request/reply ids, late
+replies), `dispatch` (the receive path, Inbound) and `drivers` (own network thread or a
+shared NetworkLoop, chosen once at construction).
+
     ep = Endpoint(address, persistent=True)
     ep.subscribe(topics.edge_update_filter("e0"), on_update)
     ep.start().wait_connected()
@@ -19,11 +24,9 @@ import logging
 import socket
 import threading
 import time
-import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -33,97 +36,32 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
-from fedhlm.transport.codec import DecodeError, decode, encode, payload_type
+from fedhlm.transport.codec import encode
+from fedhlm.transport.correlation import Correlator
+from fedhlm.transport.counters import KINDS, Counters, TrafficStats
+from fedhlm.transport.dispatch import (
+    Dispatcher,
+    Handler,
+    Inbound,
+    Subscription,
+    check_filter,
+    check_qos,
+    covered,
+    first_handler,
+)
+from fedhlm.transport.drivers import make_driver
 from fedhlm.transport.messages import Message
 from fedhlm.transport.netloop import NetworkLoop
-from fedhlm.transport.serial import SerialExecutor
+
+__all__ = ["DEFAULT_SESSION_EXPIRY_S", "KINDS", "Endpoint", "Handler", "Inbound", "TrafficStats"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("llm", "p2p", "fl", "status")
 DEFAULT_SESSION_EXPIRY_S = 3600
 # CONNACK reasons that retrying cannot fix: stop the reconnect loop instead of hammering the broker
 _PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}  # bad protocol/client id/credentials, not authorized, banned, bad auth
-_FINISHED_IDS_KEPT = 10_000  # expired/answered correlation ids remembered to classify late replies
 _REFUSALS_KEPT = 1_000
 _UNACKED_PRUNE_AT = 10_000
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A received, decoded message with what a handler needs to answer it."""
-
-    topic: str
-    message: Message
-    response_topic: str | None
-    correlation_data: bytes | None
-    size: int  # payload bytes
-    retain: bool
-
-
-Handler = Callable[[Inbound], None]
-
-
-@dataclass(frozen=True)
-class TrafficStats:
-    """A snapshot of one endpoint's counters. Bytes are payload bytes (MQTT framing excluded)."""
-
-    sent_messages: dict[str, int]
-    sent_bytes: dict[str, int]
-    received_messages: dict[str, int]
-    received_bytes: dict[str, int]
-    dropped: Counter[str]  # reason -> count (decode reasons, late_reply, no_handler, not_connected, ...)
-    handler_errors: int
-    publish_refused: int  # QoS 1 publishes the broker answered with a failure reason (e.g. not authorized)
-
-
-@dataclass
-class _Counters:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    sent_messages: Counter[str] = field(default_factory=Counter)
-    sent_bytes: Counter[str] = field(default_factory=Counter)
-    received_messages: Counter[str] = field(default_factory=Counter)
-    received_bytes: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
-    handler_errors: int = 0
-    publish_refused: int = 0
-
-    def snapshot(self) -> TrafficStats:
-        def full(counter: Counter[str]) -> dict[str, int]:
-            return {kind: counter.get(kind, 0) for kind in KINDS} | {k: v for k, v in counter.items() if k not in KINDS}
-
-        with self.lock:
-            return TrafficStats(
-                full(self.sent_messages), full(self.sent_bytes), full(self.received_messages),
-                full(self.received_bytes), Counter(self.dropped), self.handler_errors, self.publish_refused,
-            )
-
-
-@dataclass
-class _Subscription:
-    handler: Handler | None  # None: replies to `request` only
-    qos: int
-    no_local: bool = False  # MQTT v5: the broker does not echo this endpoint's own publishes back
-
-
-@dataclass
-class _PendingRequest:
-    response_topic: str
-    done: threading.Event = field(default_factory=threading.Event)
-    reply: Message | None = None
-
-
-def _kind(topic: str) -> str:
-    try:
-        return topics.kind_of(topic)
-    except ValueError:
-        return "other"
-
-
-def _filter_matches(topic_filter: str, topic: str) -> bool:
-    if topic_filter.startswith("$share/"):
-        topic_filter = topic_filter.split("/", 2)[2]
-    return mqtt.topic_matches_sub(topic_filter, topic)
 
 
 class Endpoint:
@@ -174,8 +112,6 @@ class Endpoint:
             will_topic, will_message = will
             self._client.will_set(will_topic, encode(will_message), qos=1, retain=True)
         self._client.reconnect_delay_set(*reconnect_delay_s)
-        self._reconnect_delay_s = reconnect_delay_s
-        self._network_loop = network_loop
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -185,16 +121,15 @@ class Endpoint:
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # SUBACKs
-        self._subs: dict[str, _Subscription] = {}
+        self._subs: dict[str, Subscription] = {}
         self._confirmed: set[str] = set()  # filters the broker acknowledged in the current session
         self._sub_mids: dict[int, str] = {}  # SUBSCRIBE in flight: mid -> filter
         self._connect_mids: set[int] = set()  # the ones sent by on_connect (wait_connected waits for them)
         self._sub_errors: dict[str, str] = {}
-        self._pending: dict[bytes, _PendingRequest] = {}
-        self._finished: OrderedDict[bytes, str] = OrderedDict()  # correlation id -> its response topic
         self._unacked: dict[int, tuple[str, mqtt.MQTTMessageInfo]] = {}
         self._refused: OrderedDict[int, tuple[float, str]] = OrderedDict()
-        self._counters = _Counters()
+        self._counters = Counters(self.client_id, log)
+        self._requests = Correlator(self.client_id)
         self._connected = False
         self._ready = threading.Event()  # connected and on-connect subscriptions acknowledged
         self._refusal: str | None = None
@@ -203,10 +138,10 @@ class Endpoint:
         self._closed = False
         self._connects = 0  # successful CONNACKs so far
         self._connect_hooks: list[Callable[[bool], None]] = []
-        self._worker_prefix = f"fedhlm-{self.client_id}"
-        self._executor: ThreadPoolExecutor | SerialExecutor = (
-            SerialExecutor(handler_pool, name=self._worker_prefix) if handler_pool is not None
-            else ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self._worker_prefix))
+        self._driver = make_driver(f"fedhlm-{self.client_id}", workers=workers, network_loop=network_loop,
+                                   handler_pool=handler_pool, reconnect_delay_s=reconnect_delay_s)
+        self._dispatch = Dispatcher(self.client_id, self._counters, self._requests, self._driver.handlers,
+                                    self._handler_for, log)
 
     # -- life cycle ----------------------------------------------------------------
     def start(self) -> "Endpoint":
@@ -222,11 +157,7 @@ class Endpoint:
             self.address.host, self.address.port, keepalive=self._keepalive_s,
             clean_start=not self.persistent, properties=properties,
         )
-        if self._network_loop is not None:
-            self._network_loop.add(self._client, reconnect_delay_s=self._reconnect_delay_s,
-                                   should_reconnect=lambda: not self._closed and not self._refused_event.is_set())
-        else:
-            self._client.loop_start()
+        self._driver.start(self._client, lambda: not self._closed and not self._refused_event.is_set())
         log.info("%s: connecting to %s (persistent=%s)", self.client_id, self.address.public_url, self.persistent)
         return self
 
@@ -264,10 +195,7 @@ class Endpoint:
         self._closed = True
         if self._started:
             self._client.disconnect()
-            if self._network_loop is not None:
-                self._network_loop.remove(self._client, timeout_s=flush_timeout_s)
-            else:
-                self._client.loop_stop()
+            self._driver.stop(self._client, flush_timeout_s)
         self._shutdown()
         log.info("%s: closed", self.client_id)
 
@@ -276,38 +204,15 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
-        if self._network_loop is not None:
-            if self._started:
-                self._network_loop.remove(self._client, abort=True)
-            self._shutdown()
-            log.info("%s: aborted", self.client_id)
-            return
-        self._client.reconnect_delay_set(3600, 3600)  # in case the network thread sees the drop first
-        sock = self._client.socket()
-        if isinstance(sock, socket.socket):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._started:
-            self._client.loop_stop()
-        if isinstance(sock, socket.socket):
-            sock.close()
+        self._driver.abort(self._client, self._started)
         self._shutdown()
         log.info("%s: aborted", self.client_id)
 
     def _shutdown(self) -> None:
         self._connected = False
         self._ready.clear()
-        with self._lock:
-            pending = list(self._pending.values())
-        for request in pending:
-            request.done.set()  # wakes `request` (possibly inside a handler), which then sees no reply
-        if isinstance(self._executor, SerialExecutor):
-            on_worker = self._executor.in_task()
-        else:
-            on_worker = threading.current_thread().name.startswith(self._worker_prefix + "_")
-        self._executor.shutdown(wait=not on_worker, cancel_futures=True)
+        self._requests.wake_all()  # wakes `request` (possibly inside a handler), which then sees no reply
+        self._driver.handlers.shutdown()
 
     def __enter__(self) -> "Endpoint":
         return self.start()
@@ -325,11 +230,10 @@ class Endpoint:
         PermissionError if the broker refused the filter (ACL). Overlapping filters: the
         first one subscribed wins. `handler=None` subscribes for `request` replies only.
         """
-        if qos not in (0, 1):
-            raise ValueError(f"qos must be 0 or 1, got {qos}")
-        _check_filter(topic_filter)
+        check_qos(qos)
+        check_filter(topic_filter)
         with self._lock:
-            self._subs[topic_filter] = _Subscription(handler, qos, no_local)
+            self._subs[topic_filter] = Subscription(handler, qos, no_local)
             self._confirmed.discard(topic_filter)
             self._sub_errors.pop(topic_filter, None)
             if not self._connected:
@@ -376,22 +280,18 @@ class Endpoint:
 
     def clear_retained(self, topic: str, timeout_s: float = 5.0) -> None:
         """Remove the retained message of `topic` (an empty retained publish, as MQTT defines it)."""
-        _check_filter(topic, concrete=True)
+        check_filter(topic, concrete=True)
         info = self._client.publish(topic, b"", qos=1, retain=True)
         info.wait_for_publish(timeout_s)
 
     def reply(self, inbound: Inbound, message: Message, qos: int = 0) -> int:
         """Answer a request: publish to its Response Topic with its Correlation Data."""
-        if not inbound.response_topic:
-            raise ValueError(f"message on {inbound.topic!r} carries no response topic to reply to")
-        return self._publish(inbound.response_topic, message, qos, False, correlation=inbound.correlation_data)
+        return self._publish(inbound.reply_topic(), message, qos, False, correlation=inbound.correlation_data)
 
     def forward(self, topic: str, message: Message, inbound: Inbound, qos: int = 0) -> int:
         """Pass a request on to `topic` keeping its Response Topic and Correlation Data,
         so that whoever answers replies straight to the original requester."""
-        if not inbound.response_topic:
-            raise ValueError(f"message on {inbound.topic!r} carries no response topic to forward")
-        return self._publish(topic, message, qos, False, response_topic=inbound.response_topic,
+        return self._publish(topic, message, qos, False, response_topic=inbound.reply_topic("forward"),
                              correlation=inbound.correlation_data)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -417,8 +317,7 @@ class Endpoint:
     ) -> int:
         if self._closed:
             raise RuntimeError(f"{self.client_id}: endpoint is closed")
-        if qos not in (0, 1):
-            raise ValueError(f"qos must be 0 or 1, got {qos}")
+        check_qos(qos)
         payload = encode(message)
         properties = None
         if response_topic is not None or correlation is not None:
@@ -432,12 +331,9 @@ class Endpoint:
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
             info.rc = mqtt.MQTT_ERR_SUCCESS  # paho keeps QoS 1 messages and resends them after the reconnect
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            self._drop(topic, "not_connected", f"publish failed ({mqtt.error_string(info.rc)})")
+            self._counters.drop(topic, "not_connected", f"publish failed ({mqtt.error_string(info.rc)})")
             return 0
-        kind = _kind(topic)
-        with self._counters.lock:
-            self._counters.sent_messages[kind] += 1
-            self._counters.sent_bytes[kind] += len(payload)
+        self._counters.sent(topic, len(payload))
         if qos > 0:
             with self._lock:
                 self._unacked[info.mid] = (topic, info)
@@ -462,47 +358,23 @@ class Endpoint:
         Raises TimeoutError if none arrives in time (later replies for it are dropped as "late_reply"),
         ConnectionError if the request could not be sent or the endpoint closed meanwhile.
         """
-        _check_filter(response_topic, concrete=True)
+        check_filter(response_topic, concrete=True)
         self._ensure_reply_subscription(response_topic, timeout_s)
-        correlation = uuid.uuid4().bytes
-        pending = _PendingRequest(response_topic)
-        with self._lock:
-            self._pending[correlation] = pending
-        try:
-            if not self._publish(topic, message, qos, False, response_topic=response_topic, correlation=correlation):
-                raise ConnectionError(f"{self.client_id}: not connected, request to {topic!r} not sent")
-            pending.done.wait(timeout_s)
-            if pending.reply is None and self._closed:
-                raise ConnectionError(f"{self.client_id}: endpoint closed while waiting for a reply on {response_topic!r}")
-            if pending.reply is None:
-                raise TimeoutError(f"{self.client_id}: no reply on {response_topic!r} within {timeout_s} s")
-            return pending.reply
-        finally:
-            with self._lock:
-                if self._pending.pop(correlation, None) is not None:
-                    self._finish(correlation, response_topic)
+        return self._requests.request(
+            topic, response_topic, timeout_s=timeout_s, closed=lambda: self._closed,
+            send=lambda correlation: self._publish(topic, message, qos, False, response_topic=response_topic,
+                                                   correlation=correlation))
 
     def _ensure_reply_subscription(self, response_topic: str, timeout_s: float) -> None:
         with self._lock:
-            covered = any(_filter_matches(f, response_topic) for f in self._subs)
-        if not covered:
+            known = covered(self._subs, response_topic)
+        if not known:
             self.subscribe(response_topic, None, qos=1, timeout_s=timeout_s)
-
-    def _finish(self, correlation: bytes, response_topic: str) -> None:
-        """Remember an answered or expired correlation id (caller holds the lock)."""
-        self._finished[correlation] = response_topic
-        while len(self._finished) > _FINISHED_IDS_KEPT:
-            self._finished.popitem(last=False)
 
     # -- counters ------------------------------------------------------------------------
     def stats(self) -> TrafficStats:
         """Messages and payload bytes per traffic kind, drops by reason."""
         return self._counters.snapshot()
-
-    def _drop(self, topic: str, reason: str, detail: str) -> None:
-        with self._counters.lock:
-            self._counters.dropped[reason] += 1
-        log.warning("%s: dropped payload on %s: %s (%s)", self.client_id, topic, reason, detail)
 
     # -- paho callbacks (network thread: keep them short, never raise) ---------------------
     def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
@@ -536,8 +408,7 @@ class Endpoint:
                     self._ready.set()
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.address.public_url,
                      flags.session_present)
-            for hook in self._connect_hooks:
-                self._executor.submit(self._run_hook, hook, reconnected)
+            self._dispatch.connected(self._connect_hooks, reconnected)
         except Exception:  # an exception here would kill paho's network thread
             log.exception("%s: on_connect failed", self.client_id)
 
@@ -576,8 +447,7 @@ class Endpoint:
                 while len(self._refused) > _REFUSALS_KEPT:
                     self._refused.popitem(last=False)
         if reason_code.is_failure:
-            with self._counters.lock:
-                self._counters.publish_refused += 1
+            self._counters.publish_refused()
             log.warning("%s: broker refused publish to %s: %s", self.client_id, topic, reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
@@ -590,93 +460,16 @@ class Endpoint:
         try:
             topic = msg.topic
         except UnicodeDecodeError:
-            self._drop(repr(msg._topic), "bad_topic", "topic is not UTF-8")
+            self._counters.drop(repr(msg._topic), "bad_topic", "topic is not UTF-8")
             return
-        payload = bytes(msg.payload)
-        kind = _kind(topic)
-        with self._counters.lock:
-            self._counters.received_messages[kind] += 1
-            self._counters.received_bytes[kind] += len(payload)
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        handler = None
+        self._dispatch.route(topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain))
+
+    def _handler_for(self, topic: str) -> Handler | None:
         with self._lock:
-            pending = self._pending.get(correlation) if correlation is not None else None
-            # a late reply arrives on the request's response topic; our own request echoed back on a topic we
-            # also subscribe to (a peer query on the cluster topic) carries the id too, but is not a reply
-            late = correlation is not None and self._finished.get(correlation) == topic
-            if pending is None or pending.response_topic != topic:
-                handler = next((s.handler for f, s in self._subs.items() if _filter_matches(f, topic)), None)
-        if pending is not None and pending.response_topic == topic:
-            self._resolve(correlation, pending, topic, payload)  # small reply: decoded here, no handler involved
-            return
-        if late:
-            self._drop(topic, "late_reply", "reply for an expired or already answered request")
-            return
-        if handler is None:
-            reason = "unknown_correlation" if correlation is not None else "no_handler"
-            self._drop(topic, reason, "no handler for this topic")
-            return
-        try:
-            self._executor.submit(self._deliver, handler, topic, payload, response_topic, correlation, bool(msg.retain))
-        except RuntimeError:  # executor shut down: we are closing
-            self._drop(topic, "closing", "endpoint is closing")
-
-    def _resolve(self, correlation: bytes, pending: _PendingRequest, topic: str, payload: bytes) -> None:
-        try:
-            reply = decode(payload, payload_type(topic))
-        except DecodeError as err:
-            self._drop(topic, err.reason, err.detail)  # keep waiting: another responder may answer validly
-            return
-        with self._lock:
-            if self._pending.pop(correlation, None) is None:
-                late = True
-            else:
-                late = False
-                self._finish(correlation, topic)
-        if late:
-            self._drop(topic, "late_reply", "reply for an expired or already answered request")
-            return
-        pending.reply = reply
-        pending.done.set()
-
-    # -- worker thread -------------------------------------------------------------------
-    def _run_hook(self, hook: Callable[[bool], None], reconnected: bool) -> None:
-        try:
-            hook(reconnected)
-        except Exception:
-            with self._counters.lock:
-                self._counters.handler_errors += 1
-            log.exception("%s: connect hook failed", self.client_id)
-
-    def _deliver(
-        self, handler: Handler, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None, retain: bool
-    ) -> None:
-        try:
-            message = decode(payload, payload_type(topic))
-        except DecodeError as err:
-            self._drop(topic, err.reason, err.detail)
-            return
-        inbound = Inbound(topic, message, response_topic, correlation, len(payload), retain)
-        try:
-            handler(inbound)
-        except Exception:
-            with self._counters.lock:
-                self._counters.handler_errors += 1
-            log.exception("%s: handler for %s failed", self.client_id, topic)
+            return first_handler(self._subs, topic)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.client_id!r}, {self.address.public_url!r}, connected={self._connected})"
-
-
-def _check_filter(topic_filter: str, concrete: bool = False) -> None:
-    """Refuse filters MQTT would reject, so the mistake surfaces here and not as a silent disconnect."""
-    if not isinstance(topic_filter, str) or not topic_filter or "\0" in topic_filter:
-        raise ValueError(f"invalid topic filter {topic_filter!r}")
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
-            raise ValueError(f"invalid topic filter {topic_filter!r}: wildcard inside level {level!r}")
-    if concrete and ("+" in levels or "#" in levels or topic_filter.startswith("$")):
-        raise ValueError(f"{topic_filter!r} must be a concrete topic, not a filter")

@@ -7,9 +7,10 @@ there is a broker at all, is the network's business:
 * `OwnThreads`: a paho network thread and a handler thread per endpoint (a standalone role).
 * `SharedLoop`: many endpoints on one selector thread and a small handler pool, each still
   with its own MQTT connection, session and Last Will (a gateway, a large simulation).
+* `MemoryNetwork` (memory.py): no broker, an in-process bus with the same endpoint interface
+  (millisecond unit tests of a role's logic).
 
-Adding a way to run (an in-memory bus for unit tests, say) is one class here with an
-`endpoint` method and an entry in `NETWORKS`.
+Adding a way to run is one class with an `endpoint` method and an entry in `NETWORKS`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
+from fedhlm.transport.memory import MemoryNetwork
 from fedhlm.transport.messages import Message
 from fedhlm.transport.netloop import NetworkLoop
 
@@ -63,7 +65,7 @@ class SharedLoop:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-NETWORKS: dict[str, type] = {"own_threads": OwnThreads, "shared_loop": SharedLoop}
+NETWORKS: dict[str, type] = {"own_threads": OwnThreads, "shared_loop": SharedLoop, "memory": MemoryNetwork}
 
 
 def make_network(name: str, **options: Any) -> Network:

@@ -1,0 +1,124 @@
+"""A client's federated learning: its (features, beta) pairs, the local fit, the update and the edge's model.
+
+Every LLM verdict is a labelled pair; the labels over-represent uncertain tokens (all of
+them are sent, only a share of the rest), so each pair weighs 1 / P(it was labelled). At the
+end of a round the head is fitted on the weighted routing loss, the update goes to the
+edge at QoS 1, and the edge's cluster model (retained) is adopted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from fedhlm.core.aggregation import check_params, personalise
+from fedhlm.core.settings import ClientSettings
+from fedhlm.transport.endpoint import Inbound
+from fedhlm.transport.messages import ThresholdModel
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    """The learning half of one client; the client routes, this learns from what routing labelled."""
+
+    def __init__(self, settings: ClientSettings, head, noise_rng: np.random.Generator, counters) -> None:  # noqa: ANN001
+        self.s = settings
+        self.head = head
+        self._noise_rng = noise_rng  # a stream of its own: the routing draws are the same with and without noise
+        self._features: list[np.ndarray] = []
+        self._beta: list[float] = []
+        self._weights: list[float] = []  # inverse probability that the pair was labelled at all
+        self._model_lock = threading.Condition()
+        self._model: ThresholdModel | None = None
+        self.counters = counters
+
+    # -- labels ----------------------------------------------------------------------
+    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain") -> None:
+        """Keep one (features, beta) pair for the local fits, weighted for why the token was sent."""
+        self._features.append(np.asarray(features, dtype=np.float32))
+        self._beta.append(float(beta))
+        self._weights.append(self.label_weight(reason))
+
+    def label_weight(self, reason: str) -> float:
+        """1 / P(a token like this one gets an LLM label): 1 for a token sent because it was uncertain,
+        1/exploration for a confident token sent to explore, 1/audit for an audited peer hit.
+
+        Without it the pairs over-represent uncertain tokens (all of them are labelled, only a share
+        `exploration` of the rest), and the threshold fitted to them is biased towards sending.
+        """
+        if not self.s.routing.importance_weights:
+            return 1.0
+        rate = {"exploration": self.s.routing.exploration, "audit": self.s.p2p.audit}.get(reason, 1.0)
+        return 1.0 / rate if rate > 0 else 1.0
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (features [N, F], beta [N], weights [N]) learned from so far (this client's training data)."""
+        if not self._features:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return (np.stack(self._features), np.asarray(self._beta, np.float32), np.asarray(self._weights, np.float32))
+
+    # -- local fit and upload --------------------------------------------------------------
+    def fit(self, round_: int) -> dict[str, float] | None:
+        """Local steps on the weighted routing loss, lr / (1 + lr_decay * round); None without pairs."""
+        r = self.s.routing
+        features, beta, weights = self.pairs()
+        if not beta.size or r.local_steps <= 0:
+            return None
+        lr = r.lr / (1.0 + r.lr_decay * round_)
+        return self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
+                             weights=weights)
+
+    def sample_count(self) -> int:
+        """FedAvg weight: the tokens the pairs stand for (their weights), not just how many were labelled."""
+        return int(round(float(np.sum(self._weights)))) if self._weights else 0
+
+    def upload_params(self) -> dict[str, np.ndarray]:
+        """What goes to the edge: the head's parameters, with N(0, noise_std^2) added to the trainable ones.
+
+        The noise blurs what one update says about the client's data; the local head keeps
+        its exact values, and FedAvg over n clients shrinks the noise by sqrt(n).
+        """
+        params = self.head.params()
+        noise_std = self.s.routing.noise_std
+        if noise_std > 0:
+            for name in self.head.trainable():
+                noise = self._noise_rng.normal(0.0, noise_std, size=params[name].shape)
+                params[name] = (params[name] + noise).astype(np.float32)
+        return params
+
+    # -- the edge's model --------------------------------------------------------------------
+    def current_round(self) -> int:
+        """The round the edge is collecting as far as this client knows: one past the newest cluster model."""
+        with self._model_lock:
+            return 0 if self._model is None else self._model.round + 1
+
+    def on_model(self, inbound: Inbound, client_id: str) -> None:
+        model = inbound.message
+        if not isinstance(model, ThresholdModel):
+            return
+        reason = check_params(model.params, self.head.params())
+        if reason:
+            log.warning("%s: rejected model from %s: %s", client_id, model.source_id, reason)
+            return
+        with self._model_lock:
+            if self._model is None or model.round >= self._model.round:
+                self._model = model
+                self.counters.models_received += 1
+            self._model_lock.notify_all()
+
+    def wait_model(self, round_: int, timeout_s: float) -> ThresholdModel | None:
+        deadline = time.monotonic() + timeout_s
+        with self._model_lock:
+            while self._model is None or self._model.round < round_:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._model_lock.wait(remaining)
+            return self._model
+
+    def adopt(self, model: ThresholdModel) -> None:
+        self.head.load(personalise(self.head.params(), model.params, self.s.federation.personalise))
