@@ -13,17 +13,16 @@ import torch
 
 import fedhlm.data.sources as sources
 from fedhlm.data import (
-    CLASS_NAMES,
-    PROMPT_SUFFIX,
-    VERBALISERS,
     NewsItem,
+    TaskError,
     encode_prompts,
     fetch_ag_news,
     generation_pairs,
     load_tokenizer,
     prompt_text,
+    load_task,
     read_news_csv,
-    resolve_source,
+    resolve_corpus,
     synthetic_corpus,
     verbaliser_token_ids,
 )
@@ -66,7 +65,7 @@ def test_reader_undoes_csv_quoting_and_ag_news_escapes(tmp_path: Path) -> None:
         '"2","Golfer Cleared of Not Yelling \'Fore\'","A jury heard ""Fore!"" yelled &lt;b&gt;...&lt;/b&gt;\\\\Next"\n'
         '"4","Two\nline title","Dell Inc. &lt;DELL.O&gt; said  #151; twice"\n'
     )
-    items = read_news_csv(_write(tmp_path / "news.csv", csv_text))
+    items = read_news_csv(_write(tmp_path / "news.csv", csv_text), num_classes=4)
     assert [it.label for it in items] == [2, 1, 3]
     assert [it.uid for it in items] == [0, 1, 2]
     assert items[0].description == (
@@ -83,7 +82,7 @@ def test_reader_undoes_csv_quoting_and_ag_news_escapes(tmp_path: Path) -> None:
 
 
 def test_reader_takes_label_text_csv_with_header(tmp_path: Path) -> None:
-    items = read_news_csv(_write(tmp_path / "lt.csv", "label,text\n0,hello world\n3,\"a, b\"\n"), label_base=0)
+    items = read_news_csv(_write(tmp_path / "lt.csv", "label,text\n0,hello world\n3,\"a, b\"\n"), label_base=0, num_classes=4)
     assert items == [NewsItem(0, 0, "", "hello world"), NewsItem(1, 3, "", "a, b")]
     assert prompt_text(items[1]) == "a, b"
 
@@ -104,18 +103,18 @@ def test_reader_takes_label_text_csv_with_header(tmp_path: Path) -> None:
 def test_malformed_csv_error_names_path_and_line(tmp_path: Path, text: str, line: int, what: str) -> None:
     path = _write(tmp_path / "bad.csv", text)
     with pytest.raises(ValueError, match=f"bad.csv: line {line}: .*{what}") as err:
-        read_news_csv(path)
+        read_news_csv(path, num_classes=4)
     assert str(path) in str(err.value)
 
 
 def test_missing_csv_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        read_news_csv(tmp_path / "nope.csv")
+        read_news_csv(tmp_path / "nope.csv", num_classes=4)
 
 
 @needs_ag_news
 def test_real_ag_news_slice_reads_5600_rows_1400_per_class_without_escapes() -> None:
-    items = read_news_csv(AG_NEWS_DEV)
+    items = read_news_csv(AG_NEWS_DEV, num_classes=4)
     assert len(items) == 5600
     assert Counter(it.label for it in items) == {0: 1400, 1: 1400, 2: 1400, 3: 1400}
     assert items[0] == NewsItem(
@@ -159,7 +158,7 @@ def test_hard_articles_mix_a_second_topic_one_or_two_words_behind_the_label() ->
 
 
 def test_synthetic_vocabulary_is_whole_wordpiece_tokens(tokenizer) -> None:
-    assert [len(t) for t in TOPIC_WORDS] == [40, 40, 40, 40]
+    assert [len(t) for t in TOPIC_WORDS] == [40, 40, 40, 40, 40]
     words = [w for t in TOPIC_WORDS for w in t] + list(SHARED_WORDS) + list(FUNCTION_WORDS)
     assert len(words) == len(set(words))  # topics and shared words do not overlap
     assert [w for w in words if tokenizer.tokenize(w) != [w]] == []
@@ -168,10 +167,39 @@ def test_synthetic_vocabulary_is_whole_wordpiece_tokens(tokenizer) -> None:
 # --- tokens -----------------------------------------------------------------------------
 
 def test_verbalisers_are_single_wordpiece_tokens(tokenizer) -> None:
-    ids = verbaliser_token_ids(tokenizer)
-    assert len(VERBALISERS) == len(CLASS_NAMES) == 4
+    task = load_task("ag_news")
+    ids = verbaliser_token_ids(tokenizer, task)
+    assert task.num_classes == 4 and task.class_names == ("World", "Sports", "Business", "Sci/Tech")
     assert ids == [2088, 2998, 2449, 2671]
-    assert tokenizer.convert_ids_to_tokens(ids) == list(VERBALISERS)
+    assert tokenizer.convert_ids_to_tokens(ids) == list(task.verbalisers)
+    bbc = load_task("bbc_news")
+    assert tokenizer.convert_ids_to_tokens(verbaliser_token_ids(tokenizer, bbc)) == list(bbc.verbalisers)
+    assert bbc.num_classes == 5 and bbc.eval == ()
+
+
+def _task_yaml(path: Path, verbalisers: list[str], **extra: str) -> Path:
+    classes = "".join(f"  - {{name: c{i}, verbaliser: {v}}}\n" for i, v in enumerate(verbalisers))
+    fields = "".join(f"{k}: {v}\n" for k, v in {"train": "[t.csv]", **extra}.items())
+    return _write(path, f"name: mine\n{fields}classes:\n{classes}")
+
+
+def test_a_verbaliser_that_is_not_one_token_is_refused_by_name(tokenizer, tmp_path: Path) -> None:
+    task = load_task(_task_yaml(tmp_path / "t.yaml", ["world", "cryptocurrency"]))
+    with pytest.raises(TaskError, match=r"classes\[1\].verbaliser 'cryptocurrency' is not one known token"):
+        verbaliser_token_ids(tokenizer, task)
+
+
+def test_task_files_are_validated_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="verbalisers must differ"):
+        load_task(_task_yaml(tmp_path / "a.yaml", ["world", "world"]))
+    with pytest.raises(TaskError, match="at least 2 classes"):
+        load_task(_task_yaml(tmp_path / "b.yaml", ["world"]))
+    with pytest.raises(TaskError, match=r"unknown field\(s\) \['colour'\]"):
+        load_task(_task_yaml(tmp_path / "c.yaml", ["world", "sports"], colour="red"))
+    with pytest.raises(TaskError, match="label_base: must be an integer"):
+        load_task(_task_yaml(tmp_path / "d.yaml", ["world", "sports"], label_base="one"))
+    with pytest.raises(TaskError, match="shipped tasks: ag_news, bbc_news"):
+        load_task("imdb")
 
 
 def test_encode_prompts_truncates_the_article_but_keeps_the_suffix(tokenizer) -> None:
@@ -180,7 +208,7 @@ def test_encode_prompts_truncates_the_article_but_keeps_the_suffix(tokenizer) ->
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert batch["input_ids"].shape == (1, 16)
     assert tokens[:4] == ["[CLS]", "stocks", ".", "shares"]
-    assert tokens[-2:] == ["topic", ":"] == tokenizer.tokenize(PROMPT_SUFFIX)
+    assert tokens[-2:] == ["topic", ":"] == tokenizer.tokenize(load_task("ag_news").prompt_suffix)
     assert "[SEP]" not in tokens
     assert batch["last_index"].tolist() == [15]
     assert batch["labels"].tolist() == [2] and batch["uid"].tolist() == [7]
@@ -218,45 +246,69 @@ def test_generation_pairs_cut_articles_into_prompt_and_continuation() -> None:
 
 # --- sources ----------------------------------------------------------------------------
 
+AG = load_task("ag_news")
+
+
 def test_auto_falls_back_to_synthetic_loudly_when_no_data(no_ag_news: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="fedhlm.data.sources"):
-        name, items = resolve_source("auto", synthetic_size=40, seed=2)
-    assert name == "synthetic"
-    assert items == synthetic_corpus(40, seed=2)
+        corpus = resolve_corpus(AG, "auto", synthetic_size=40, seed=2)
+    assert corpus.name == "synthetic"
+    assert corpus.train == synthetic_corpus(40, seed=2)
+    assert corpus.eval and {it.description for it in corpus.eval}.isdisjoint(it.description for it in corpus.train)
     assert any("SYNTHETIC" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
-def test_ag_news_asked_for_and_missing_names_the_paths_tried(no_ag_news: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="tried: .*missing.*ag_news_dev.csv") as err:
-        resolve_source("ag_news")
+def test_files_asked_for_and_missing_names_the_paths_tried(no_ag_news: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tried: .*missing.*ag_news_train.csv") as err:
+        resolve_corpus(AG, "files")
     assert str(no_ag_news / "repo") in str(err.value)
     with pytest.raises(FileNotFoundError, match="elsewhere.csv"):
-        resolve_source("auto", no_ag_news / "elsewhere.csv")
+        resolve_corpus(AG, "auto", no_ag_news / "elsewhere.csv")
 
 
 def test_env_folder_with_official_csvs_is_found(no_ag_news: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = no_ag_news / "full"
-    folder.mkdir()
-    _write(folder / "train.csv", '"1","a","b"\n"2","c","d"\n')
-    monkeypatch.setenv("FEDHLM_DATA", str(folder))
-    name, items = resolve_source("auto")
-    assert name == "ag_news" and [it.label for it in items] == [0, 1]
+    folder = no_ag_news / "full" / "ag_news"
+    folder.mkdir(parents=True)
+    _write(folder / "train.csv", '"1","a","b"\n"2","c","d"\n"3","e","f"\n')
+    _write(folder / "test.csv", '"4","g","h"\n')
+    monkeypatch.setenv("FEDHLM_DATA", str(folder.parent))  # a data root holding the task's folder
+    corpus = resolve_corpus(AG, "auto")
+    assert corpus.name == "ag_news" and [it.label for it in corpus.train] == [0, 1, 2]
+    assert [it.label for it in corpus.eval] == [3] and corpus.eval_file.endswith("test.csv")
+
+
+def test_training_articles_also_in_the_evaluation_file_are_dropped_by_text(tmp_path: Path) -> None:
+    train = _write(tmp_path / "train.csv", '"1","Same story","Told  here"\n"2","Other","x"\n"3","Third","y"\n')
+    evaluation = _write(tmp_path / "eval.csv", '"4","unrelated","z"\n"1","same STORY","told here"\n')
+    corpus = resolve_corpus(AG, "files", train, evaluation)
+    assert [it.title for it in corpus.train] == ["Other", "Third"] and corpus.dropped_overlap == 1
+    assert {it.uid for it in corpus.eval} == {0, 1}
 
 
 @needs_ag_news
-def test_auto_finds_the_real_slice_through_fedhlm_data(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_real_train_and_eval_files_share_no_article(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDHLM_DATA", str(AG_NEWS_DEV.parent))
-    name, items = resolve_source("auto")
-    assert name == "ag_news" and len(items) == 5600
+    corpus = resolve_corpus(AG, "auto")
+    assert corpus.name == "ag_news" and len(corpus.eval) == 5600
+    if corpus.train_file.endswith("ag_news_train.csv"):
+        assert len(corpus.train) + corpus.dropped_overlap == 38650
+    assert {sources.text_key(it) for it in corpus.train}.isdisjoint(sources.text_key(it) for it in corpus.eval)
 
 
-def test_csv_source_needs_a_path_and_reads_label_text_rows(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="needs a path"):
-        resolve_source("csv")
-    name, items = resolve_source("csv", _write(tmp_path / "x.csv", "1,alpha\n4,beta\n"))
-    assert name == "csv" and [(it.label, it.description) for it in items] == [(0, "alpha"), (3, "beta")]
-    with pytest.raises(ValueError, match="source must be one of"):
-        resolve_source("imdb")
+def test_a_single_file_task_carves_its_test_split(tmp_path: Path) -> None:
+    from fedhlm.data import NewsDataModule
+
+    task = _task_yaml(tmp_path / "five.yaml", ["business", "entertainment", "politics", "sport", "technology"])
+    rows = "".join(f'"{1 + i % 5}","title {i}","text number {i}"\n' for i in range(100))
+    data = _write(tmp_path / "five.csv", rows)
+    dm = NewsDataModule(task=str(task), source="files", train_path=str(data), holdout=(0.1, 0.1, 0.2))
+    dm.setup()
+    assert dm.splits.sizes() == {"train": 60, "val": 10, "calib": 10, "test": 20}
+    assert Counter(it.label for it in dm.splits.test) == {c: 4 for c in range(5)}
+    with pytest.raises(ValueError, match="data.holdout: task 'mine' has no evaluation file"):
+        NewsDataModule(task=str(task), source="files", train_path=str(data)).setup()
+    with pytest.raises(ValueError, match="data.source: must be one of"):
+        resolve_corpus(AG, "imdb")
 
 
 # --- fetch ------------------------------------------------------------------------------
@@ -294,12 +346,13 @@ def test_fetch_offline_error_names_the_url(tmp_path: Path) -> None:
 def test_data_module_splits_once_and_yields_prompt_batches(tokenizer) -> None:
     from fedhlm.data import NewsDataModule
 
-    dm = NewsDataModule(source="synthetic", synthetic_size=200, batch_size=16, max_length=32, seed=3)
+    dm = NewsDataModule(source="synthetic", synthetic_size=200, batch_size=16, max_length=32, seed=3,
+                        holdout=(0.1, 0.1, 0.0))
     dm.setup("fit")
     splits = dm.splits
     dm.setup("test")
     assert dm.splits is splits and dm.source_name == "synthetic"
-    assert splits.sizes() == {"train": 120, "val": 20, "calib": 20, "test": 40}
+    assert splits.sizes() == {"train": 160, "val": 20, "calib": 20, "test": 50}
     assert dm.calib_items() == splits.calib
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "last_index", "labels", "uid"}
@@ -307,23 +360,24 @@ def test_data_module_splits_once_and_yields_prompt_batches(tokenizer) -> None:
     assert batch["input_ids"][torch.arange(16), batch["last_index"]].eq(tokenizer.convert_tokens_to_ids(":")).all()
     first = [next(iter(dm.train_dataloader()))["uid"].tolist() for _ in range(2)]
     assert first[0] == first[1]  # seeded shuffling
-    assert sum(len(b["uid"]) for b in dm.test_dataloader()) == 40
+    assert sum(len(b["uid"]) for b in dm.test_dataloader()) == 50
     clients = dm.client_items(4, alpha=0.5)
     assert sorted(it.uid for c in clients for it in c) == sorted(it.uid for it in splits.train)
 
 
-def test_data_module_limit_caps_items_stratified() -> None:
+def test_data_module_limit_caps_the_training_articles_stratified() -> None:
     from fedhlm.data import NewsDataModule
 
-    dm = NewsDataModule(source="synthetic", synthetic_size=400, limit=80)
+    dm = NewsDataModule(source="synthetic", synthetic_size=400, limit=80, holdout=(0.1, 0.1, 0.0))
     dm.setup()
-    items = [it for part in (dm.splits.train, dm.splits.val, dm.splits.calib, dm.splits.test) for it in part]
-    assert Counter(it.label for it in items) == {0: 20, 1: 20, 2: 20, 3: 20}
+    assert Counter(it.label for it in dm.splits.train) == {0: 20, 1: 20, 2: 20, 3: 20}
+    assert dm.splits.sizes()["val"] == 40 and dm.splits.sizes()["test"] == 100  # the limit trims training only
 
 
-def test_data_info_prints_source_sizes_and_label_counts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_info_prints_task_files_and_label_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--source", "synthetic", "--synthetic-size", "40"]) == 0
     out = capsys.readouterr().out
-    assert "source: synthetic" in out and "items: 40" in out
-    assert "3 Sci/Tech  10" in out
-    assert "splits: train=24, val=4, calib=4, test=8" in out
+    assert "task: ag_news (4 classes)  source: synthetic" in out
+    assert "train file: -  eval file: generated" in out
+    assert "3 Sci/Tech       science        train      9  test      2" in out
+    assert "splits: train=38, val=1, calib=1, test=10" in out

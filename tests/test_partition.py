@@ -22,7 +22,7 @@ def _items(counts: list[int]) -> list[NewsItem]:
 
 
 def _mean_max_share(labels: np.ndarray, parts: list[list[int]]) -> float:
-    h = label_histograms(labels, parts)
+    h = label_histograms(labels, parts, 4)
     return float((h.max(axis=1) / h.sum(axis=1)).mean())
 
 
@@ -92,10 +92,10 @@ def test_partition_rejects_impossible_requests() -> None:
 
 def test_label_histograms_count_classes_per_client() -> None:
     y = np.array([0, 0, 1, 3, 3, 3, 2])
-    h = label_histograms(y, [[0, 1, 2], [3, 4, 5, 6]])
+    h = label_histograms(y, [[0, 1, 2], [3, 4, 5, 6]], 4)
     assert h.tolist() == [[2, 1, 0, 0], [0, 0, 1, 3]]
     with pytest.raises(ValueError, match="0..3"):
-        label_histograms([0, 4], [[0, 1]])
+        label_histograms([0, 4], [[0, 1]], 4)
 
 
 def test_splits_are_disjoint_cover_everything_and_are_stratified() -> None:

@@ -52,7 +52,7 @@ def run_size(cfg, prep, clients: int, base_inputs: int,  # noqa: ANN001
     edges = edge_count(clients, clients_per_edge)
     size_cfg = replace(cfg, federation=replace(cfg.federation, clients=clients, edges=edges,
                                                clustering="round_robin"))
-    prep = replace(prep, items=items, plan=sim.plan_clients(size_cfg, items))
+    prep = replace(prep, items=items, plan=sim.plan_clients(size_cfg, items, prep.task.num_classes))
     method = METHODS["fedhlm"] if size_cfg.p2p.enabled else METHODS["fedhlm_no_p2p"]
     start = time.perf_counter()
     result = sim.run_method(method, size_cfg, prep)

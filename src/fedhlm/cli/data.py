@@ -8,18 +8,19 @@ import sys
 from collections import Counter
 
 from fedhlm.data.fetch import AG_NEWS_BASE_URL, AG_NEWS_SHA256, fetch_ag_news
-from fedhlm.data.items import CLASS_NAMES
-from fedhlm.data.partition import split_items, stratified_subset
-from fedhlm.data.sources import SOURCES, default_fetch_dir, resolve_source
+from fedhlm.data.sources import SOURCES, default_fetch_dir
+from fedhlm.data.task import DEFAULT_TASK, TaskError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhlm data", description="data utilities")
     sub = parser.add_subparsers(dest="action", required=True)
-    info = sub.add_parser("info", help="print the source, its size and label counts, and the split sizes")
+    info = sub.add_parser("info", help="print the task, its files, label counts and the split sizes")
+    info.add_argument("--task", default=DEFAULT_TASK, help="shipped task name or task YAML (default: %(default)s)")
     info.add_argument("--source", choices=SOURCES, default="auto")
-    info.add_argument("--path", default=None,
-                      help="data file or folder (default: $FEDHLM_DATA, then ../shared/data/ag_news)")
+    info.add_argument("--train-path", default=None,
+                      help="training file (default: the task's, in $FEDHLM_DATA or ../shared/data/<folder>)")
+    info.add_argument("--eval-path", default=None, help="evaluation file (default: the task's, when it has one)")
     info.add_argument("--synthetic-size", type=int, default=4000)
     info.add_argument("--seed", type=int, default=0)
     info.add_argument("--limit", type=int, default=None)
@@ -32,15 +33,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args: argparse.Namespace) -> int:
-    name, items = resolve_source(args.source, args.path, synthetic_size=args.synthetic_size, seed=args.seed)
-    items = stratified_subset(items, args.limit, seed=args.seed)
-    counts = Counter(it.label for it in items)
-    print(f"source: {name}")
-    print(f"items: {len(items)}")
-    for label, cls in enumerate(CLASS_NAMES):
-        print(f"  {label} {cls:<9} {counts.get(label, 0)}")
-    sizes = split_items(items, seed=args.seed).sizes()
-    print("splits: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    from fedhlm.data.module import NewsDataModule
+
+    try:
+        dm = NewsDataModule(task=args.task, source=args.source, train_path=args.train_path, eval_path=args.eval_path,
+                            synthetic_size=args.synthetic_size, seed=args.seed, limit=args.limit)
+        dm.setup()
+    except (TaskError, ValueError, FileNotFoundError) as err:
+        print(f"fedhlm data info: {err}", file=sys.stderr)
+        return 2
+    assert dm.splits is not None and dm.corpus is not None
+    print(f"task: {dm.task.name} ({dm.task.num_classes} classes)  source: {dm.source_name}")
+    print(f"train file: {dm.corpus.train_file or '-'}  eval file: {dm.corpus.eval_file or ('generated' if dm.corpus.eval is not None else '- (carved from train)')}")
+    if dm.corpus.dropped_overlap:
+        print(f"dropped from train (same text in eval): {dm.corpus.dropped_overlap}")
+    train, test = Counter(it.label for it in dm.splits.train), Counter(it.label for it in dm.splits.test)
+    for label, cls in enumerate(dm.task.classes):
+        print(f"  {label} {cls.name:<14} {cls.verbaliser:<14} train {train.get(label, 0):>6}  test {test.get(label, 0):>6}")
+    print("splits: " + ", ".join(f"{k}={v}" for k, v in dm.splits.sizes().items()))
     return 0
 
 

@@ -44,6 +44,8 @@ class FedHLMCLI(LightningCLI):
     """LightningCLI plus the model cache: save after fit, load for validate/test."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the task is the data's: the model answers in that task's verbalisers (one source, data.task)
+        parser.link_arguments("data.task", "model.init_args.task")
         parser.add_argument("--cache", type=bool, default=True,
                             help="after fit, test and save the model into the model cache; "
                                  "for validate/test, load the cached model of this config")

@@ -94,7 +94,7 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
     from fedhlm.models.hybrid import load_llm
     from fedhlm.roles.llm_service import LLMService
 
-    llm = load_llm(cfg.models.llm)  # the LLM only: a refiner never needs the SLM
+    llm = load_llm(cfg.models.llm, data_overrides=cfg.data.model_overrides())  # the LLM only: a refiner never needs the SLM
     service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify,
                          pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
     print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
@@ -149,7 +149,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     from fedhlm.simulation.run import plan_rounds, test_items
 
     index, total = (int(x) for x in args.shard.split("/"))
-    slm = load_slm(cfg.models.slm, top_k=cfg.routing.top_k)
+    slm = load_slm(cfg.models.slm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k)
     dm = NewsDataModule(**slm.configs["slm"]["data"])
     dm.setup()
     test = test_items(cfg, dm.splits)  # the same articles, the same shares and rounds as a simulation

@@ -1,4 +1,4 @@
-"""News data for FedHLM: AG News or a generated corpus, splits, client partitions, prompts.
+"""News data for FedHLM: tasks (classes and verbalisers), their files or a generated corpus, splits, partitions, prompts.
 
 Pure pieces (reading, generation, splitting, partitioning, encoding) import without
 Lightning; ``NewsDataModule`` loads on first use (``fedhlm data`` is `fedhlm.cli.data`).
@@ -16,22 +16,22 @@ from fedhlm.data.encoding import (
     verbaliser_token_ids,
 )
 from fedhlm.data.fetch import fetch_ag_news
-from fedhlm.data.items import CLASS_NAMES, NUM_CLASSES, PROMPT_SUFFIX, VERBALISERS, NewsItem, prompt_text
+from fedhlm.data.items import NewsItem, prompt_text
 from fedhlm.data.partition import Splits, label_histograms, partition, split_items, stratified_subset
 from fedhlm.data.reader import clean_text, read_news_csv
-from fedhlm.data.sources import SOURCES, ag_news_candidates, find_ag_news, resolve_source
+from fedhlm.data.sources import SOURCES, Corpus, drop_overlap, find_file, resolve_corpus, text_key
+from fedhlm.data.task import DEFAULT_TASK, Task, TaskClass, TaskError, load_task
 from fedhlm.data.synthetic import synthetic_corpus
 
 if TYPE_CHECKING:
     from fedhlm.data.module import NewsDataModule
 
 __all__ = [
-    "CLASS_NAMES", "NUM_CLASSES", "PROMPT_SUFFIX", "SOURCES", "VERBALISERS",
-    "NewsDataModule", "NewsItem", "PromptCollator", "Splits",
-    "ag_news_candidates", "clean_text", "encode_prompts", "fetch_ag_news", "find_ag_news",
-    "generation_pairs", "label_histograms", "load_tokenizer", "partition",
-    "prompt_text", "read_news_csv", "resolve_source", "split_items", "stratified_subset",
-    "synthetic_corpus", "verbaliser_token_ids",
+    "DEFAULT_TASK", "SOURCES", "Corpus", "NewsDataModule", "NewsItem", "PromptCollator", "Splits",
+    "Task", "TaskClass", "TaskError", "clean_text", "drop_overlap", "encode_prompts", "fetch_ag_news",
+    "find_file", "generation_pairs", "label_histograms", "load_task", "load_tokenizer", "partition",
+    "prompt_text", "read_news_csv", "resolve_corpus", "split_items", "stratified_subset",
+    "synthetic_corpus", "text_key", "verbaliser_token_ids",
 ]
 
 

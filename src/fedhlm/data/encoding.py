@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedhlm.data.items import PROMPT_SUFFIX, VERBALISERS, NewsItem, prompt_text
+from fedhlm.data.items import NewsItem, prompt_text
+from fedhlm.data.task import DEFAULT_SUFFIX, DEFAULT_TASK, Task, TaskError, load_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,18 +46,25 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int |
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, **kwargs)["input_ids"]]
 
 
-def verbaliser_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The single token id of each class verbaliser, in class order."""
+def verbaliser_token_ids(tokenizer: PreTrainedTokenizerBase, task: str | Task = DEFAULT_TASK) -> list[int]:
+    """The single token id of each class verbaliser of ``task``, in class order.
+
+    A verbaliser that the tokenizer splits or does not know is refused, naming it: the label
+    must be exactly one routed token.
+    """
+    task = load_task(task)
     out = []
-    for word, ids in zip(VERBALISERS, _ids(tokenizer, list(VERBALISERS))):
+    for i, (word, ids) in enumerate(zip(task.verbalisers, _ids(tokenizer, list(task.verbalisers)))):
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"verbaliser {word!r} is not one known token of this tokenizer (got ids {ids})")
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise TaskError(f"task {task.name!r}: classes[{i}].verbaliser {word!r} is not one known token of this "
+                            f"tokenizer (it becomes {pieces})")
         out.append(ids[0])
     return out
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, items: Sequence[NewsItem], max_length: int = 64
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[NewsItem], max_length: int = 64, suffix: str = DEFAULT_SUFFIX
 ) -> dict[str, torch.Tensor]:
     """A batch of classification prompts, right-padded to its longest prompt (at most ``max_length``).
 
@@ -64,10 +72,11 @@ def encode_prompts(
     suffix's ":", whose next-token distribution is the class distribution), ``labels`` [B]
     (class index) and ``uid`` [B], all int64.
     """
-    suffix = _ids(tokenizer, [PROMPT_SUFFIX])[0]
+    suffix_text = suffix
+    suffix = _ids(tokenizer, [suffix_text])[0]
     budget = max_length - 1 - len(suffix)
     if budget < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for the article after [CLS] and {PROMPT_SUFFIX!r}")
+        raise ValueError(f"max_length={max_length} leaves no room for the article after [CLS] and {suffix_text!r}")
     bodies = _ids(tokenizer, [prompt_text(it) for it in items], budget)
     rows = [[tokenizer.cls_token_id, *body, *suffix] for body in bodies]
     width = max((len(r) for r in rows), default=0)
@@ -92,9 +101,10 @@ class PromptCollator:
 
     tokenizer: Any
     max_length: int = 64
+    suffix: str = DEFAULT_SUFFIX  # the task's prompt_suffix
 
     def __call__(self, items: Sequence[NewsItem]) -> dict[str, torch.Tensor]:
-        return encode_prompts(self.tokenizer, items, self.max_length)
+        return encode_prompts(self.tokenizer, items, self.max_length, self.suffix)
 
 
 def generation_pairs(

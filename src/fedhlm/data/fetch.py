@@ -41,7 +41,7 @@ def check_ag_news_file(path: Path, *, rows: int, sha256: str | None = None) -> s
     digest = sha256_of(path)
     if sha256 is not None and digest != sha256:
         raise ValueError(f"{path}: SHA-256 {digest} does not match the expected {sha256}")
-    items = read_news_csv(path, columns=3)
+    items = read_news_csv(path, columns=3, num_classes=4)
     if len(items) != rows:
         raise ValueError(f"{path}: {len(items)} rows, expected {rows}")
     counts = Counter(it.label for it in items)

@@ -10,17 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CLASS_NAMES: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
-# one WordPiece token each in the uncased MiniLM / BERT vocabulary (tests assert it)
-VERBALISERS: tuple[str, ...] = ("world", "sports", "business", "science")
-NUM_CLASSES = len(CLASS_NAMES)
-# appended after truncation, so the class token always follows the same two tokens
-PROMPT_SUFFIX = "topic :"
-
-
 @dataclass(frozen=True)
 class NewsItem:
-    """One article: a stable id (row or generation index), a class index 0..3 and its text."""
+    """One article: a stable id (row or generation index), a class index 0..C-1 and its text."""
 
     uid: int
     label: int

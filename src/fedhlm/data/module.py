@@ -1,4 +1,4 @@
-"""NewsDataModule: the corpus as Lightning loaders of classification prompts."""
+"""NewsDataModule: a task's training and evaluation files as Lightning loaders of classification prompts."""
 
 from __future__ import annotations
 
@@ -10,39 +10,49 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from fedhlm.data.encoding import PromptCollator, load_tokenizer
+from fedhlm.data.encoding import PromptCollator, load_tokenizer, verbaliser_token_ids
 from fedhlm.data.items import NewsItem
 from fedhlm.data.partition import Splits, partition, split_items, stratified_subset
-from fedhlm.data.sources import resolve_source
+from fedhlm.data.sources import SOURCES, Corpus, resolve_corpus
+from fedhlm.data.task import DEFAULT_TASK, load_task
 
 log = logging.getLogger(__name__)
 
 
 class NewsDataModule(LightningDataModule):
-    """AG News (or a label,text CSV, or the generated corpus) as prompts for one-token classification.
+    """A news task's articles as prompts for one-token classification.
 
     Batches are ``encode_prompts`` dicts: input_ids, attention_mask, last_index, labels, uid.
+    Validation and calibration articles are carved from the training file; the test split is
+    the evaluation file when the task has one (AG News: train.csv / test.csv), else carved too.
 
     Args:
-        source: "auto" (AG News when found, else the synthetic corpus with a warning),
-            "ag_news", "csv" or "synthetic".
-        path: data file or folder; None looks at $FEDHLM_DATA and ../shared/data/ag_news.
+        task: a shipped task name (``configs/tasks/<name>.yaml``) or a task YAML path: the
+            classes, their verbalisers, the prompt suffix and the usual file names.
+        source: "auto" (the task's files when found, else the generated corpus with a
+            warning), "files" (the files or an error) or "synthetic".
+        train_path: training file (or a folder holding the task's file); None searches
+            $FEDHLM_DATA and ../shared/data/<task folder>.
+        eval_path: evaluation file; None uses the task's, when it names one.
         tokenizer: tokenizer folder; None uses the bundled all-MiniLM-L6-v2.
-        max_length: tokens per prompt, counting [CLS] and the "topic :" suffix.
+        max_length: tokens per prompt, counting [CLS] and the task's prompt suffix.
         batch_size: prompts per batch.
         seed: seeds the generated corpus, the limit, the splits and the shuffling.
-        synthetic_size: articles in the generated corpus.
-        limit: keep at most this many articles, stratified by label, for fast runs; None keeps all.
+        synthetic_size: articles in the generated training corpus (a quarter more for evaluation).
+        limit: train on at most this many articles, stratified by label (after validation and
+            calibration are carved); None trains on all.
         num_workers: DataLoader worker processes.
-        fractions: train, val, calib, test shares of the corpus.
+        holdout: shares of the training file kept for validation, calibration and - only
+            where there is no evaluation file - testing.
         hard_fraction: share of mixed-topic articles in the generated corpus.
-        label_base: first label value of a "csv" source (AG News is 1-based).
     """
 
     def __init__(
         self,
+        task: str = DEFAULT_TASK,
         source: str = "auto",
-        path: str | None = None,
+        train_path: str | None = None,
+        eval_path: str | None = None,
         tokenizer: str | None = None,
         max_length: int = 64,
         batch_size: int = 32,
@@ -50,41 +60,62 @@ class NewsDataModule(LightningDataModule):
         synthetic_size: int = 4000,
         limit: int | None = None,
         num_workers: int = 0,
-        fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2),
+        holdout: tuple[float, float, float] = (0.03, 0.03, 0.0),
         hard_fraction: float = 0.2,
-        label_base: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.task = load_task(task)
+        if source not in SOURCES:
+            raise ValueError(f"data.source: must be one of {SOURCES}, got {source!r}")
+        shares = tuple(float(x) for x in holdout)
+        if len(shares) != 3 or any(x < 0 for x in shares) or sum(shares) >= 1:
+            raise ValueError(f"data.holdout: must be 3 non-negative shares (val, calib, test) summing to < 1, "
+                             f"got {tuple(holdout)}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"data.limit: must be >= 1 (or null for all), got {limit}")
         self.source = source
-        self.path = path
+        self.train_path = train_path
+        self.eval_path = eval_path
         self.max_length = max_length
         self.batch_size = batch_size
         self.seed = seed
         self.synthetic_size = synthetic_size
         self.limit = limit
         self.num_workers = num_workers
-        self.fractions = tuple(fractions)
+        self.holdout = shares
         self.hard_fraction = hard_fraction
-        self.label_base = label_base
         self.tokenizer = load_tokenizer(tokenizer)
-        self.collate = PromptCollator(self.tokenizer, max_length)
+        verbaliser_token_ids(self.tokenizer, self.task)  # a task the tokenizer cannot answer fails here
+        self.collate = PromptCollator(self.tokenizer, max_length, self.task.prompt_suffix)
         self.source_name: str | None = None
+        self.corpus: Corpus | None = None
         self.splits: Splits | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the source and split it, once (every later stage reuses the same splits)."""
         if self.splits is not None:
             return
-        name, items = resolve_source(
-            self.source, self.path, synthetic_size=self.synthetic_size, seed=self.seed,
-            hard_fraction=self.hard_fraction, label_base=self.label_base,
+        corpus = resolve_corpus(
+            self.task, self.source, self.train_path, self.eval_path, synthetic_size=self.synthetic_size,
+            seed=self.seed, hard_fraction=self.hard_fraction,
         )
-        items = stratified_subset(items, self.limit, seed=self.seed)
-        self.source_name = name
-        self.splits = split_items(items, fractions=self.fractions, seed=self.seed)
-        counts = dict(sorted(Counter(it.label for it in items).items()))
-        log.info("data: source=%s items=%d labels=%s splits=%s", name, len(items), counts, self.splits.sizes())
+        val, calib, test = self.holdout
+        if corpus.eval is not None and test > 0:
+            raise ValueError(f"data.holdout: the test share must be 0 when there is an evaluation file "
+                             f"({corpus.eval_file or 'generated'}), got {test}")
+        if corpus.eval is None and test == 0:
+            raise ValueError(f"data.holdout: task {self.task.name!r} has no evaluation file here, so the test share "
+                             f"must be > 0, got {self.holdout}")
+        carved = split_items(corpus.train, fractions=(1 - val - calib - test, val, calib, test), seed=self.seed)
+        train = stratified_subset(carved.train, self.limit, seed=self.seed)
+        self.splits = Splits(train=train, val=carved.val, calib=carved.calib,
+                             test=carved.test if corpus.eval is None else list(corpus.eval))
+        self.corpus = corpus
+        self.source_name = corpus.name
+        counts = dict(sorted(Counter(it.label for it in train).items()))
+        log.info("data: task=%s source=%s train labels=%s splits=%s", self.task.name, corpus.name, counts,
+                 self.splits.sizes())
 
     def _splits(self) -> Splits:
         if self.splits is None:

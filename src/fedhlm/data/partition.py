@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhlm.data.items import NUM_CLASSES, NewsItem
+from fedhlm.data.items import NewsItem
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _repair(buckets: list[list[int]], min_size: int, rng: np.random.Generator) -
 
 
 def label_histograms(
-    labels: Sequence[int], parts: Sequence[Sequence[int]], num_classes: int = NUM_CLASSES
+    labels: Sequence[int], parts: Sequence[Sequence[int]], num_classes: int
 ) -> np.ndarray:
     """Items of each class per client, shape [num_clients, num_classes]."""
     y = np.asarray(labels, dtype=np.int64)

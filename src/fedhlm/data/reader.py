@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
 
-from fedhlm.data.items import NUM_CLASSES, NewsItem
+from fedhlm.data.items import NewsItem
 
 _ENTITY_NAMES = {"quot": '"', "amp": "&", "lt": "<", "gt": ">", "apos": "'", "nbsp": " "}
 # "&name;" or " name;" (AG News turned the "&" into a space) or a bare "name;" at a word start
@@ -80,7 +80,7 @@ def read_news_csv(
     path: str | PathLike[str],
     *,
     label_base: int = 1,
-    num_classes: int = NUM_CLASSES,
+    num_classes: int,
     columns: int | None = None,
 ) -> list[NewsItem]:
     """Read ``class,title,description`` (AG News) or ``label,text`` rows into NewsItems.

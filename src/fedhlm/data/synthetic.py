@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedhlm.data.items import NUM_CLASSES, NewsItem
+from fedhlm.data.items import NewsItem
 
-# class order follows CLASS_NAMES: World, Sports, Business, Sci/Tech
+# class order follows the AG News task: World, Sports, Business, Sci/Tech (more topics for more classes)
 TOPIC_WORDS: tuple[tuple[str, ...], ...] = (
     (
         "government", "minister", "president", "election", "parliament", "war", "troops",
@@ -44,6 +44,13 @@ TOPIC_WORDS: tuple[tuple[str, ...], ...] = (
         "linux", "virus", "hacker", "space", "nasa", "scientists", "research", "researchers",
         "planet", "mars", "telescope", "species", "climate", "digital", "server", "browser",
         "email", "laptop", "robot", "windows", "processor", "astronomers", "satellite",
+    ),
+    (
+        "film", "actor", "actress", "singer", "album", "band", "concert", "director", "movie",
+        "oscar", "award", "festival", "chart", "music", "theatre", "comedy", "drama", "television",
+        "series", "star", "celebrity", "premiere", "box", "office", "hollywood", "studio", "song",
+        "tour", "soundtrack", "novel", "author", "gallery", "musical", "dance", "radio", "show",
+        "sequel", "audience", "critics", "rapper",
     ),
 )
 # topic-free words every article draws from (the margin of an easy article is the
@@ -82,7 +89,7 @@ def _sentence(rng: np.random.Generator, words: list[str]) -> str:
 
 
 def synthetic_corpus(
-    n: int, *, seed: int = 0, hard_fraction: float = 0.2, num_classes: int = NUM_CLASSES
+    n: int, *, seed: int = 0, hard_fraction: float = 0.2, num_classes: int = 4
 ) -> list[NewsItem]:
     """``n`` generated articles, labels balanced (counts differ by at most one), same for the same seed.
 

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.models.llm.LLMRefiner",
                          "head": "fedhlm.models.head_fit.CentralHeadModule"}
 # what decides the trained weights besides module and data arguments
-TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1}
+TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1,
+                              "precision": None}
+# what of a distilled SLM's data section its teacher LLM inherits: the same task, files and corpus
+TEACHER_DATA_KEYS = ("task", "source", "train_path", "eval_path", "synthetic_size")
 DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}, "head": {"max_epochs": 1}}
 # modules whose code decides the trained weights, by module name: the fingerprint reads their source
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
@@ -73,13 +76,23 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
 
 
+def with_data_task(model: Mapping[str, Any] | None, data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Module arguments whose ``task`` is the data's: ``data.task`` is the one source of a fit's task."""
+    from fedhlm.data.module import NewsDataModule
+
+    task = dict(data or {}).get("task", _signature_defaults(NewsDataModule)["task"])
+    return {**dict(model or {}), "task": task}
+
+
 def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
                 trainer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The configuration that identifies a trained model, with every default written out."""
     from fedhlm.data.module import NewsDataModule
 
-    model_args = {**_signature_defaults(module_class(kind)), **dict(model or {})}
+    model_args = {**_signature_defaults(module_class(kind)), **with_data_task(model, data)}
     data_args = {**_signature_defaults(NewsDataModule), **dict(data or {})}
+    if "teacher" in model_args:
+        model_args["teacher"] = resolve_teacher(model_args["teacher"], data_args)
     data_args.pop("num_workers", None)  # does not change the result
     trainer_args = dict(trainer or {})
     train_args = {k: trainer_args.get(k, default) for k, default in TRAIN_KEYS.items()}
@@ -121,6 +134,68 @@ def _normalised_tree(source: str) -> str:
                 if hasattr(node, field):
                     delattr(node, field)
     return ast.dump(tree)
+
+
+def read_fit_config(path: str | Path) -> dict[str, Any]:
+    """The model / data / trainer sections of a `fedhlm fit` YAML, as get_or_train takes them.
+
+    Read by the Lightning CLI's parser over the classes `fedhlm fit` uses, so a key the fit would
+    refuse (a misspelt init arg, an unknown data option) fails here, before any training; model
+    and data come back with every default written out, the trainer section as given.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentError, namespace_to_dict
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from fedhlm.data.module import NewsDataModule
+
+    path = config_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} not found")
+    parser = LightningArgumentParser(exit_on_error=False, allow_abbrev=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--seed_everything", type=bool | int, default=True)
+    for name, kind in (("cache", bool | None), ("cache_name", str | None), ("ckpt_path", str | None)):
+        parser.add_argument(f"--{name}", type=kind, default=None)  # `fedhlm fit` options: allowed, unused here
+    parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True, required=False)  # as `fedhlm fit`
+    parser.add_lightning_class_args(NewsDataModule, "data")
+    parser.link_arguments("data.task", "model.init_args.task")  # as `fedhlm fit`: data.task is the one source
+    parser.add_argument("--trainer", type=dict, default={})  # as given: get_or_train adds its own defaults
+    try:
+        cfg = namespace_to_dict(parser.parse_args([f"--config={path}"] if path.read_text().strip() else []))
+    except ArgumentError as exc:
+        raise ValueError(f"model config {path}: {' '.join(str(exc).split())}") from None
+    return {
+        "model": dict((cfg.get("model") or {}).get("init_args") or {}),
+        "data": dict(cfg["data"]),
+        "trainer": dict(cfg["trainer"] or {}),
+    }
+
+
+CONFIG_PREFIX = "config:"
+
+
+def config_path(path: str | Path) -> Path:
+    """A fit config's path: as given (relative to the working directory), else relative to the repository."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        repo = Path(__file__).resolve().parents[3] / p
+        if repo.exists():
+            return repo
+    return p
+
+
+def resolve_teacher(spec: str | None, data: Mapping[str, Any] | None = None, progress: bool = True) -> str | None:
+    """A teacher given as ``config:<llm fit YAML>`` becomes ``cache:<folder>`` of that LLM (trained once when
+    missing), on the student's task and files (``data``'s TEACHER_DATA_KEYS); other specs are returned as they
+    are. The folder name carries the LLM's hash, so a changed LLM config changes the distilled SLM's key too."""
+    if spec is None or not str(spec).startswith(CONFIG_PREFIX):
+        return spec
+    cfg = read_fit_config(str(spec)[len(CONFIG_PREFIX):])
+    cfg["data"].update({k: v for k, v in dict(data or {}).items() if k in TEACHER_DATA_KEYS})
+    cfg["model"] = with_data_task(cfg["model"], cfg["data"])
+    folder = get_or_train("llm", cfg, progress=progress)
+    return f"cache:{folder.name}"
 
 
 def save_to_cache(module: Any, folder: Path, metrics: Mapping[str, Any]) -> Path:
@@ -165,7 +240,7 @@ def get_or_train(
     from fedhlm.data.module import NewsDataModule
 
     datamodule = data if data is not None else NewsDataModule(**data_args)
-    module = module_class(kind)(**dict(config.get("model") or {}))
+    module = module_class(kind)(**{k: full["model"][k] for k in with_data_task(config.get("model"), data_args)})
     trainer = Trainer(
         **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
            "enable_progress_bar": progress, "enable_model_summary": False, **trainer_args}

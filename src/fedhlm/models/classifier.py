@@ -2,7 +2,7 @@
 
 A prompt ``[CLS] article topic :`` is classified by the next-token distribution after
 ":"; training is cross-entropy over the *full vocabulary* on the verbaliser token of the
-true class, so the model learns to put its mass on the four verbalisers (what is routed
+true class, so the model learns to put its mass on the task's verbalisers (what is routed
 and verified is the full next-token distribution). The class decision renormalises the
 next-token probabilities over the verbalisers (mass elsewhere is ignored, not given to
 any class). :class:`~fedhlm.models.slm.SLMModule` and :class:`~fedhlm.models.llm.LLMRefiner` subclass
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
-from fedhlm.data import NUM_CLASSES, load_tokenizer, verbaliser_token_ids
+from fedhlm.data import DEFAULT_TASK, load_task, load_tokenizer, verbaliser_token_ids
 from fedhlm.models.backbone import (
     BackboneSpec,
     build_backbone,
@@ -32,6 +32,14 @@ from fedhlm.models.backbone import (
 )
 
 Batch = dict[str, torch.Tensor]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant (total 0) or linear to 0 at ``total``."""
+    factor = min(1.0, (step + 1) / max(warmup, 1))
+    if total > 0:
+        factor *= max(0.0, 1.0 - step / total)
+    return factor
 
 
 class NextTokenClassifier(LightningModule):
@@ -50,7 +58,10 @@ class NextTokenClassifier(LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps of the learning rate.
+        lr_schedule: after warm-up, "constant" or "linear" decay to 0 at the last step of the fit.
         seed: seeds the random decoder, and the random generator when training starts (dropout).
+        task: the task whose verbalisers are the classes (a shipped name or a task YAML); the
+            fit configs take it from ``data.task``, its one source.
     """
 
     def __init__(
@@ -67,14 +78,20 @@ class NextTokenClassifier(LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         seed: int = 0,
+        task: str = DEFAULT_TASK,
+        lr_schedule: Literal["constant", "linear"] = "constant",
     ) -> None:
         super().__init__()
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"model.lr_schedule: must be 'constant' or 'linear', got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        self.task = load_task(task)
         self.lr = lr
         self._seed = seed
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.tokenizer = load_tokenizer(tokenizer)
-        self.verbaliser_ids: list[int] = verbaliser_token_ids(self.tokenizer)
+        self.verbaliser_ids: list[int] = verbaliser_token_ids(self.tokenizer, self.task)
         self.register_buffer("_verbalisers", torch.tensor(self.verbaliser_ids, dtype=torch.long), persistent=False)
         spec = BackboneSpec(
             pretrained=pretrained, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -85,9 +102,9 @@ class NextTokenClassifier(LightningModule):
         self.model = build_backbone(spec, vocab_size=len(self.tokenizer), pad_token_id=pad).train()
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"),
-                "macro_f1": MulticlassF1Score(num_classes=NUM_CLASSES, average="macro"),
-                "ece": MulticlassCalibrationError(num_classes=NUM_CLASSES, n_bins=15),
+                "acc": MulticlassAccuracy(num_classes=self.task.num_classes, average="micro"),
+                "macro_f1": MulticlassF1Score(num_classes=self.task.num_classes, average="macro"),
+                "ece": MulticlassCalibrationError(num_classes=self.task.num_classes, n_bins=15),
             }
         )
         self.val_metrics = metrics.clone(prefix="val_")
@@ -164,10 +181,11 @@ class NextTokenClassifier(LightningModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and self.lr_schedule == "constant":
             return optimizer
         warm = max(self.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+        total = int(self.trainer.estimated_stepping_batches) if self.lr_schedule == "linear" else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warm, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- persistence ---------------------------------------------------------------------

@@ -185,15 +185,27 @@ def head_parameters(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return {"mode": "scalar", "params": params, "min_temperature": 1e-3, "entropy_index": FEATURE_NAMES.index("entropy")}
 
 
-def prompt_ids(tokenizer: Any) -> dict[str, Any]:
-    """The ids the device puts around an article, taken from the same functions fedhlm.data uses."""
-    from fedhlm.data import PROMPT_SUFFIX, VERBALISERS, verbaliser_token_ids
+def model_task(folder: Path) -> str:
+    """The task a cached model was trained for (its metrics.json), else the default task."""
+    from fedhlm.data import DEFAULT_TASK
 
-    suffix = tokenizer(PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
+    metrics = folder / METRICS_FILE
+    if metrics.is_file():
+        return json.loads(metrics.read_text()).get("config", {}).get("model", {}).get("task", DEFAULT_TASK)
+    return DEFAULT_TASK
+
+
+def prompt_ids(tokenizer: Any, task: Any) -> dict[str, Any]:
+    """The ids the device puts around an article, taken from the same functions fedhlm.data uses."""
+    from fedhlm.data import load_task, verbaliser_token_ids
+
+    task = load_task(task)
+    suffix = tokenizer(task.prompt_suffix, add_special_tokens=False)["input_ids"]
     return {
+        "task": task.name, "classes": list(task.class_names),
         "cls_id": int(tokenizer.cls_token_id), "pad_id": int(tokenizer.pad_token_id or 0),
-        "suffix": PROMPT_SUFFIX, "suffix_ids": [int(i) for i in suffix],
-        "verbalisers": list(VERBALISERS), "verbaliser_ids": verbaliser_token_ids(tokenizer),
+        "suffix": task.prompt_suffix, "suffix_ids": [int(i) for i in suffix],
+        "verbalisers": list(task.verbalisers), "verbaliser_ids": verbaliser_token_ids(tokenizer, task),
     }
 
 
@@ -276,7 +288,7 @@ def export(model: str, out: str | Path, *, quantize: str | None = None, max_leng
                   "inputs": ["input_ids", "attention_mask", "last_index", *shape.past_names],
                   "outputs": ["logits", *shape.present_names]},
         "vocabulary": {"size": len(tokenizer), "hash": vocabulary_hash(out / TOKENIZER_FILE)},
-        "prompt": {**prompt_ids(tokenizer), "max_length": max_length, "format": "[CLS] {title} . {description} {suffix}"},
+        "prompt": {**prompt_ids(tokenizer, model_task(folder)), "max_length": max_length, "format": "[CLS] {title} . {description} {suffix}"},
         "routing": {k: settings[k] for k in ("topk", "samples", "sample_temperature", "normalise_entropy", "draft")},
         "feature_names": list(FEATURE_NAMES),
         "parity": {"atol": PARITY_ATOL, **parity},

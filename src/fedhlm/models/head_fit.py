@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from fedhlm.maths.speculative import VerifyMode, verify_batch
 from fedhlm.maths.threshold import HeadMode, ThresholdHead, annealed_temperature, routing_loss
+from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch
 from fedhlm.models.slm import SLMModule
 
@@ -223,7 +224,7 @@ class CentralHeadModule(HeadModule):
         lam: price of one transmission in the routing loss.
         lr: learning rate of the head.
         optimizer: a name in OPTIMIZERS.
-        normalise_entropy, samples, sample_temperature, topk, draft, tokenizer, seed: the SLM's
+        normalise_entropy, samples, sample_temperature, topk, draft, tokenizer, seed, task: the SLM's
             routing settings (see SLMModule); they decide the features and the draft.
     """
 
@@ -250,9 +251,10 @@ class CentralHeadModule(HeadModule):
         draft: Literal["greedy", "sample"] = "greedy",
         tokenizer: str | None = None,
         seed: int = 0,
+        task: str = DEFAULT_TASK,
     ) -> None:
         slm = SLMModule(
-            pretrained=pretrained, tokenizer=tokenizer, seed=seed, head_mode=head_mode, tau=tau,
+            pretrained=pretrained, tokenizer=tokenizer, seed=seed, task=task, head_mode=head_mode, tau=tau,
             temperature=temperature, learn_temperature=learn_temperature, head_hidden=head_hidden,
             freeze_to_scalar=freeze_to_scalar, normalise_entropy=normalise_entropy, samples=samples,
             sample_temperature=sample_temperature, topk=topk, draft=draft, teacher=teacher,

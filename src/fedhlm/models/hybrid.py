@@ -19,7 +19,8 @@ import torch
 
 from fedhlm.data import NewsItem, encode_prompts, prompt_text
 from fedhlm.models.llm import LLMRefiner
-from fedhlm.models.cache import get_or_train
+from fedhlm.models.cache import get_or_train, read_fit_config, with_data_task
+from fedhlm.models.store import METRICS_FILE
 from fedhlm.core.records import Drafted, TokenInput
 from fedhlm.models.slm import SLMModule
 from fedhlm.maths.speculative import VerifyMode
@@ -29,44 +30,10 @@ from fedhlm.maths.threshold import uhlm_threshold
 log = logging.getLogger(__name__)
 
 
-def read_fit_config(path: str | Path) -> dict[str, Any]:
-    """The model / data / trainer sections of a `fedhlm fit` YAML, as get_or_train takes them.
-
-    Read by the Lightning CLI's parser over the classes `fedhlm fit` uses, so a key the fit would
-    refuse (a misspelt init arg, an unknown data option) fails here, before any training; model
-    and data come back with every default written out, the trainer section as given.
-    """
-    from jsonargparse import ActionConfigFile, ArgumentError, namespace_to_dict
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from fedhlm.data.module import NewsDataModule
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} not found")
-    parser = LightningArgumentParser(exit_on_error=False, allow_abbrev=False, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_argument("--seed_everything", type=bool | int, default=True)
-    for name, kind in (("cache", bool | None), ("cache_name", str | None), ("ckpt_path", str | None)):
-        parser.add_argument(f"--{name}", type=kind, default=None)  # `fedhlm fit` options: allowed, unused here
-    parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True, required=False)  # as `fedhlm fit`
-    parser.add_lightning_class_args(NewsDataModule, "data")
-    parser.add_argument("--trainer", type=dict, default={})  # as given: get_or_train adds its own defaults
-    try:
-        cfg = namespace_to_dict(parser.parse_args([f"--config={path}"] if path.read_text().strip() else []))
-    except ArgumentError as exc:
-        raise ValueError(f"model config {path}: {' '.join(str(exc).split())}") from None
-    return {
-        "model": dict((cfg.get("model") or {}).get("init_args") or {}),
-        "data": dict(cfg["data"]),
-        "trainer": dict(cfg["trainer"] or {}),
-    }
-
-
 def _fit_config(path: str | Path, data_overrides: dict[str, Any] | None) -> dict[str, Any]:
     cfg = read_fit_config(path)
     cfg["data"].update(data_overrides or {})
+    cfg["model"] = with_data_task(cfg["model"], cfg["data"])  # an overridden data.task is the models' task too
     return cfg
 
 
@@ -97,7 +64,7 @@ class DraftingSLM:
         start = time.perf_counter()
         for lo in range(0, len(items), batch_size):
             chunk = list(items[lo : lo + batch_size])
-            batch = encode_prompts(self.tokenizer, chunk, max_length=self.max_length)
+            batch = encode_prompts(self.tokenizer, chunk, max_length=self.max_length, suffix=self.slm.task.prompt_suffix)
             out = self.slm.route_batch(batch)
             for i, item in enumerate(chunk):
                 last = int(batch["last_index"][i])
@@ -119,7 +86,7 @@ class ServingLLM:
 
     def __init__(self, config: dict[str, Any], folder: Path) -> None:
         self.config, self.folder = config, folder
-        self.llm = LLMRefiner(pretrained=str(folder)).eval()
+        self.llm = LLMRefiner(pretrained=str(folder), task=config["model"]["task"]).eval()
         self.tokenizer = self.llm.tokenizer
 
     @torch.no_grad()
@@ -150,7 +117,7 @@ class HybridModels:
         self.serving = load_llm(llm_config, data_overrides=data_overrides, progress=progress)
         self.configs = {"slm": self.drafting.config, "llm": self.serving.config}
         self.folders = {"slm": self.drafting.folder, "llm": self.serving.folder}
-        split_keys = ("source", "path", "seed", "limit", "fractions", "synthetic_size")
+        split_keys = ("task", "source", "train_path", "eval_path", "seed", "holdout", "synthetic_size")
         slm_data, llm_data = self.configs["slm"]["data"], self.configs["llm"]["data"]
         if any(slm_data.get(k) != llm_data.get(k) for k in split_keys):
             log.warning("the SLM and LLM configs split the data differently (%s vs %s): the LLM may have seen "
@@ -161,6 +128,18 @@ class HybridModels:
         self.draft = self.drafting.draft
         self.q_fn = self.serving.q_fn
         self._calib_beta: dict[tuple, np.ndarray] = {}  # (uids, mode) -> beta: a lambda sweep asks again and again
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """What each model's metrics.json says of it (test accuracy, macro-F1, ECE, parameters, train time)."""
+        import json
+
+        keys = ("test_acc", "test_macro_f1", "test_ece", "params", "train_seconds", "data_source", "data_sizes")
+        out = {}
+        for kind, folder in self.folders.items():
+            path = folder / METRICS_FILE
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+            out[kind] = {k: metrics.get(k) for k in keys}
+        return out
 
     @torch.no_grad()
     def llm_verdicts(self, drafts: Sequence[TokenInput], mode: VerifyMode, batch_size: int = 64

@@ -13,10 +13,11 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch, NextTokenClassifier
 from fedhlm.models.backbone import cache_length, extend_cache, next_token_logits
 from fedhlm.maths.speculative import VerifyMode, verify
@@ -59,12 +60,15 @@ class LLMRefiner(NextTokenClassifier):
         weight_decay: float = 0.01,
         warmup_steps: int = 30,
         seed: int = 0,
+        task: str = DEFAULT_TASK,
+        lr_schedule: Literal["constant", "linear"] = "constant",
         max_sessions: int = 256,
     ) -> None:
         super().__init__(
             pretrained=pretrained, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
             intermediate_size=intermediate_size, max_position=max_position, embeddings_from=embeddings_from,
-            tokenizer=tokenizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed,
+            tokenizer=tokenizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, task=task,
+            lr_schedule=lr_schedule,
         )
         self.save_hyperparameters()
         if max_sessions < 1:

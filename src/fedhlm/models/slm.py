@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch, NextTokenClassifier
 from fedhlm.models.backbone import load_causal_lm, next_token_logits
 from fedhlm.models.store import HEAD_FILE, resolve_model_path
@@ -74,7 +75,8 @@ class SLMModule(NextTokenClassifier):
         sample_temperature: their temperature.
         topk: entries of the distribution uploaded with an offloaded token.
         draft: "greedy" (class prediction) or "sample" (from the uploaded top-k); see DRAFTS.
-        teacher: LLM folder to distil from (and whose verdicts label a central head fit).
+        teacher: LLM folder to distil from (and whose verdicts label a central head fit); ``config:<llm YAML>``
+            names the cached LLM of that fit config.
         distill_weight: weight of the distillation term (0 = off).
         distill_temperature: temperature of the distillation softmax.
     """
@@ -93,6 +95,8 @@ class SLMModule(NextTokenClassifier):
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
         seed: int = 0,
+        task: str = DEFAULT_TASK,
+        lr_schedule: Literal["constant", "linear"] = "constant",
         head_mode: HeadMode = "scalar",
         tau: float = 0.5,
         temperature: float = 0.1,
@@ -111,7 +115,8 @@ class SLMModule(NextTokenClassifier):
         super().__init__(
             pretrained=pretrained, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
             intermediate_size=intermediate_size, max_position=max_position, embeddings_from=embeddings_from,
-            tokenizer=tokenizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed,
+            tokenizer=tokenizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, task=task,
+            lr_schedule=lr_schedule,
         )
         self.save_hyperparameters()
         if draft not in DRAFTS:
@@ -128,8 +133,13 @@ class SLMModule(NextTokenClassifier):
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
         self._aux: dict[str, Any] = {}  # unregistered: the teacher is neither trained nor checkpointed
+        # the frozen teacher's class logits per training article (uid), computed on first sight: epochs after
+        # the first cost no teacher forward pass (the teacher is in eval mode, so its logits do not change)
+        self._teacher_memo: dict[int, torch.Tensor] = {}
         if teacher is not None:
-            teacher_model = load_causal_lm(teacher)
+            from fedhlm.models.cache import resolve_teacher  # lazy: the cache trains models of this kind
+
+            teacher_model = load_causal_lm(resolve_teacher(teacher))
             teacher_model.eval().requires_grad_(False)
             self._aux["teacher"] = teacher_model
         self._generator: torch.Generator | None = None
@@ -225,6 +235,7 @@ class SLMModule(NextTokenClassifier):
 
     def set_teacher(self, model: torch.nn.Module | None) -> None:
         """Attach an LLM (a HF causal LM) to distil from; it is never trained or saved."""
+        self._teacher_memo.clear()
         if model is None:
             self._aux.pop("teacher", None)
         else:
@@ -238,6 +249,16 @@ class SLMModule(NextTokenClassifier):
         with torch.no_grad():
             return next_token_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["last_index"]).float()
 
+    def teacher_class_logits(self, batch: Batch) -> torch.Tensor:
+        """The teacher's class logits [B, C] of a training batch, from the memo where every uid is known."""
+        uids = batch["uid"].tolist() if "uid" in batch else None
+        if uids is not None and all(u in self._teacher_memo for u in uids):
+            return torch.stack([self._teacher_memo[u] for u in uids]).to(self.device)
+        out = self.class_logits(self.teacher_logits(batch))
+        if uids is not None:
+            self._teacher_memo.update({u: row.detach().cpu() for u, row in zip(uids, out)})
+        return out
+
     # ---- training: the language model ------------------------------------------------------
     def lm_target_loss(self, batch: Batch) -> torch.Tensor:
         """CE on the verbaliser token (+ distillation of the teacher's class distribution)."""
@@ -246,7 +267,7 @@ class SLMModule(NextTokenClassifier):
         if self.distill_weight > 0:
             t = self.distill_temperature
             student = F.log_softmax(self.class_logits(logits).float() / t, dim=-1)
-            target = F.softmax(self.class_logits(self.teacher_logits(batch)) / t, dim=-1)
+            target = F.softmax(self.teacher_class_logits(batch) / t, dim=-1)
             loss = loss + self.distill_weight * (t * t) * F.kl_div(student, target, reduction="batchmean")
         return loss
 
@@ -256,6 +277,7 @@ class SLMModule(NextTokenClassifier):
         return loss
 
     def on_fit_start(self) -> None:
+        self._teacher_memo.clear()  # uids name articles of one training split
         # Unlike the LLM, the SLM is not reseeded here: building its backbone seeded the generator
         # (BackboneSpec.seed) on both the CLI and get_or_train paths, and the cached SLMs were trained from that state.
         pass

@@ -116,9 +116,9 @@ def cached_models(root: Path | None = None) -> list[tuple[Path, dict[str, Any]]]
 
 
 def latest(name: str, root: Path | None = None) -> Path:
-    """The newest complete cached model called ``name`` (folder ``<name>-<hash>``)."""
+    """The newest complete cached model called ``name`` (folder ``<name>-<hash>``), or the folder named exactly ``name``."""
     base = root or cache_root()
     for folder, _ in cached_models(base):
-        if folder.name.rsplit("-", 1)[0] == name:
+        if name in (folder.name, folder.name.rsplit("-", 1)[0]):
             return folder
     raise ModelFolderError(f"no cached model named {name!r} in {base} (train one with `fedhlm fit --config configs/{name}.yaml`)")

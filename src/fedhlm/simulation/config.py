@@ -28,7 +28,7 @@ from fedhlm.core.settings import (
 )
 from fedhlm.simulation.methods import METHOD_NAMES
 
-DataSource = Literal["auto", "ag_news", "csv", "synthetic"]
+DataSource = Literal["auto", "files", "synthetic"]
 _ROOT = "sim"  # the parser's key for SimConfig; stripped from the names errors give
 
 
@@ -38,8 +38,10 @@ class ConfigError(SettingError):
 
 @dataclass
 class DataConfig:
-    source: DataSource = "auto"
-    path: str | None = None  # file or folder; default: FEDHLM_DATA, then ../shared/data/ag_news
+    task: str | None = None  # a shipped task (configs/tasks/<name>.yaml) or a task YAML; None: the model configs'
+    source: DataSource = "auto"  # auto: the task's files when found, else the generated corpus; files: or fail
+    train_path: str | None = None  # training file; default: the task's, in FEDHLM_DATA or ../shared/data/<folder>
+    eval_path: str | None = None  # evaluation file; default: the task's (the test inputs come from it)
     inputs: int = 400  # test inputs spread over the clients (0 = the whole test split)
     alpha: float | None = None  # Dirichlet concentration over labels; None = IID
 
@@ -47,6 +49,18 @@ class DataConfig:
         check_choice("data", "source", self.source, DataSource)
         check_range("data", "inputs", self.inputs, 0)
         check_range("data", "alpha", self.alpha, 0, lo_open=True)
+        if self.task is not None:
+            from fedhlm.data.task import TaskError, load_task
+
+            try:
+                load_task(self.task)
+            except TaskError as err:
+                raise ConfigError(f"data.task: {err}") from None
+
+    def model_overrides(self) -> dict[str, Any]:
+        """What this section changes in both models' ``data`` sections (so they train on and test this data)."""
+        given = {"task": self.task, "train_path": self.train_path, "eval_path": self.eval_path}
+        return {"source": self.source, **{k: v for k, v in given.items() if v is not None}}
 
 
 @dataclass

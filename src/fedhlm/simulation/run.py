@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Prepared:
     """Everything the methods of one run share: the models, the test items, the calibration drafts, the plan."""
 
     source: str
+    task: Any  # data.Task: the classes the test items are labelled in
     models: Any  # models.hybrid.HybridModels
     items: list[Any]  # the test NewsItems, in plan order
     calib: list[TokenInput]  # the calibration split drafted centrally (U-HLM's fit)
@@ -66,6 +67,7 @@ class Prepared:
     embedder: Any | None  # models.embedder.ContextEmbedder for the P2P methods
     plan: ClientPlan | None = None
     init_tau: float = UNCALIBRATED_TAU
+    files: dict[str, Any] = field(default_factory=dict)  # training / evaluation file and overlap dropped
 
     @property
     def embedder_name(self) -> str:
@@ -246,7 +248,7 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
 def prepare(cfg: SimConfig, progress: bool = True) -> Prepared:
     """Data, models, calibration, partition and clusters: everything the methods share."""
     prep = prepare_inputs(cfg, progress)
-    prep.plan = plan_clients(cfg, prep.items)
+    prep.plan = plan_clients(cfg, prep.items, prep.task.num_classes)
     return prep
 
 
@@ -256,8 +258,7 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     from fedhlm.models.embedder import ContextEmbedder
     from fedhlm.models.hybrid import HybridModels
 
-    data_overrides = {"source": cfg.data.source, "path": cfg.data.path}
-    models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=data_overrides, top_k=cfg.routing.top_k,
+    models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
                           progress=progress)
     # the SLM's own data module gives the split it was trained on: the test inputs are held out
     datamodule = NewsDataModule(**models.configs["slm"]["data"])
@@ -265,9 +266,12 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     splits = datamodule.splits
     test = test_items(cfg, splits)
     wants_peers = any(METHODS[m].p2p for m in cfg.methods) or bool(cfg.delta_sweep)
-    return Prepared(source=datamodule.source_name, models=models, items=test,
+    corpus = datamodule.corpus
+    return Prepared(source=datamodule.source_name, task=datamodule.task, models=models, items=test,
                     calib=models.draft(list(splits.calib)).inputs, split_sizes=splits.sizes(),
-                    embedder=ContextEmbedder() if wants_peers else None)
+                    embedder=ContextEmbedder() if wants_peers else None,
+                    files={"train": corpus.train_file, "eval": corpus.eval_file,
+                           "dropped_overlap": corpus.dropped_overlap})
 
 
 def test_items(cfg: SimConfig, splits: Any) -> list[Any]:
@@ -280,7 +284,7 @@ def test_items(cfg: SimConfig, splits: Any) -> list[Any]:
     return test
 
 
-def plan_clients(cfg: SimConfig, items: Sequence[Any]) -> ClientPlan:
+def plan_clients(cfg: SimConfig, items: Sequence[Any], num_classes: int) -> ClientPlan:
     """Share the items among the clients (IID or Dirichlet), cluster the clients onto edges, cut rounds."""
     from fedhlm.data import label_histograms, partition
     from fedhlm.simulation.clustering import assign_clients
@@ -288,7 +292,7 @@ def plan_clients(cfg: SimConfig, items: Sequence[Any]) -> ClientPlan:
     ids = client_ids(cfg.federation.clients)
     labels = [d.label for d in items]
     parts = partition(labels, len(ids), alpha=cfg.data.alpha, seed=cfg.seed)
-    hist = label_histograms(labels, parts)
+    hist = label_histograms(labels, parts, num_classes)
     profiles = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     assignment = assign_clients(ids, cfg.federation.edges, cfg.federation.clustering, profiles=profiles,
                                 given=cfg.federation.assignment, seed=cfg.seed)
@@ -312,12 +316,16 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     try:
         print("[fedhlm] preparing data and models ...", flush=True)
         prep = prepare(cfg, progress=show_progress)
-        report["data"] = {"source": prep.source, "test_inputs": len(prep.items), "splits": prep.split_sizes,
+        report["data"] = {"task": prep.task.name, "classes": list(prep.task.class_names),
+                          "verbalisers": list(prep.task.verbalisers), "source": prep.source, **prep.files,
+                          "test_inputs": len(prep.items), "splits": prep.split_sizes,
                           "label_histograms": prep.plan.label_histograms, "assignment": prep.plan.assignment}
         if prep.source == "synthetic":
-            print("[fedhlm] WARNING: AG News not found; running on the GENERATED synthetic corpus", flush=True)
-            report["data"]["warning"] = "AG News not found: results are on the generated synthetic corpus"
+            print(f"[fedhlm] WARNING: {prep.task.name} files not found; running on the GENERATED synthetic corpus",
+                  flush=True)
+            report["data"]["warning"] = f"{prep.task.name} not found: results are on the generated synthetic corpus"
         report["models"] = {k: str(v) for k, v in prep.models.folders.items()}
+        report["model_metrics"] = prep.models.metrics()
         static = prep.models.static_threshold(prep.calib, cfg.routing.lam, cfg.routing.verify)
         report["static_hlm"] = static
         prep.init_tau = static["tau"] if cfg.routing.init_tau is None else cfg.routing.init_tau
