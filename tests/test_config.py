@@ -172,7 +172,7 @@ def test_read_fit_config_sections() -> None:
     assert cfg["model"]["hidden_size"] == 128 and cfg["model"]["pretrained"] is None
     assert cfg["model"]["weight_decay"] == 0.01  # a default the YAML leaves out, written out
     assert cfg["data"]["max_length"] == 64 and cfg["data"]["source"] == "auto"
-    assert cfg["trainer"] == {"max_epochs": 4, "accelerator": "auto", "devices": 1}  # only what the YAML gives
+    assert cfg["trainer"] == {"max_epochs": 3, "accelerator": "auto", "devices": 1}  # only what the YAML gives
     assert hybrid.read_fit_config(CONFIGS / "llm.yaml")["model"]["pretrained"] == "minilm"
 
 

@@ -40,7 +40,7 @@ def test_print_config_shows_the_module_and_data_arguments(capsys):
         main(["fit", "--config", str(CONFIGS / "slm.yaml"), "--print_config"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: fedhlm.models.slm.SLMModule" in out and "topk: 8" in out and "distill_weight: 0.0" in out
+    assert "class_path: fedhlm.models.slm.SLMModule" in out and "topk: 8" in out and "distill_weight: 1.0" in out
     assert "source: auto" in out and "cache: true" in out
 
 

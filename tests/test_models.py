@@ -195,6 +195,60 @@ def test_distillation_adds_the_kl_to_the_teachers_class_distribution(tiny_llm_fo
     assert student.lm_target_loss(batch).item() == pytest.approx((plain + 0.5 * 4.0 * kl).item(), rel=1e-4)
 
 
+def test_distillation_asks_the_teacher_once_per_training_article(tiny_llm_folder, tokenizer, monkeypatch):
+    student = SLMModule(**TINY, teacher=str(tiny_llm_folder), distill_weight=0.5).eval()
+    batch = prompts(tokenizer, 8)
+    calls = []
+    real = student.teacher_logits
+    monkeypatch.setattr(student, "teacher_logits", lambda b: calls.append(len(b["uid"])) or real(b))
+    first = student.lm_target_loss(batch).item()
+    assert student.lm_target_loss(batch).item() == pytest.approx(first, rel=1e-6)  # the memo gives the same targets
+    assert calls == [8]
+    student.on_fit_start()  # a new fit: uids may name other articles
+    student.lm_target_loss(batch)
+    assert calls == [8, 8]
+
+
+def test_a_config_teacher_is_the_cached_llm_of_that_config_on_the_students_data(tmp_path, monkeypatch):
+    import yaml
+
+    from fedhlm.models import cache
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    data = {"source": "synthetic", "synthetic_size": 160, "max_length": 32, "batch_size": 32}
+    llm_yaml = tmp_path / "llm.yaml"
+    llm_yaml.write_text(yaml.safe_dump({
+        "model": {"class_path": "fedhlm.models.llm.LLMRefiner", "init_args": {"pretrained": None, **TINY}},
+        "data": data, "trainer": {"max_steps": 1, "limit_val_batches": 1, "limit_test_batches": 1}}))
+    spec = f"config:{llm_yaml}"
+    resolved = cache.resolve_teacher(spec, {**data, "synthetic_size": 200}, progress=False)
+    assert resolved.startswith("cache:llm-")
+    saved = json.loads((tmp_path / "home" / "models" / resolved[len("cache:"):] / "metrics.json").read_text())
+    assert saved["config"]["data"]["synthetic_size"] == 200  # the teacher learnt on the student's corpus
+    assert cache.resolve_teacher(spec, {**data, "synthetic_size": 200}, progress=False) == resolved  # cached
+    assert cache.resolve_teacher(str(tmp_path), None) == str(tmp_path)  # a folder is left as it is
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_prompt_attention_decides_what_an_early_position_sees_and_is_saved(tiny_llm_folder, tokenizer, tmp_path, mode):
+    llm = LLMRefiner(pretrained=str(tiny_llm_folder), prompt_attention=mode).eval()
+    batch = prompts(tokenizer, 2)
+    ids = batch["input_ids"][:1].clone()
+    changed = ids.clone()
+    changed[0, 3] = tokenizer.convert_tokens_to_ids("football")
+    with torch.no_grad():
+        a = llm.model.bert(input_ids=ids).last_hidden_state[0, 1]
+        b = llm.model.bert(input_ids=changed).last_hidden_state[0, 1]
+    assert torch.allclose(a, b, atol=1e-6) == (mode == "causal")  # position 1 sees position 3 only bidirectionally
+    folder = llm.save_pretrained(str(tmp_path / mode))
+    again = LLMRefiner(pretrained=folder).eval()  # None: as saved
+    assert again.model.config.is_decoder == (mode == "causal")
+    assert torch.allclose(again.q_probs(batch), llm.q_probs(batch), atol=1e-6)
+    if mode == "bidirectional":
+        with pytest.raises(ValueError, match="sessions need prompt_attention: causal"):
+            again.session_q("s", ids[0], 0)
+
+
 def test_sampled_drafts_come_from_the_uploaded_topk(tokenizer):
     slm = SLMModule(**TINY, topk=4, draft="sample")
     out = slm.route_batch(prompts(tokenizer, 16))
@@ -408,10 +462,11 @@ def test_get_or_train_trains_once_and_lists_the_model(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 def test_real_models_trained_briefly_on_ag_news_rank_llm_over_slm_over_chance(tmp_path, monkeypatch):
     csv = ag_news_path()
-    if csv is None:
-        pytest.skip("AG News slice not found (set FEDHLM_DATA or place ../shared/data/ag_news/ag_news_dev.csv)")
+    if csv is None or not (csv.parent / "ag_news_train.csv").is_file():
+        pytest.skip("AG News not found (set FEDHLM_DATA or place ../shared/data/ag_news/)")
     monkeypatch.setenv("FEDHLM_HOME", str(tmp_path))
-    data = {"source": "ag_news", "path": str(csv), "limit": 1200, "batch_size": 32, "max_length": 48}
+    data = {"task": "ag_news", "source": "files", "train_path": str(csv.parent / "ag_news_train.csv"),
+            "eval_path": str(csv), "limit": 1200, "eval_limit": 800, "batch_size": 32, "max_length": 48}
     trainer = {"accelerator": "cpu", "limit_val_batches": 0, "num_sanity_val_steps": 0}
     slm = get_or_train("slm", {"data": data, "model": {"lr": 3e-3, "warmup_steps": 10},
                               "trainer": {**trainer, "max_epochs": 3}}, progress=False)

@@ -17,15 +17,16 @@ DATA = {"source": "synthetic", "synthetic_size": 320, "max_length": 32, "batch_s
 TRAINER = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 2}
 
 
-def tiny_configs(tmp_path) -> tuple[str, str]:
+def tiny_configs(tmp_path, data: dict | None = None) -> tuple[str, str]:
+    data = data or DATA
     slm = tmp_path / "slm.yaml"
     llm = tmp_path / "llm.yaml"
     slm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.models.slm.SLMModule",
                                              "init_args": {"pretrained": None, **TINY_BACKBONE, "topk": 4}},
-                                   "data": DATA, "trainer": TRAINER}))
+                                   "data": data, "trainer": TRAINER}))
     llm.write_text(yaml.safe_dump({"model": {"class_path": "fedhlm.models.llm.LLMRefiner",
                                              "init_args": {"pretrained": None, **TINY_BACKBONE}},
-                                   "data": DATA, "trainer": TRAINER}))
+                                   "data": data, "trainer": TRAINER}))
     return str(slm), str(llm)
 
 
@@ -66,6 +67,40 @@ def test_small_simulation_writes_a_consistent_report(tiny_cfg, tmp_path) -> None
     assert any(t["goal"].startswith("FedHLM sends the LLM") for t in saved["targets"])
     for png in ("llm_per_round.png", "accuracy_vs_transmissions.png", "threshold_convergence.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_five_class_csv_trains_and_simulates_in_its_own_classes(tmp_path, monkeypatch) -> None:
+    import csv
+
+    from fedhlm.data import load_task, synthetic_corpus
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    path = tmp_path / "five.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(
+            (it.label + 1, it.title, it.description) for it in synthetic_corpus(300, seed=1, num_classes=5))
+    data = {**DATA, "task": "bbc_news", "source": "files", "train_path": str(path), "holdout": [0.1, 0.1, 0.2]}
+    slm, llm = tiny_configs(tmp_path, data)
+    cfg = load_config(overrides=[
+        f"models.slm={slm}", f"models.llm={llm}", "data.inputs=0", "federation.clients=3", "federation.edges=1",
+        "federation.rounds=2", "federation.round_deadline_s=5", "methods=[slm_only,llm_only,fedhlm_no_p2p]",
+        "routing.top_k=4",
+    ])
+    report = sim.simulate(cfg, tmp_path / "run", show_progress=False)
+    assert report["status"] == "complete" and report["consistency_problems"] == []
+    task = load_task("bbc_news")
+    assert report["data"]["task"] == "bbc_news" and report["data"]["classes"] == list(task.class_names)
+    assert report["data"]["train"] == str(path) and report["data"]["eval"] is None
+    assert report["data"]["splits"] == {"train": 180, "val": 30, "calib": 30, "test": 60}
+    hist = report["data"]["label_histograms"]
+    assert len(hist) == 3 and all(len(h) == 5 for h in hist) and [sum(col) for col in zip(*hist)] == [12] * 5
+    for name, m in report["methods"].items():
+        assert m["tokens"]["total"] == 60, name
+    for kind in ("slm", "llm"):
+        saved = json.loads((tmp_path / "home" / "models" / report["models"][kind].rsplit("/", 1)[1]
+                            / "metrics.json").read_text())
+        assert saved["config"]["model"]["task"] == "bbc_news" and 0 <= saved["test_acc"] <= 1
 
 
 def test_config_error_names_the_field_before_anything_starts(tmp_path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""`fedhlm models`: the cached models with their test accuracy."""
+"""`fedhlm models`: the cached models with their task, test accuracy, macro-F1 and calibration error."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import json
 from pathlib import Path
 
 from fedhlm.models.store import HOME_VAR, cache_root, cached_models
+
+
+def _number(value: object, width: int, percent: bool = False) -> str:
+    if not isinstance(value, (int, float)):
+        return "-".rjust(width)
+    return f"{100 * value:{width - 1}.2f}%" if percent else f"{value:{width}.{3 if width < 8 else 1}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print(f"no cached models in {root}")
         return 0
-    print(f"{'model':<22} {'kind':<4} {'params':>11} {'test acc':>8} {'train s':>8}  data")
+    print(f"{'model':<22} {'kind':<4} {'task':<9} {'params':>11} {'test acc':>8} {'macro-F1':>8} {'ECE':>6} "
+          f"{'train s':>8}  data")
     for folder, m in models:
-        acc = m.get("test_acc")
-        acc_text = f"{100 * acc:7.2f}%" if isinstance(acc, (int, float)) else "       -"
-        secs = m.get("train_seconds")
-        secs_text = f"{secs:8.1f}" if isinstance(secs, (int, float)) else "       -"
-        sizes = m.get("data_sizes") or {}
-        print(f"{folder.name:<22} {m.get('kind', '?'):<4} {m.get('params', 0):>11,} {acc_text} {secs_text}  "
-              f"{m.get('data_source', '?')} {sizes}")
+        task = ((m.get("config") or {}).get("model") or {}).get("task", "?")
+        print(f"{folder.name:<22} {m.get('kind', '?'):<4} {task:<9} {m.get('params', 0):>11,} "
+              f"{_number(m.get('test_acc'), 8, percent=True)} {_number(m.get('test_macro_f1'), 8, percent=True)} "
+              f"{_number(m.get('test_ece'), 6)} {_number(m.get('train_seconds'), 8)}  "
+              f"{m.get('data_source', '?')} {m.get('data_sizes') or {}}")
     print(f"({root})")
     return 0

@@ -41,6 +41,7 @@ class NewsDataModule(LightningDataModule):
         synthetic_size: articles in the generated training corpus (a quarter more for evaluation).
         limit: train on at most this many articles, stratified by label (after validation and
             calibration are carved); None trains on all.
+        eval_limit: test on at most this many evaluation articles, stratified; None tests on all.
         num_workers: DataLoader worker processes.
         holdout: shares of the training file kept for validation, calibration and - only
             where there is no evaluation file - testing.
@@ -59,6 +60,7 @@ class NewsDataModule(LightningDataModule):
         seed: int = 0,
         synthetic_size: int = 4000,
         limit: int | None = None,
+        eval_limit: int | None = None,
         num_workers: int = 0,
         holdout: tuple[float, float, float] = (0.03, 0.03, 0.0),
         hard_fraction: float = 0.2,
@@ -72,8 +74,9 @@ class NewsDataModule(LightningDataModule):
         if len(shares) != 3 or any(x < 0 for x in shares) or sum(shares) >= 1:
             raise ValueError(f"data.holdout: must be 3 non-negative shares (val, calib, test) summing to < 1, "
                              f"got {tuple(holdout)}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"data.limit: must be >= 1 (or null for all), got {limit}")
+        for name, value in (("limit", limit), ("eval_limit", eval_limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}: must be >= 1 (or null for all), got {value}")
         self.source = source
         self.train_path = train_path
         self.eval_path = eval_path
@@ -82,6 +85,7 @@ class NewsDataModule(LightningDataModule):
         self.seed = seed
         self.synthetic_size = synthetic_size
         self.limit = limit
+        self.eval_limit = eval_limit
         self.num_workers = num_workers
         self.holdout = shares
         self.hard_fraction = hard_fraction
@@ -107,10 +111,14 @@ class NewsDataModule(LightningDataModule):
         if corpus.eval is None and test == 0:
             raise ValueError(f"data.holdout: task {self.task.name!r} has no evaluation file here, so the test share "
                              f"must be > 0, got {self.holdout}")
+        if not corpus.train:
+            raise ValueError(f"data: no training article left: every one of {corpus.train_file} is also in the "
+                             f"evaluation file {corpus.eval_file} (give data.eval_path another file)")
         carved = split_items(corpus.train, fractions=(1 - val - calib - test, val, calib, test), seed=self.seed)
         train = stratified_subset(carved.train, self.limit, seed=self.seed)
+        evaluation = carved.test if corpus.eval is None else list(corpus.eval)
         self.splits = Splits(train=train, val=carved.val, calib=carved.calib,
-                             test=carved.test if corpus.eval is None else list(corpus.eval))
+                             test=stratified_subset(evaluation, self.eval_limit, seed=self.seed))
         self.corpus = corpus
         self.source_name = corpus.name
         counts = dict(sorted(Counter(it.label for it in train).items()))

@@ -47,8 +47,42 @@ def _quiet_transformers() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
+PROMPT_ATTENTION = ("causal", "bidirectional")
+ATTENTION_KEY = "fedhlm_prompt_attention"  # written into a saved model's config.json
+
+
+def prompt_attention(model: nn.Module) -> str:
+    """How the model reads a prompt: "causal" (each token sees its left) or "bidirectional" (the whole prompt)."""
+    return getattr(model.config, ATTENTION_KEY, "causal")
+
+
+def set_prompt_attention(model: nn.Module, mode: str) -> nn.Module:
+    """Make a BERT LM read the prompt causally or bidirectionally; the mode is saved with the model.
+
+    Bidirectional is a prefix LM over the prompt: the next token after the prompt is still predicted from
+    the last position, but every prompt token sees every other, as the encoder was pretrained to. It cannot
+    extend a KV cache token by token (earlier positions would change), so multi-token sessions need causal.
+    """
+    from transformers import BertLMHeadModel
+
+    if mode not in PROMPT_ATTENTION:
+        raise ValueError(f"prompt_attention must be one of {PROMPT_ATTENTION}, got {mode!r}")
+    if mode == "bidirectional" and not isinstance(model, BertLMHeadModel):
+        raise ValueError(f"{type(model).__name__}: bidirectional prompt attention needs a BERT model")
+    if isinstance(model, BertLMHeadModel):
+        model.config.is_decoder = mode == "causal"
+        for module in model.modules():
+            if hasattr(module, "is_causal") and not getattr(module, "is_cross_attention", False):
+                module.is_causal = mode == "causal"
+            if hasattr(module, "is_decoder") and module is not model.config:
+                module.is_decoder = mode == "causal"
+    setattr(model.config, ATTENTION_KEY, mode)
+    return model
+
+
 def load_causal_lm(path: str | PathLike[str]) -> nn.Module:
-    """Load a causal LM from a local folder; a BERT checkpoint becomes a tied-embedding decoder."""
+    """Load a causal LM from a local folder; a BERT checkpoint becomes a tied-embedding decoder (or, when it
+    was saved so, a bidirectional prompt reader: see :func:`set_prompt_attention`)."""
     folder = resolve_model_path(path)
     config = check_model_folder(folder)
     from transformers import AutoModelForCausalLM, BertLMHeadModel
@@ -64,7 +98,7 @@ def load_causal_lm(path: str | PathLike[str]) -> nn.Module:
     except Exception as err:  # transformers/safetensors raise many types for a bad folder
         raise ModelFolderError(f"cannot load a causal LM from {folder}: {type(err).__name__}: {err}") from err
     check_tied(model)
-    return model
+    return set_prompt_attention(model, config.get(ATTENTION_KEY, "causal"))
 
 
 def check_tied(model: nn.Module) -> None:
@@ -89,6 +123,7 @@ class BackboneSpec:
     max_position: int = 128
     embeddings_from: str | None = MINILM  # project these word/position embeddings onto hidden_size
     seed: int = 0
+    prompt_attention: str | None = None  # "causal" | "bidirectional"; None: as saved (causal for a new model)
 
 
 def bert_decoder_config(spec: BackboneSpec, vocab_size: int, pad_token_id: int = 0) -> Any:
@@ -156,8 +191,9 @@ def build_backbone(spec: BackboneSpec, vocab_size: int, pad_token_id: int = 0) -
                 f"{spec.pretrained}: vocabulary {model.get_input_embeddings().weight.shape[0]} "
                 f"is smaller than the tokenizer's {vocab_size}"
             )
-        return model
-    return build_bert_decoder(spec, vocab_size, pad_token_id)
+    else:
+        model = build_bert_decoder(spec, vocab_size, pad_token_id)
+    return set_prompt_attention(model, spec.prompt_attention) if spec.prompt_attention else model
 
 
 def save_model(model: nn.Module, folder: str | PathLike[str], tokenizer: Any | None = None) -> Path:

@@ -50,7 +50,7 @@ DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {
 TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
                  "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.data.encoding", "fedhlm.data.items",
                  "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
-                 "fedhlm.data.partition")
+                 "fedhlm.data.partition", "fedhlm.data.task")
 # what else decides a kind's trained weights: the central head fit labels its pairs with the verification maths
 KIND_CODE: dict[str, tuple[str, ...]] = {"head": ("fedhlm.models.head_fit", "fedhlm.maths.speculative")}
 
@@ -92,7 +92,7 @@ def full_config(kind: str, model: Mapping[str, Any] | None = None, data: Mapping
     model_args = {**_signature_defaults(module_class(kind)), **with_data_task(model, data)}
     data_args = {**_signature_defaults(NewsDataModule), **dict(data or {})}
     if "teacher" in model_args:
-        model_args["teacher"] = resolve_teacher(model_args["teacher"], data_args)
+        model_args["teacher"] = resolve_teacher(model_args["teacher"], data_args, train=False)
     data_args.pop("num_workers", None)  # does not change the result
     trainer_args = dict(trainer or {})
     train_args = {k: trainer_args.get(k, default) for k, default in TRAIN_KEYS.items()}
@@ -185,16 +185,18 @@ def config_path(path: str | Path) -> Path:
     return p
 
 
-def resolve_teacher(spec: str | None, data: Mapping[str, Any] | None = None, progress: bool = True) -> str | None:
-    """A teacher given as ``config:<llm fit YAML>`` becomes ``cache:<folder>`` of that LLM (trained once when
-    missing), on the student's task and files (``data``'s TEACHER_DATA_KEYS); other specs are returned as they
-    are. The folder name carries the LLM's hash, so a changed LLM config changes the distilled SLM's key too."""
+def resolve_teacher(spec: str | None, data: Mapping[str, Any] | None = None, *, train: bool = True,
+                    progress: bool = True) -> str | None:
+    """A teacher given as ``config:<llm fit YAML>`` becomes ``cache:<folder>`` of that LLM, on the student's
+    task and files (``data``'s TEACHER_DATA_KEYS): trained once when missing, or (``train=False``, what a
+    cache key needs) only named. Other specs are returned as they are. The folder name carries the LLM's
+    hash, so a changed LLM config changes the distilled SLM's key too."""
     if spec is None or not str(spec).startswith(CONFIG_PREFIX):
         return spec
     cfg = read_fit_config(str(spec)[len(CONFIG_PREFIX):])
     cfg["data"].update({k: v for k, v in dict(data or {}).items() if k in TEACHER_DATA_KEYS})
     cfg["model"] = with_data_task(cfg["model"], cfg["data"])
-    folder = get_or_train("llm", cfg, progress=progress)
+    folder = get_or_train("llm", cfg, progress=progress) if train else cache_folder("llm", cfg)[1]
     return f"cache:{folder.name}"
 
 
@@ -210,6 +212,14 @@ def save_to_cache(module: Any, folder: Path, metrics: Mapping[str, Any]) -> Path
         shutil.rmtree(folder)
     os.replace(staging, folder)
     return folder
+
+
+def cache_folder(kind: str, config: Mapping[str, Any], *, name: str | None = None, root: Path | None = None
+                 ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """(full configuration, cache folder, trainer arguments) of a model: where get_or_train puts it."""
+    trainer_args = {**DEFAULT_TRAINER[kind], **dict(config.get("trainer") or {})} if kind in DEFAULT_TRAINER else {}
+    full = full_config(kind, config.get("model"), config.get("data"), trainer_args)
+    return full, model_dir(name or kind, full, root), trainer_args
 
 
 def get_or_train(
@@ -228,13 +238,14 @@ def get_or_train(
     a few epochs). ``data`` may be a ready NewsDataModule, whose arguments then count.
     """
     config = dict(config or {})
-    trainer_args = {**DEFAULT_TRAINER[kind], **dict(config.get("trainer") or {})} if kind in DEFAULT_TRAINER else {}
     data_args = dict(data.hparams) if data is not None else dict(config.get("data") or {})
-    full = full_config(kind, config.get("model"), data_args, trainer_args)
-    folder = model_dir(name or kind, full, root)
+    full, folder, trainer_args = cache_folder(kind, {**config, "data": data_args}, name=name, root=root)
     if is_complete(folder):
         log.info("using cached %s model %s", kind, folder)
         return folder
+    teacher = dict(config.get("model") or {}).get("teacher")
+    if teacher is not None:
+        resolve_teacher(teacher, data_args, train=True, progress=progress)  # the teacher exists before the student
     from lightning.pytorch import Trainer
 
     from fedhlm.data.module import NewsDataModule
@@ -265,5 +276,18 @@ def training_metrics(module: Any, datamodule: Any, config: Mapping[str, Any], se
         "data_sizes": splits.sizes() if splits is not None else None,
         **{k: float(v) for k, v in tested.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": training_machine(),
         "config": dict(config),
     }
+
+
+def training_machine() -> dict[str, Any]:
+    """What decides the trained weights besides the config and the code: float kernels differ by CPU
+    instruction set and thread count (the order of reductions), so one machine retrains bit for bit and
+    another lands near, not on, the same weights."""
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}

@@ -59,6 +59,8 @@ class NextTokenClassifier(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps of the learning rate.
         lr_schedule: after warm-up, "constant" or "linear" decay to 0 at the last step of the fit.
+        prompt_attention: "causal" or "bidirectional" (a prefix LM over the prompt, as the pretrained
+            encoder read text; no multi-token KV sessions); None keeps a loaded model's (causal when new).
         seed: seeds the random decoder, and the random generator when training starts (dropout).
         task: the task whose verbalisers are the classes (a shipped name or a task YAML); the
             fit configs take it from ``data.task``, its one source.
@@ -80,6 +82,7 @@ class NextTokenClassifier(LightningModule):
         seed: int = 0,
         task: str = DEFAULT_TASK,
         lr_schedule: Literal["constant", "linear"] = "constant",
+        prompt_attention: Literal["causal", "bidirectional"] | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("constant", "linear"):
@@ -96,6 +99,7 @@ class NextTokenClassifier(LightningModule):
         spec = BackboneSpec(
             pretrained=pretrained, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
             intermediate_size=intermediate_size, max_position=max_position, embeddings_from=embeddings_from, seed=seed,
+            prompt_attention=prompt_attention,
         )
         pad = self.tokenizer.pad_token_id or 0
         # from_pretrained returns eval mode, which Lightning would keep during fit (no dropout)

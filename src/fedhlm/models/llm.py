@@ -20,6 +20,7 @@ import torch
 from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch, NextTokenClassifier
 from fedhlm.models.backbone import cache_length, extend_cache, next_token_logits
+from fedhlm.models.backbone import prompt_attention as attention_of
 from fedhlm.maths.speculative import VerifyMode, verify
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,14 @@ class LLMRefiner(NextTokenClassifier):
         seed: int = 0,
         task: str = DEFAULT_TASK,
         lr_schedule: Literal["constant", "linear"] = "constant",
+        prompt_attention: Literal["causal", "bidirectional"] | None = None,
         max_sessions: int = 256,
     ) -> None:
         super().__init__(
             pretrained=pretrained, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
             intermediate_size=intermediate_size, max_position=max_position, embeddings_from=embeddings_from,
             tokenizer=tokenizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, task=task,
-            lr_schedule=lr_schedule,
+            lr_schedule=lr_schedule, prompt_attention=prompt_attention,
         )
         self.save_hyperparameters()
         if max_sessions < 1:
@@ -96,6 +98,9 @@ class LLMRefiner(NextTokenClassifier):
         equal the number of tokens the session holds, else :class:`SessionMismatch`
         (the session was evicted or a message was lost) and the client resends from 0.
         """
+        if attention_of(self.model) != "causal":
+            raise ValueError(f"session {session_id}: this LLM reads prompts {attention_of(self.model)}ly, which "
+                             "cannot extend a KV cache token by token; sessions need prompt_attention: causal")
         ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long)
         ids = ids.reshape(1, -1).to(self.device)
         session = self.sessions.get(session_id)
