@@ -52,6 +52,17 @@ class FedHLMCLI(LightningCLI):
         parser.add_argument("--cache_name", type=str | None, default=None,
                             help=f"name of the cached model (default: its kind, one of {', '.join(KINDS)})")
 
+    def before_instantiate_classes(self) -> None:
+        """A ``config:<llm yaml>`` teacher becomes that LLM on this fit's task and files (trained first when
+        missing), before the student is built: the module alone would not know the fit's data."""
+        from fedhlm.models.cache import resolve_teacher
+
+        cfg = self._cfg()
+        init = getattr(cfg.model, "init_args", None) if cfg.model is not None else None
+        teacher = getattr(init, "teacher", None) if init is not None else None
+        if isinstance(teacher, str) and teacher.startswith("config:"):
+            init.teacher = resolve_teacher(teacher, _plain(cfg.data), train=True)
+
     # ---- cache bookkeeping -----------------------------------------------------------------
     def _cfg(self) -> Namespace:
         return self.config[self.subcommand]
