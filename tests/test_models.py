@@ -227,6 +227,8 @@ def test_a_config_teacher_is_the_cached_llm_of_that_config_on_the_students_data(
     assert saved["config"]["data"]["synthetic_size"] == 200  # the teacher learnt on the student's corpus
     assert cache.resolve_teacher(spec, {**data, "synthetic_size": 200}, progress=False) == resolved  # cached
     assert cache.resolve_teacher(str(tmp_path), None) == str(tmp_path)  # a folder is left as it is
+    with pytest.raises(ValueError, match="resolved on the fit's data"):
+        SLMModule(**TINY, teacher=spec)  # the module alone would train the LLM on the wrong data
 
 
 @pytest.mark.parametrize("mode", ["causal", "bidirectional"])

@@ -179,7 +179,9 @@ def config_path(path: str | Path) -> Path:
     """A fit config's path: as given (relative to the working directory), else relative to the repository."""
     p = Path(path)
     if not p.is_absolute() and not p.exists():
-        repo = Path(__file__).resolve().parents[3] / p
+        from fedhlm.data.task import REPO_ROOT
+
+        repo = REPO_ROOT / p
         if repo.exists():
             return repo
     return p

@@ -75,8 +75,8 @@ class SLMModule(NextTokenClassifier):
         sample_temperature: their temperature.
         topk: entries of the distribution uploaded with an offloaded token.
         draft: "greedy" (class prediction) or "sample" (from the uploaded top-k); see DRAFTS.
-        teacher: LLM folder to distil from (and whose verdicts label a central head fit); ``config:<llm YAML>``
-            names the cached LLM of that fit config.
+        teacher: LLM folder to distil from (and whose verdicts label a central head fit); in a fit config,
+            ``config:<llm YAML>`` names the cached LLM of that config (resolved before the module is built).
         distill_weight: weight of the distillation term (0 = off).
         distill_temperature: temperature of the distillation softmax.
     """
@@ -137,9 +137,10 @@ class SLMModule(NextTokenClassifier):
         # the first cost no teacher forward pass (the teacher is in eval mode, so its logits do not change)
         self._teacher_memo: dict[int, torch.Tensor] = {}
         if teacher is not None:
-            from fedhlm.models.cache import resolve_teacher  # lazy: the cache trains models of this kind
-
-            teacher_model = load_causal_lm(resolve_teacher(teacher))
+            if teacher.startswith("config:"):  # resolving here would train the LLM without the fit's data
+                raise ValueError(f"model.teacher {teacher!r}: a config teacher is resolved on the fit's data by "
+                                 "get_or_train or `fedhlm fit`; give the module a model folder or cache:<name>")
+            teacher_model = load_causal_lm(teacher)
             teacher_model.eval().requires_grad_(False)
             self._aux["teacher"] = teacher_model
         self._generator: torch.Generator | None = None
