@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedhlm.cli.lightning import main
-from fedhlm.models.cache import DEFAULT_TRAINER, full_config
+from fedhlm.models.cache import cache_folder, full_config, read_fit_config
 from fedhlm.models.store import cached_models, config_hash
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -54,13 +54,16 @@ def test_every_shipped_config_parses(capsys):
     assert "class_path: fedhlm.models.head_fit.CentralHeadModule" in out and "optimizer: adam" in out
 
 
-@pytest.mark.parametrize("kind", ["slm", "llm"])
-def test_shipped_config_names_the_same_cached_model_as_get_or_train_defaults(kind, capsys):
+@pytest.mark.parametrize("kind", ["slm", "llm", "head"])
+def test_shipped_config_names_the_same_cached_model_as_the_simulation(kind, capsys):
+    """`fedhlm fit --config configs/<kind>.yaml` trains the folder a simulation (read_fit_config ->
+    get_or_train) looks for: the CLI's parsed sections and the simulation's give one cache key."""
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / f"{kind}.yaml"), "--print_config"])
     parsed = yaml.safe_load(capsys.readouterr().out)
     from_cli = full_config(kind, parsed["model"]["init_args"], parsed["data"], parsed["trainer"])
-    assert config_hash(from_cli) == config_hash(full_config(kind, {}, {}, DEFAULT_TRAINER[kind]))
+    _, folder, _ = cache_folder(kind, read_fit_config(CONFIGS / f"{kind}.yaml"))
+    assert folder.name == f"{kind}-{config_hash(from_cli)}"
 
 
 def test_fast_dev_run_fits_a_tiny_model_and_saves_nothing(private_cache):

@@ -50,14 +50,26 @@ def test_duplicate_update_counts_once_and_does_not_change_aggregate() -> None:
 
 
 def test_stale_future_and_unknown_updates() -> None:
-    c = RoundCollector({"a", "b"}, deadline_s=1)
+    c = RoundCollector({"a", "b", "c"}, quorum=0.5, deadline_s=1)
     assert c.add("a", 1, _u(5.0)) == "accepted"  # early: kept for round 1
     assert c.add("x", 0, _u(5.0)) == "unknown"
     c.add("a", 0, _u(1.0))
     c.add("b", 0, _u(1.0))
-    c.close(0.0)
-    assert c.add("b", 0, _u(9.0)) == "stale"
+    c.close(2.0)  # past the deadline with a quorum: c missed round 0
+    assert c.add("c", 0, _u(9.0)) == "stale"  # late: never folded into a closed round
+    assert c.add("b", 0, _u(9.0)) == "duplicate"  # a redelivered copy of what round 0 already holds
     assert set(c.received) == {"a"}  # the early update is now in the open round
+
+
+def test_a_redelivery_is_recognised_for_a_few_closed_rounds_only() -> None:
+    from fedhlm.core.rounds import CLOSED_ROUNDS_KEPT
+
+    c = RoundCollector({"a"}, deadline_s=1)
+    for r in range(CLOSED_ROUNDS_KEPT + 1):
+        c.add("a", r, _u(1.0))
+        c.close(0.0)
+    assert c.add("a", 0, _u(1.0)) == "stale"  # forgotten: bounded memory
+    assert c.add("a", 1, _u(1.0)) == "duplicate"
 
 
 def test_bad_collector_config_names_the_field() -> None:

@@ -18,6 +18,8 @@ import numpy as np
 
 from fedhlm.core.aggregation import Aggregator, Params, WeightedParams, fedavg
 
+CLOSED_ROUNDS_KEPT = 4  # how far back a redelivered update is still recognised as a duplicate
+
 
 @dataclass
 class RoundCollector:
@@ -25,7 +27,9 @@ class RoundCollector:
 
     A round closes when every registered participant has reported, or when at least
     `quorum` of them have and `deadline_s` has passed since the round opened. Updates for
-    later rounds are kept until their round opens; updates for closed rounds are stale.
+    later rounds are kept until their round opens; updates for closed rounds are stale, except a
+    participant's second copy of an update already folded into a recent closed round (a QoS 1
+    redelivery after a reconnect), which is a duplicate.
     """
 
     participants: set[str]
@@ -34,6 +38,7 @@ class RoundCollector:
     round: int = 0
     opened_at: float = 0.0
     _pending: dict[int, dict[str, WeightedParams]] = field(default_factory=dict)
+    _closed: dict[int, frozenset[str]] = field(default_factory=dict)  # who was folded into the last rounds
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quorum <= 1.0:
@@ -46,7 +51,7 @@ class RoundCollector:
         if participant not in self.participants:
             return "unknown"
         if round_ < self.round:
-            return "stale"
+            return "duplicate" if participant in self._closed.get(round_, frozenset()) else "stale"
         bucket = self._pending.setdefault(round_, {})
         if participant in bucket:
             return "duplicate"
@@ -78,6 +83,8 @@ class RoundCollector:
         params = aggregator([updates[p] for p in who])
         samples = sum(max(u.num_samples, 0) for u in updates.values())
         self._pending.pop(self.round, None)
+        self._closed[self.round] = frozenset(who)
+        self._closed.pop(self.round - CLOSED_ROUNDS_KEPT, None)
         self.round += 1
         self.opened_at = now
         return params, samples, who

@@ -11,9 +11,9 @@ accuracy, parameters, training time, data source, the configuration) and, for a 
 (the SLM with its centrally trained head), ``threshold_head.pt``: each module's ``save_pretrained``
 writes what it trained. A folder appears only once complete (written aside, then renamed).
 
-The modules' defaults are what ``configs/slm.yaml`` and ``configs/llm.yaml`` spell out and
-:data:`DEFAULT_TRAINER` is their training length, so ``get_or_train("slm")`` and
-``fedhlm fit --config configs/slm.yaml`` name - and reuse - the same folder.
+A simulation reads its models' fit YAMLs (:func:`read_fit_config`) with the parser ``fedhlm fit``
+uses, so ``fedhlm fit --config configs/slm.yaml`` and a simulation naming ``configs/slm.yaml`` name -
+and reuse - the same folder. :data:`DEFAULT_TRAINER` is the training length of a config that gives none.
 """
 
 from __future__ import annotations
