@@ -74,6 +74,8 @@ def test_fast_dev_run_fits_a_tiny_model_and_saves_nothing(private_cache):
 def test_fit_saves_into_the_cache_and_test_evaluates_the_cached_model(private_cache, capsys):
     run = [*TINY_ARGS, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=2"]
     assert main(["fit", "--config", str(CONFIGS / "slm.yaml"), *run]) == 0
+    err = capsys.readouterr().err  # not a TTY: progress comes as lines, the last one the total
+    assert "training: 2 optimiser steps" in err and "training: trained 2 steps in " in err
     [(folder, metrics)] = [(f, m) for f, m in cached_models() if m["kind"] == "slm"]
     assert folder.parent == private_cache / "models" and folder.name.startswith("slm-")
     assert metrics["kind"] == "slm" and metrics["data_source"] == "synthetic" and "test_acc" in metrics

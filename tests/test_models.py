@@ -478,3 +478,27 @@ def test_real_models_trained_briefly_on_ag_news_rank_llm_over_slm_over_chance(tm
     llm_acc = json.loads((llm / "metrics.json").read_text())["test_acc"]
     print(f"AG News brief: SLM {slm_acc:.3f} LLM {llm_acc:.3f}")
     assert llm_acc > slm_acc > 0.4, (llm_acc, slm_acc)
+
+
+def test_progress_lines_give_step_share_loss_and_eta_without_a_tty() -> None:
+    """A log file shows training progress: one line per interval with the share done and an ETA."""
+    import io
+    from types import SimpleNamespace
+
+    import torch as _torch
+
+    from fedhlm.models.progress import ProgressLines, format_duration
+
+    out = io.StringIO()
+    lines = ProgressLines("slm-x", every_s=0.0, stream=out)
+    trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2, global_step=0, current_epoch=0)
+    lines.on_train_start(trainer, None)
+    for step in (1, 5):
+        trainer.global_step = step
+        lines.on_train_batch_end(trainer, None, {"loss": _torch.tensor(0.5)}, None, step - 1)
+    lines.on_train_end(trainer, None)
+    text = out.getvalue().splitlines()
+    assert text[0] == "training slm-x: 10 optimiser steps, 2 epoch(s)"
+    assert text[1].startswith("training slm-x: step 1/10 (10 %), epoch 1/2, loss 0.5000") and "ETA" in text[1]
+    assert text[2].startswith("training slm-x: step 5/10 (50 %)") and text[-1].startswith("training slm-x: trained 5 steps")
+    assert [format_duration(s) for s in (42, 725, 3720)] == ["42 s", "12 min 05 s", "1 h 02 min"]

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fedhlm.data.module import NewsDataModule
 from fedhlm.models.cache import KINDS, full_config, kind_of, module_class, save_to_cache, training_metrics
+from fedhlm.models.progress import ProgressLines
 from fedhlm.models.store import is_complete, model_dir
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             subclass_mode_model=True,
             save_config_callback=None,
             auto_configure_optimizers=False,  # the modules' configure_optimizers are the only optimisers
-            trainer_defaults={"logger": False, "enable_checkpointing": False},
+            trainer_defaults={"logger": False, "enable_checkpointing": False,
+                              "callbacks": [ProgressLines()]},  # lines with an ETA where no live bar shows
             args=argv,
         )
     return 0

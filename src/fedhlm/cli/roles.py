@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 
-from fedhlm.core.aggregation import make_aggregator
 from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
 from fedhlm.simulation.config import ConfigError, load_config
 from fedhlm.transport.address import BrokerAddress
@@ -108,10 +107,8 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
 def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.cloud import CloudServer
 
-    fed = cfg.federation
-    cloud = CloudServer(role_id, address, args.edges.split(","), _initial_params(cfg), quorum=1.0,
-                        deadline_s=fed.round_deadline_s, aggregator=make_aggregator(fed.aggregation, fed.trim_fraction),
-                        checkpoint=args.checkpoint).start()
+    cloud = CloudServer.from_settings(role_id, address, args.edges.split(","), _initial_params(cfg), cfg.federation,
+                                      checkpoint=args.checkpoint).start()
     print(f"cloud {role_id} at round {cloud.round}, edges {args.edges}", flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)
@@ -122,13 +119,9 @@ def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: 
 def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.edge import EdgeServer
 
-    fed = cfg.federation
     neighbours = [e for e in args.neighbours.split(",") if e]
-    edge = EdgeServer(role_id, address, args.clients.split(","), _initial_params(cfg),
-                      quorum=fed.quorum, deadline_s=fed.round_deadline_s,
-                      aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), cloud_every=fed.cloud_every,
-                      global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours,
-                      checkpoint=args.checkpoint).start()
+    edge = EdgeServer.from_settings(role_id, address, args.clients.split(","), _initial_params(cfg), cfg.federation,
+                                    neighbours=neighbours, checkpoint=args.checkpoint).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)

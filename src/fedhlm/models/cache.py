@@ -42,8 +42,10 @@ KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.mo
 # what decides the trained weights besides module and data arguments
 TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1,
                               "precision": None}
-# what of a distilled SLM's data section its teacher LLM inherits: the same task, files and corpus
-TEACHER_DATA_KEYS = ("task", "source", "train_path", "eval_path", "synthetic_size")
+# what of a data section decides which article lands in which split: a distilled SLM's teacher inherits
+# these from the student, and a run warns when its SLM and LLM differ in them (one model's held-out
+# articles would be the other's training articles)
+SPLIT_DATA_KEYS = ("task", "source", "train_path", "eval_path", "seed", "holdout", "synthetic_size")
 DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}, "head": {"max_epochs": 1}}
 # modules whose code decides the trained weights, by module name: the fingerprint reads their source
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
@@ -190,13 +192,13 @@ def config_path(path: str | Path) -> Path:
 def resolve_teacher(spec: str | None, data: Mapping[str, Any] | None = None, *, train: bool = True,
                     progress: bool = True) -> str | None:
     """A teacher given as ``config:<llm fit YAML>`` becomes ``cache:<folder>`` of that LLM, on the student's
-    task and files (``data``'s TEACHER_DATA_KEYS): trained once when missing, or (``train=False``, what a
+    task and files (``data``'s SPLIT_DATA_KEYS): trained once when missing, or (``train=False``, what a
     cache key needs) only named. Other specs are returned as they are. The folder name carries the LLM's
     hash, so a changed LLM config changes the distilled SLM's key too."""
     if spec is None or not str(spec).startswith(CONFIG_PREFIX):
         return spec
     cfg = read_fit_config(str(spec)[len(CONFIG_PREFIX):])
-    cfg["data"].update({k: v for k, v in dict(data or {}).items() if k in TEACHER_DATA_KEYS})
+    cfg["data"].update({k: v for k, v in dict(data or {}).items() if k in SPLIT_DATA_KEYS})
     cfg["model"] = with_data_task(cfg["model"], cfg["data"])
     folder = get_or_train("llm", cfg, progress=progress) if train else cache_folder("llm", cfg)[1]
     return f"cache:{folder.name}"
@@ -254,9 +256,12 @@ def get_or_train(
 
     datamodule = data if data is not None else NewsDataModule(**data_args)
     module = module_class(kind)(**{k: full["model"][k] for k in with_data_task(config.get("model"), data_args)})
+    from fedhlm.models.progress import ProgressLines
+
     trainer = Trainer(
         **{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-           "enable_progress_bar": progress, "enable_model_summary": False, **trainer_args}
+           "enable_progress_bar": progress, "enable_model_summary": False,
+           "callbacks": [ProgressLines(folder.name)] if progress else [], **trainer_args}
     )
     log.info("training %s model into %s", kind, folder)
     start = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 
 from fedhlm.data import NewsItem, encode_prompts, prompt_text
 from fedhlm.models.llm import LLMRefiner
-from fedhlm.models.cache import get_or_train, read_fit_config, with_data_task
+from fedhlm.models.cache import SPLIT_DATA_KEYS, get_or_train, read_fit_config, with_data_task
 from fedhlm.models.store import METRICS_FILE
 from fedhlm.core.records import Drafted, TokenInput
 from fedhlm.models.slm import SLMModule
@@ -117,11 +117,11 @@ class HybridModels:
         self.serving = load_llm(llm_config, data_overrides=data_overrides, progress=progress)
         self.configs = {"slm": self.drafting.config, "llm": self.serving.config}
         self.folders = {"slm": self.drafting.folder, "llm": self.serving.folder}
-        split_keys = ("task", "source", "train_path", "eval_path", "seed", "holdout", "synthetic_size")
         slm_data, llm_data = self.configs["slm"]["data"], self.configs["llm"]["data"]
-        if any(slm_data.get(k) != llm_data.get(k) for k in split_keys):
-            log.warning("the SLM and LLM configs split the data differently (%s vs %s): the LLM may have seen "
-                        "test inputs", {k: slm_data.get(k) for k in split_keys}, {k: llm_data.get(k) for k in split_keys})
+        if any(slm_data.get(k) != llm_data.get(k) for k in SPLIT_DATA_KEYS):
+            log.warning("the SLM and LLM configs split the data differently (%s vs %s): one model may have trained "
+                        "on the other's held-out inputs", {k: slm_data.get(k) for k in SPLIT_DATA_KEYS},
+                        {k: llm_data.get(k) for k in SPLIT_DATA_KEYS})
         self.slm, self.llm = self.drafting.slm, self.serving.llm
         self.tokenizer = self.drafting.tokenizer
         self.class_of = self.drafting.class_of

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from fedhlm.core.aggregation import Params, make_aggregator
+from fedhlm.core.settings import FederationSettings
 from fedhlm.roles.aggregator import RoundAggregator
+from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
 from fedhlm.transport.messages import ThresholdModel
@@ -12,6 +17,13 @@ class CloudServer(RoundAggregator):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.update_filter = topics.global_update_filter()
+
+    @classmethod
+    def from_settings(cls, cloud_id: str, address: BrokerAddress, edges: list[str], init: Params,
+                      fed: FederationSettings, *, checkpoint: Path | None = None, **kwargs) -> CloudServer:
+        """The cloud as the federation section sets it up: it waits for every edge (quorum 1)."""
+        return cls(cloud_id, address, edges, init, quorum=1.0, deadline_s=fed.round_deadline_s,
+                   aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), checkpoint=checkpoint, **kwargs)
 
     def unpack(self, inbound: Inbound) -> tuple[str, int, dict, int] | str:
         aggregate = inbound.message

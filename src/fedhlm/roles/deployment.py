@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedhlm.core.aggregation import Params, make_aggregator
+from fedhlm.core.aggregation import Params
 from fedhlm.core.policies import policy_class
 from fedhlm.core.records import ByteCounts, Drafter, RoutedToken
 from fedhlm.core.settings import ClientSettings
@@ -96,20 +96,14 @@ class Deployment:
         if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
             init = self.initial_params()
             ckpt = spec.checkpoint_dir
-            aggregator = make_aggregator(fed.aggregation, fed.trim_fraction)
-            self.cloud = CloudServer(
-                "cloud", self.address("cloud"), spec.edges, init, quorum=1.0, deadline_s=fed.round_deadline_s,
-                aggregator=aggregator, checkpoint=ckpt / "cloud.json" if ckpt else None,
-            ).start()
+            self.cloud = CloudServer.from_settings("cloud", self.address("cloud"), spec.edges, init, fed,
+                                                   checkpoint=ckpt / "cloud.json" if ckpt else None).start()
             for edge in spec.edges:
                 members = [c for c, e in spec.assignment.items() if e == edge]
                 neighbours = [e for e in spec.edges if e != edge] if spec.neighbour_p2p else []
-                self.edges[edge] = EdgeServer(
-                    edge, self.address(edge), members, init, quorum=fed.quorum, deadline_s=fed.round_deadline_s,
-                    aggregator=aggregator, cloud_every=fed.cloud_every,
-                    global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours,
-                    checkpoint=ckpt / f"{edge}.json" if ckpt else None,
-                ).start()
+                self.edges[edge] = EdgeServer.from_settings(
+                    edge, self.address(edge), members, init, fed, neighbours=neighbours,
+                    checkpoint=ckpt / f"{edge}.json" if ckpt else None).start()
         self._network = SharedLoop(spec.handler_threads, name="clients") if spec.shared_network else OwnThreads()
         for cid, edge in spec.assignment.items():
             settings = spec.client.with_changes(client_id=cid, edge_id=edge, **spec.client_overrides.get(cid, {}))

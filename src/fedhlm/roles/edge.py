@@ -14,9 +14,14 @@ import logging
 import threading
 import time
 
+from pathlib import Path
+
 import numpy as np
 
+from fedhlm.core.aggregation import Params, make_aggregator
+from fedhlm.core.settings import FederationSettings
 from fedhlm.roles.aggregator import RoundAggregator
+from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
 from fedhlm.transport.messages import ClientStatus, PeerQuery, ThresholdModel, ThresholdUpdate
@@ -36,6 +41,16 @@ class EdgeServer(RoundAggregator):
         self._global: ThresholdModel | None = None
         self._global_cv = threading.Condition()
         self.cloud_rounds = 0
+
+
+    @classmethod
+    def from_settings(cls, edge_id: str, address: BrokerAddress, members: list[str], init: Params,
+                      fed: FederationSettings, *, neighbours: list[str] | None = None,
+                      checkpoint: Path | None = None, **kwargs) -> EdgeServer:
+        """An edge as the federation section sets it up (a simulation and `fedhlm edge` alike)."""
+        return cls(edge_id, address, members, init, quorum=fed.quorum, deadline_s=fed.round_deadline_s,
+                   aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), cloud_every=fed.cloud_every,
+                   global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours, checkpoint=checkpoint, **kwargs)
 
     def unpack(self, inbound: Inbound) -> tuple[str, int, dict, int] | str:
         update = inbound.message
