@@ -55,6 +55,7 @@ def test_sections_are_the_shared_settings() -> None:
         ("federation.trim_fraction=0.5", "federation.trim_fraction"),
         ("federation.aggregation=mode", "federation.aggregation"),
         ("lambda_sweep=[0.1, -1]", "lambda_sweep[1]"),
+        ("reference_shares=[0.05, 1.5]", "reference_shares[1]"),
         ("delta_sweep=[0.9, 1.5]", "delta_sweep[1]"),
         ("broker=http://localhost:1883", "broker"),
         ("federation.clustering=given", "federation.assignment"),

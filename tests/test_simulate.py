@@ -65,6 +65,15 @@ def test_small_simulation_writes_a_consistent_report(tiny_cfg, tmp_path) -> None
     assert set(fed["rounds"][-1]["clients"]) == {"c000", "c001", "c002", "c003"}
     assert fed["transmissions"]["updates"] == 4 * 2
     assert any(t["goal"].startswith("FedHLM sends the LLM") for t in saved["targets"])
+    ref = saved["reference"]  # computed in-process; it must agree with what the clients and the LLM service did
+    assert ref["articles"] == 48 and [p["share"] for p in ref["at_shares"]] == [0.02, 0.05, 0.1, 0.2]
+    assert ref["slm_accuracy"] == pytest.approx(saved["methods"]["slm_only"]["accuracy"])
+    assert ref["llm_accuracy"] == pytest.approx(saved["methods"]["llm_only"]["accuracy"])  # greedy verification
+    dense = ref["dense"]
+    assert dense[0]["oracle"] == dense[0]["uncertainty"] == pytest.approx(ref["slm_accuracy"])
+    assert dense[-1]["uncertainty"] == pytest.approx(ref["llm_accuracy"])
+    assert all(p["oracle"] >= p["uncertainty"] - 1e-12 for p in dense)
+    assert set(ref["methods"]) == set(saved["methods"]) and "oracle_gain_captured" in ref["methods"]["fedhlm"]
     for png in ("llm_per_round.png", "accuracy_vs_transmissions.png", "threshold_convergence.png"):
         assert (out / png).stat().st_size > 1000
 

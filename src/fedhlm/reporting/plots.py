@@ -30,7 +30,7 @@ def llm_per_round(report: dict, path: Path) -> Path:
 
 
 def accuracy_vs_transmissions(report: dict, path: Path) -> Path:
-    """One point per method, plus the lambda sweep curves of FedHLM and the static HLM."""
+    """One point per method, the lambda sweep curves of FedHLM and the static HLM, and the reference curves."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, m in report["methods"].items():
         ax.scatter(100 * m["llm_share"], 100 * m["accuracy"], label=name, zorder=3)
@@ -38,6 +38,11 @@ def accuracy_vs_transmissions(report: dict, path: Path) -> Path:
         pts = sorted(points, key=lambda p: p["llm_share"])
         ax.plot([100 * p["llm_share"] for p in pts], [100 * p["accuracy"] for p in pts], "--", marker=".",
                 label=f"{name} (lambda sweep)")
+    dense = (report.get("reference") or {}).get("dense") or []
+    if dense:  # references, drawn thin and grey: what a hindsight threshold and an oracle would reach
+        shares = [100 * p["share"] for p in dense]
+        ax.plot(shares, [100 * p["uncertainty"] for p in dense], color="grey", lw=1, label="uncertainty curve (reference)")
+        ax.plot(shares, [100 * p["oracle"] for p in dense], color="grey", lw=1, ls=":", label="oracle (reference)")
     ax.set_xlabel("tokens sent to the LLM (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs transmissions")

@@ -78,6 +78,9 @@ class SimConfig:
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))  # names in METHOD_NAMES
     lambda_sweep: list[float] = field(default_factory=list)
     delta_sweep: list[float] = field(default_factory=list)
+    # shares sent at which the report states the reference routers (uncertainty curve, oracle); [] skips
+    # them, which saves one in-process LLM pass over the test articles
+    reference_shares: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
@@ -92,6 +95,9 @@ class SimConfig:
         for i, lam in enumerate(self.lambda_sweep):
             if not lam >= 0:
                 raise ConfigError(f"lambda_sweep[{i}]: must be >= 0, got {lam}")
+        for i, share in enumerate(self.reference_shares):
+            if not 0 <= share <= 1:
+                raise ConfigError(f"reference_shares[{i}]: must be in [0, 1], got {share}")
         for i, d in enumerate(self.delta_sweep):
             if not -1 <= d <= 1:
                 raise ConfigError(f"delta_sweep[{i}]: must be in [-1, 1], got {d}")

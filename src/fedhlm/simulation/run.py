@@ -344,6 +344,8 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         if "fedhlm" in results or "fedhlm_no_p2p" in results:
             fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
             report["federated"] = federated_section(results[fed_name], cfg)
+        if cfg.reference_shares:
+            report["reference"] = reference_routers(cfg, prep, report["methods"])
         report["lambda_sweep"] = lambda_sweep(cfg, prep, bar) if cfg.lambda_sweep else {}
         report["delta_sweep"] = delta_sweep(cfg, prep, bar) if cfg.delta_sweep else []
         bar.close()
@@ -357,6 +359,22 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["wall_s"] = round(time.time() - started, 2)
         write_report(report, out_dir)
     return report
+
+
+def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any]) -> dict[str, Any]:
+    """The uncertainty curve and the oracle on the run's test articles (in-process: the SLM's drafts and
+    the LLM's verdicts by the service's own verification path), with each method's point against them."""
+    from fedhlm.reporting.reference import reference_section
+
+    print("[fedhlm] reference routers (uncertainty curve, oracle) ...", flush=True)
+    drafts = prep.models.draft(prep.items).inputs
+    _, llm_class = prep.models.llm_verdicts(drafts, cfg.routing.verify)
+    labels = np.array([prep.label_of()[d.uid] for d in drafts])
+    slm_class = np.array([prep.models.class_of(d.draft_token) for d in drafts])
+    entropy = np.array([float(d.features[0]) for d in drafts])
+    points = {name: (m["accuracy"], m["llm_share"]) for name, m in methods.items()}
+    return reference_section(entropy, slm_class == labels, llm_class == labels, cfg.reference_shares,
+                             "entropy of the SLM's next-token distribution", points)
 
 
 def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
@@ -501,6 +519,15 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:15s} {100 * m['accuracy']:6.2f} {100 * m['llm_share']:6.2f} {t['local']:6d} {t['peer']:5d} "
               f"{t['llm']:5d} {t['exploration']:5d} {b['uplink'] / 1024:8.1f} {b['downlink'] / 1024:8.1f} "
               f"{lat['p50']:7.2f} {lat['p99']:7.2f}")
+    ref = report.get("reference")
+    if ref:
+        shares = "  ".join(f"{100 * p['share']:g}%: {100 * p['uncertainty']:.2f} / {100 * p['oracle']:.2f}"
+                           for p in ref["at_shares"])
+        print(f"reference (hindsight, not methods), accuracy of the uncertainty curve / the oracle at a share sent: {shares}")
+        for name, m in ref["methods"].items():
+            if m["oracle_gain_captured"] is not None and m["llm_share"] > 0:
+                print(f"  {name} takes {100 * m['oracle_gain_captured']:.0f} % of the oracle's gain at its share "
+                      f"{100 * m['llm_share']:.1f} % (uncertainty curve there: {100 * m['uncertainty_at_share']:.2f} %)")
     for t in report.get("targets", []):
         mark = "MET " if t["met"] else "MISS"
         print(f"  [{mark}] {t['goal']}: {t['measured']}")
