@@ -135,6 +135,8 @@ def test_bench_device_reports_speed_memory_and_bytes_without_torch(exported, tmp
     report = json.loads(out.read_text())
     (row,) = report["results"]  # this export has no int8 model
     assert row["precision"] == "fp32" and row["torch_imported"] is False
+    # scored on the model's task's own evaluation articles, read by the project's reader
+    assert row["task"] == "ag_news" and row["articles"].endswith("ag_news_dev.csv")
     assert row["inputs"] == 12 and row["gen_tokens"] == 6 and row["tokens_per_s"] > 0
     assert 0 < row["cold_start_s"] <= row["cold_start_wall_s"] and row["peak_rss_mib"] > 20
     # every offloaded input costs one TokenRequest; all offloaded is the upper bound

@@ -99,3 +99,19 @@ def test_kv_cache_steps_give_the_logits_of_the_full_prefix(exported, tiny_folder
 def test_export_cli_refuses_a_missing_model(tmp_path, capsys) -> None:
     assert main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_device_prompt_length_defaults_to_the_trained_one(tiny_folder, tmp_path) -> None:
+    """A model trained on 48-token prompts is exported for 48 (BBC's long articles train on 128), not 64."""
+    import json
+    import shutil
+
+    from fedhlm.models.export import model_max_length
+    from fedhlm.models.store import METRICS_FILE
+
+    assert model_max_length(tiny_folder) == 64  # no metrics.json: the default
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_folder, folder)
+    (folder / METRICS_FILE).write_text(json.dumps({"config": {"model": {"task": "bbc_news"}, "data": {"max_length": 48}}}))
+    manifest = export(str(folder), tmp_path / "out")
+    assert manifest["prompt"]["max_length"] == 48 and manifest["prompt"]["task"] == "bbc_news"

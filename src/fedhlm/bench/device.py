@@ -10,7 +10,9 @@ message, when pip cannot install them).
     fedhlm bench device --model EXPORT_DIR [--json out.json]
     fedhlm bench device --export-from cache:slm      # export (fp32 + int8) to a temp folder first
 
-This module imports no torch itself: the worker process runs `python -m fedhlm.bench.device --worker`.
+The worker process (`python -m fedhlm.bench.device --worker`) imports no torch; the driver reads the
+exported model's task's evaluation articles with the project's reader (`fedhlm.data`) and hands them
+over as a file, so draft accuracy is measured on that task's own articles.
 """
 
 from __future__ import annotations
@@ -39,25 +41,29 @@ SAMPLE_TEXTS = [
 # -- the worker: runs in its own process --------------------------------------------------
 
 
-def _inputs(n: int) -> list[tuple[int, str]]:
-    """(label, prompt text) from the AG News dev CSV when it is around, else sample sentences."""
-    import csv
-
-    candidates = [os.environ.get("FEDHLM_DATA", ""), str(REPO / ".." / "shared" / "data" / "ag_news" / "ag_news_dev.csv")]
-    for candidate in candidates:
-        path = Path(candidate)
-        if path.is_dir():
-            path = path / "ag_news_dev.csv"
-        if candidate and path.is_file():
-            from fedhlm_device.prompt import prompt_text
-
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for _, r in zip(range(n), csv.reader(fh))]
-            return [(int(r[0]) - 1, prompt_text(r[1].replace("\\n", " "), r[2].replace("\\n", " "))) for r in rows]
+def _inputs(path: str | None, n: int) -> list[tuple[int, str]]:
+    """(label, prompt text) pairs the driver wrote (the model's task's evaluation articles), else sample sentences."""
+    if path:
+        pairs = json.loads(Path(path).read_text())
+        return [(int(label), str(text)) for label, text in pairs[:n]]
     return [(i % 4, SAMPLE_TEXTS[i % 4] + f" report {i}") for i in range(n)]
 
 
-def worker(model: str, precision: str, n_inputs: int, n_tokens: int) -> dict[str, Any]:
+def task_articles(task_name: str, n: int) -> tuple[list[tuple[int, str]], str]:
+    """The first n evaluation articles of the task (the training file's when it has none), read and cleaned
+    by the project's reader, as (label, prompt text); ([], why) when the task's files are not found."""
+    from fedhlm.data.items import prompt_text
+    from fedhlm.data.sources import resolve_corpus
+    from fedhlm.data.task import load_task
+
+    corpus = resolve_corpus(load_task(task_name), "auto")
+    if corpus.name == "synthetic":
+        return [], f"{task_name} files not found: sample sentences, no meaningful accuracy"
+    items = list(corpus.eval or corpus.train)[:n]
+    return [(it.label, prompt_text(it)) for it in items], str(corpus.eval_file or corpus.train_file)
+
+
+def worker(model: str, precision: str, n_inputs: int, n_tokens: int, inputs_file: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     import resource
 
@@ -71,7 +77,7 @@ def worker(model: str, precision: str, n_inputs: int, n_tokens: int) -> dict[str
     slm = ExportedSLM(model, precision, threads=1)
     head = slm.head()
     rng = np.random.default_rng(0)
-    items = _inputs(n_inputs)
+    items = _inputs(inputs_file, n_inputs)
     first = slm.token_inputs([items[0][1]], [0], rng)
     cold = time.perf_counter() - start
     print("READY", flush=True)
@@ -111,9 +117,12 @@ def worker(model: str, precision: str, n_inputs: int, n_tokens: int) -> dict[str
 # -- the driver -------------------------------------------------------------------------------
 
 
-def run_worker(model: Path, precision: str, n_inputs: int, n_tokens: int, core: int | None) -> dict[str, Any]:
+def run_worker(model: Path, precision: str, n_inputs: int, n_tokens: int, core: int | None,
+               inputs_file: Path | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "fedhlm.bench.device", "--worker", "--model", str(model), "--precision", precision,
            "--inputs", str(n_inputs), "--tokens", str(n_tokens)]
+    if inputs_file is not None:
+        cmd += ["--inputs-file", str(inputs_file)]
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -186,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("bench_device.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.model, args.precision, args.inputs, args.tokens)), flush=True)
+        print(json.dumps(worker(args.model, args.precision, args.inputs, args.tokens, args.inputs_file)), flush=True)
         return 0
     tmp = None
     if args.model:
@@ -204,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = json.loads((model / "manifest.json").read_text())
         core = None if args.core < 0 else args.core
-        results = [run_worker(model, p, args.inputs, args.tokens, core) for p in manifest["files"]["models"]]
+        task = manifest["prompt"].get("task", "ag_news")
+        pairs, articles = task_articles(task, args.inputs)
+        inputs_file = None
+        if pairs:  # the worker imports no torch: it gets the articles as a file
+            inputs_file = Path(tempfile.mkdtemp(prefix="fedhlm-bench-")) / "inputs.json"
+            inputs_file.write_text(json.dumps(pairs))
+        print(f"task {task}, articles: {articles}", flush=True)
+        results = [run_worker(model, p, args.inputs, args.tokens, core, inputs_file) for p in manifest["files"]["models"]]
+        for r in results:
+            r.update(task=task, articles=articles)
         install = {"skipped": "--skip-install"} if args.skip_install else venv_size()
     finally:
         if tmp:

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="onnx", choices=["onnx"])
     parser.add_argument("--quantize", choices=["int8"], default=None, help="also write an int8 model")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--max-length", type=int, default=64, help="prompt length the device truncates to")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt length the device truncates to (default: the length the model was trained on)")
     parser.add_argument("--opset", type=int, default=OPSET)
     args = parser.parse_args(argv)
     try:

@@ -185,14 +185,21 @@ def head_parameters(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return {"mode": "scalar", "params": params, "min_temperature": 1e-3, "entropy_index": FEATURE_NAMES.index("entropy")}
 
 
+def _trained_config(folder: Path) -> dict[str, Any]:
+    metrics = folder / METRICS_FILE
+    return json.loads(metrics.read_text()).get("config", {}) if metrics.is_file() else {}
+
+
 def model_task(folder: Path) -> str:
     """The task a cached model was trained for (its metrics.json), else the default task."""
     from fedhlm.data import DEFAULT_TASK
 
-    metrics = folder / METRICS_FILE
-    if metrics.is_file():
-        return json.loads(metrics.read_text()).get("config", {}).get("model", {}).get("task", DEFAULT_TASK)
-    return DEFAULT_TASK
+    return _trained_config(folder).get("model", {}).get("task", DEFAULT_TASK)
+
+
+def model_max_length(folder: Path) -> int:
+    """The prompt length a cached model was trained on (its metrics.json), else 64: what a device truncates to."""
+    return int(_trained_config(folder).get("data", {}).get("max_length") or 64)
 
 
 def prompt_ids(tokenizer: Any, task: Any) -> dict[str, Any]:
@@ -233,9 +240,10 @@ def probe_batch(tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
     return encode_prompts(tokenizer, [NewsItem(i, i % 4, f"headline {i}", t) for i, t in enumerate(texts)], max_length)
 
 
-def export(model: str, out: str | Path, *, quantize: str | None = None, max_length: int = 64,
+def export(model: str, out: str | Path, *, quantize: str | None = None, max_length: int | None = None,
            opset: int = OPSET) -> dict[str, Any]:
-    """Write the device folder for the SLM at `model` (folder or cache:<name>); returns the manifest."""
+    """Write the device folder for the SLM at `model` (folder or cache:<name>); returns the manifest.
+    `max_length` defaults to the prompt length the model was trained on."""
     import onnx
     import onnxruntime as ort
     import transformers
@@ -245,6 +253,7 @@ def export(model: str, out: str | Path, *, quantize: str | None = None, max_leng
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize must be int8, got {quantize!r}")
     folder = resolve_model_path(model)
+    max_length = max_length or model_max_length(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_causal_lm(folder).eval()
