@@ -59,6 +59,9 @@ class RoutingSettings:
 
     top_k: int = 8  # entries of the SLM distribution sent to the LLM (the rest as one tail mass)
     lam: float = 0.1  # price of one transmission, in units of rejection risk
+    # "send this share of tokens" (exploration counted) instead of a price: after each local fit the
+    # client moves tau to the importance-weighted quantile of its labelled entropies; None: lam decides
+    target_share: float | None = None
     exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
     importance_weights: bool = True  # exploration pairs weigh 1/exploration in the local loss (unbiased estimate)
     init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
@@ -78,6 +81,11 @@ class RoutingSettings:
         check_range(s, "top_k", self.top_k, 1)
         check_range(s, "lam", self.lam, 0)
         check_range(s, "exploration", self.exploration, 0, 1)
+        if self.target_share is not None:
+            check_range(s, "target_share", self.target_share, 0, 1, lo_open=True)
+            if self.target_share <= self.exploration:
+                raise SettingError(f"{s}.target_share: {self.target_share} must exceed routing.exploration "
+                                   f"({self.exploration}), which alone sends that share")
         check_range(s, "temperature", self.temperature, 0, lo_open=True)
         check_range(s, "local_steps", self.local_steps, 0)
         check_range(s, "lr", self.lr, 0, lo_open=True)

@@ -15,6 +15,8 @@ import time
 import numpy as np
 
 from fedhlm.core.aggregation import check_params, personalise
+from fedhlm.core.operating_point import above_share, threshold_for_share
+from fedhlm.core.policies import ENTROPY_INDEX
 from fedhlm.core.settings import ClientSettings
 from fedhlm.transport.endpoint import Inbound
 from fedhlm.transport.messages import ThresholdModel
@@ -69,8 +71,23 @@ class Learner:
         if not beta.size or r.local_steps <= 0:
             return None
         lr = r.lr / (1.0 + r.lr_decay * round_)
-        return self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
-                             weights=weights)
+        stats = self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
+                              weights=weights)
+        if r.target_share is not None:
+            stats = {**(stats or {}), "tau": self.place_tau_for_share(features, weights)}
+        return stats
+
+    def place_tau_for_share(self, features: np.ndarray, weights: np.ndarray) -> float:
+        """Move tau to where the weighted labelled entropies say `routing.target_share` of all tokens
+        (exploration included) are sent; the edge then averages these taus like any other update."""
+        r = self.s.routing
+        tau = threshold_for_share(features[:, ENTROPY_INDEX], above_share(r.target_share, r.exploration), weights)
+        params = self.head.params()
+        if "tau" not in params:
+            raise ValueError("routing.target_share places the entropy threshold tau: this head has none")
+        params["tau"] = np.full_like(params["tau"], tau)
+        self.head.load(params)
+        return tau
 
     def sample_count(self) -> int:
         """FedAvg weight: the tokens the pairs stand for (their weights), not just how many were labelled."""

@@ -328,7 +328,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["model_metrics"] = prep.models.metrics()
         static = prep.models.static_threshold(prep.calib, cfg.routing.lam, cfg.routing.verify)
         report["static_hlm"] = static
-        prep.init_tau = static["tau"] if cfg.routing.init_tau is None else cfg.routing.init_tau
+        prep.init_tau = warm_start_tau(cfg, prep, static["tau"])
         steps = cfg.federation.rounds * (len(cfg.methods) + 2 * len(cfg.lambda_sweep) + len(cfg.delta_sweep))
         bar = tqdm(total=steps, desc="rounds", unit="round", disable=not show_progress)
         results = {}
@@ -359,6 +359,20 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["wall_s"] = round(time.time() - started, 2)
         write_report(report, out_dir)
     return report
+
+
+def warm_start_tau(cfg: SimConfig, prep: Prepared, static_tau: float) -> float:
+    """The round-0 threshold every client starts from: routing.init_tau when given; for a target share, the
+    calibration split's entropy quantile that sends it; else the static (U-HLM) threshold for lam."""
+    from fedhlm.core.operating_point import above_share, threshold_for_share
+
+    r = cfg.routing
+    if r.init_tau is not None:
+        return r.init_tau
+    if r.target_share is not None and prep.calib:
+        u = np.array([float(d.features[0]) for d in prep.calib])
+        return threshold_for_share(u, above_share(r.target_share, r.exploration))
+    return static_tau
 
 
 def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +469,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         per_token = m["fedhlm"]["uplink_bytes_per_llm_token"]
         add("uplink bytes per offloaded token <= 1/1000 of a full fp32 vocabulary distribution "
             f"({FULL_VOCAB_FP32_BYTES / 1000:.1f} B)", per_token, per_token <= FULL_VOCAB_FP32_BYTES / 1000)
+    target = ((report.get("config") or {}).get("routing") or {}).get("target_share")
+    for name in ("fedhlm", "fedhlm_no_p2p"):
+        if target is not None and name in m:
+            share = m[name]["llm_share"]
+            add(f"{name} sends its routing.target_share of {100 * target:g} % of tokens (within 1 point)", share,
+                abs(share - target) <= 0.01)
     if "fedhlm" in m and "fedhlm_no_p2p" in m:
         # fewer LLM tokens count only when peers resolved some: thresholds learned in two runs differ too
         peer, llm, llm_off = m["fedhlm"]["tokens"]["peer"], m["fedhlm"]["tokens"]["llm"], m["fedhlm_no_p2p"]["tokens"]["llm"]
@@ -525,7 +545,7 @@ def print_table(report: dict[str, Any]) -> None:
                            for p in ref["at_shares"])
         print(f"reference (hindsight, not methods), accuracy of the uncertainty curve / the oracle at a share sent: {shares}")
         for name, m in ref["methods"].items():
-            if m["oracle_gain_captured"] is not None and m["llm_share"] > 0:
+            if m["oracle_gain_captured"] is not None and 0 < m["llm_share"] < 1:
                 print(f"  {name} takes {100 * m['oracle_gain_captured']:.0f} % of the oracle's gain at its share "
                       f"{100 * m['llm_share']:.1f} % (uncertainty curve there: {100 * m['uncertainty_at_share']:.2f} %)")
     for t in report.get("targets", []):

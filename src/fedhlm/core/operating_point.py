@@ -1,0 +1,45 @@
+"""Operating points stated as users state them: "send at most 5 % of tokens".
+
+A threshold that sends a target share is a quantile of the entropy over *all* tokens. A client
+only sees the labelled ones, which over-represent uncertain tokens (all sent, confident ones only
+at the exploration rate), but with the importance weights (1 / P(labelled)) their weighted
+distribution estimates the distribution over all tokens, so the weighted quantile of the labelled
+pairs is an unbiased place for tau. Exploration sends a share of the confident tokens on top: the
+threshold itself must send (target - eps) / (1 - eps) for the total to be the target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def above_share(target: float, exploration: float) -> float:
+    """The share of tokens the threshold must send so that, with exploration on top, `target` are sent."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target share must be in (0, 1], got {target}")
+    if target <= exploration:
+        raise ValueError(f"target share {target} must exceed the exploration rate {exploration}: exploration alone "
+                         "sends that much")
+    return (target - exploration) / (1.0 - exploration) if exploration < 1.0 else 1.0
+
+
+def threshold_for_share(u: np.ndarray, share: float, weights: np.ndarray | None = None) -> float:
+    """tau such that the (weighted) share of u above tau is `share`: the weighted (1 - share) quantile.
+
+    Ties and gaps are resolved by taking the midpoint between the last kept and the first sent value,
+    so the threshold does not sit on a sample."""
+    u = np.asarray(u, np.float64).ravel()
+    if u.size == 0:
+        raise ValueError("no uncertainty values to place a threshold among")
+    w = np.ones_like(u) if weights is None else np.asarray(weights, np.float64).ravel()
+    if w.shape != u.shape or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative, one per value, not all zero")
+    order = np.argsort(-u, kind="stable")  # most uncertain first
+    u_sorted, w_sorted = u[order], w[order]
+    if share <= 0:
+        return float(u_sorted[0]) + 1e-6
+    sent = np.cumsum(w_sorted) / w_sorted.sum()
+    k = int(np.searchsorted(sent, share - 1e-12, side="left"))  # the top k + 1 values are sent
+    if k >= u.size - 1:
+        return float(u_sorted[-1]) - 1e-6
+    return float(0.5 * (u_sorted[k] + u_sorted[k + 1]))

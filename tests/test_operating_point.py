@@ -1,0 +1,69 @@
+"""Target-share operating points: the weighted entropy quantile, exploration counted, and the client that uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhlm.core.operating_point import above_share, threshold_for_share
+from fedhlm.core.settings import RoutingSettings, SettingError
+
+
+def test_threshold_sends_the_asked_share_of_the_values() -> None:
+    u = np.arange(100, dtype=float)  # 0..99
+    for share in (0.05, 0.2, 0.5):
+        tau = threshold_for_share(u, share)
+        assert np.mean(u > tau) == pytest.approx(share)
+    assert np.mean(u > threshold_for_share(u, 0.0)) == 0.0
+    assert np.mean(u > threshold_for_share(u, 1.0)) == 1.0
+
+
+def test_importance_weights_undo_the_labelled_pairs_bias() -> None:
+    """All tokens above 0.8 are labelled, a tenth of the rest at weight 10: the weighted quantile is the
+    quantile over every token, the unweighted one is far off."""
+    rng = np.random.default_rng(0)
+    every = rng.uniform(0, 1, 20000)
+    labelled = (every > 0.8) | (rng.uniform(size=every.size) < 0.1)
+    u = every[labelled]
+    w = np.where(u > 0.8, 1.0, 10.0)
+    tau_w = threshold_for_share(u, 0.1, w)
+    assert np.mean(every > tau_w) == pytest.approx(0.1, abs=0.01)
+    assert np.mean(every > threshold_for_share(u, 0.1)) < 0.07  # unweighted: too few sent
+
+
+def test_exploration_is_counted_in_the_target() -> None:
+    assert above_share(0.05, 0.0) == pytest.approx(0.05)
+    share = above_share(0.10, 0.05)  # the threshold sends s, exploration 5 % of the other (1 - s)
+    assert share + 0.05 * (1 - share) == pytest.approx(0.10)
+    with pytest.raises(ValueError, match="exceed the exploration"):
+        above_share(0.05, 0.05)
+
+
+def test_bad_inputs_and_settings_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="no uncertainty"):
+        threshold_for_share(np.zeros(0), 0.1)
+    with pytest.raises(ValueError, match="weights"):
+        threshold_for_share(np.ones(3), 0.1, np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(SettingError, match="routing.target_share"):
+        RoutingSettings(target_share=0.03, exploration=0.05)
+    with pytest.raises(SettingError, match="routing.target_share"):
+        RoutingSettings(target_share=1.5)
+
+
+def test_the_learner_moves_tau_to_the_target_after_its_fit() -> None:
+    """A client asked for 20 % (5 % exploration) ends its fit with tau at the weighted quantile."""
+    from types import SimpleNamespace
+
+    from fedhlm.core.settings import ClientSettings
+    from fedhlm.roles.learner import Learner
+    from fedhlm_device.head import ScalarHead
+
+    settings = ClientSettings("c000", "e0", routing=RoutingSettings(target_share=0.2, exploration=0.05, lam=0.1))
+    learner = Learner(settings, ScalarHead(tau=0.5, temperature=0.1), np.random.default_rng(0), SimpleNamespace())
+    rng = np.random.default_rng(1)
+    for u in rng.uniform(0, 2, 400):
+        learner.add_label(np.array([u, 0, 0, 0], np.float32), float(u > 1.5), "uncertain" if u > 1.0 else "exploration")
+    stats = learner.fit(0)
+    features, _, weights = learner.pairs()
+    expected = threshold_for_share(features[:, 0], above_share(0.2, 0.05), weights)
+    assert stats["tau"] == pytest.approx(expected) and float(learner.head.params()["tau"]) == pytest.approx(expected)
