@@ -67,3 +67,23 @@ def test_the_learner_moves_tau_to_the_target_after_its_fit() -> None:
     features, _, weights = learner.pairs()
     expected = threshold_for_share(features[:, 0], above_share(0.2, 0.05), weights)
     assert stats["tau"] == pytest.approx(expected) and float(learner.head.params()["tau"]) == pytest.approx(expected)
+
+
+def test_a_decaying_exploration_weighs_each_label_by_its_rounds_rate() -> None:
+    """Exploration falls as 1 / (1 + decay * round); a pair explored in round 3 weighs 1 / that round's rate,
+    so the pooled pairs of all rounds stay an unbiased sample."""
+    from types import SimpleNamespace
+
+    from fedhlm.core.settings import ClientSettings
+    from fedhlm.roles.learner import Learner
+    from fedhlm_device.head import ScalarHead
+
+    r = RoutingSettings(exploration=0.1, exploration_decay=1.0)
+    assert [r.exploration_rate(k) for k in (0, 1, 3)] == pytest.approx([0.1, 0.05, 0.025])
+    learner = Learner(ClientSettings("c000", "e0", routing=r), ScalarHead(tau=0.5, temperature=0.1),
+                      np.random.default_rng(0), SimpleNamespace())
+    assert learner.label_weight("exploration", 0) == pytest.approx(10.0)
+    assert learner.label_weight("exploration", 3) == pytest.approx(40.0)
+    assert learner.label_weight("uncertain", 3) == 1.0
+    with pytest.raises(SettingError, match="routing.exploration_decay"):
+        RoutingSettings(exploration_decay=-1.0)

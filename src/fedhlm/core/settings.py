@@ -63,6 +63,8 @@ class RoutingSettings:
     # client moves tau to the importance-weighted quantile of its labelled entropies; None: lam decides
     target_share: float | None = None
     exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
+    # round r explores exploration / (1 + exploration_decay * r): labels are dear early, the head settles later
+    exploration_decay: float = 0.0
     importance_weights: bool = True  # exploration pairs weigh 1/exploration in the local loss (unbiased estimate)
     init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
     temperature: float = 0.1  # sigmoid temperature T of s = sigmoid((u - tau) / T)
@@ -81,6 +83,7 @@ class RoutingSettings:
         check_range(s, "top_k", self.top_k, 1)
         check_range(s, "lam", self.lam, 0)
         check_range(s, "exploration", self.exploration, 0, 1)
+        check_range(s, "exploration_decay", self.exploration_decay, 0)
         if self.target_share is not None:
             check_range(s, "target_share", self.target_share, 0, 1, lo_open=True)
             if self.target_share <= self.exploration:
@@ -96,6 +99,10 @@ class RoutingSettings:
         check_choice(s, "optimizer", self.optimizer, Optimizer)
         check_choice(s, "fit_engine", self.fit_engine, FitEngine)
         check_choice(s, "verify", self.verify, VerifyModeName)
+
+    def exploration_rate(self, round_: int) -> float:
+        """The share of confident tokens explored in this round (the schedule's one definition)."""
+        return self.exploration / (1.0 + self.exploration_decay * max(round_, 0))
 
 
 @dataclass

@@ -180,7 +180,7 @@ class Client:
         draft_class = self.class_of(inp.draft_token)
         base = dict(client_id=self.id, round=round_, uid=inp.uid, draft=draft_class)
         if not self.offload(inp.features):
-            if self.policy.explores and self.rng.random() < self.s.routing.exploration:
+            if self.policy.explores and self.rng.random() < self.s.routing.exploration_rate(round_):
                 return self._ask_llm(inp, "exploration", base, start, slm_ms)
             return RoutedToken(**base, final=draft_class, route="local", latency_ms=slm_ms)
         if self.s.p2p.enabled and inp.embedding is not None:
@@ -207,7 +207,7 @@ class Client:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0
             return RoutedToken(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
-        self.learner.add_label(inp.features, verdict.beta, reason)
+        self.learner.add_label(inp.features, verdict.beta, reason, base["round"])
         if self.s.p2p.enabled and inp.embedding is not None:
             self.peers.remember(inp.embedding, verdict.final_token, "llm")
         final = self.class_of(verdict.final_token)
@@ -251,11 +251,11 @@ class Client:
         """The (features [N, F], beta [N], weights [N]) this client has learned from so far (its training data)."""
         return self.learner.pairs()
 
-    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain") -> None:
-        self.learner.add_label(features, beta, reason)
+    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain", round_: int = 0) -> None:
+        self.learner.add_label(features, beta, reason, round_)
 
-    def label_weight(self, reason: str) -> float:
-        return self.learner.label_weight(reason)
+    def label_weight(self, reason: str, round_: int = 0) -> float:
+        return self.learner.label_weight(reason, round_)
 
     def head_params(self) -> dict[str, np.ndarray]:
         return self.head.params()

@@ -39,22 +39,22 @@ class Learner:
         self.counters = counters
 
     # -- labels ----------------------------------------------------------------------
-    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain") -> None:
-        """Keep one (features, beta) pair for the local fits, weighted for why the token was sent."""
+    def add_label(self, features: np.ndarray, beta: float, reason: str = "uncertain", round_: int = 0) -> None:
+        """Keep one (features, beta) pair for the local fits, weighted for why (and in which round) it was sent."""
         self._features.append(np.asarray(features, dtype=np.float32))
         self._beta.append(float(beta))
-        self._weights.append(self.label_weight(reason))
+        self._weights.append(self.label_weight(reason, round_))
 
-    def label_weight(self, reason: str) -> float:
+    def label_weight(self, reason: str, round_: int = 0) -> float:
         """1 / P(a token like this one gets an LLM label): 1 for a token sent because it was uncertain,
-        1/exploration for a confident token sent to explore, 1/audit for an audited peer hit.
+        1/exploration (that round's rate) for a confident token sent to explore, 1/audit for an audited peer hit.
 
         Without it the pairs over-represent uncertain tokens (all of them are labelled, only a share
         `exploration` of the rest), and the threshold fitted to them is biased towards sending.
         """
         if not self.s.routing.importance_weights:
             return 1.0
-        rate = {"exploration": self.s.routing.exploration, "audit": self.s.p2p.audit}.get(reason, 1.0)
+        rate = {"exploration": self.s.routing.exploration_rate(round_), "audit": self.s.p2p.audit}.get(reason, 1.0)
         return 1.0 / rate if rate > 0 else 1.0
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,14 +74,15 @@ class Learner:
         stats = self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
                               weights=weights)
         if r.target_share is not None:
-            stats = {**(stats or {}), "tau": self.place_tau_for_share(features, weights)}
+            stats = {**(stats or {}), "tau": self.place_tau_for_share(features, weights, round_ + 1)}
         return stats
 
-    def place_tau_for_share(self, features: np.ndarray, weights: np.ndarray) -> float:
+    def place_tau_for_share(self, features: np.ndarray, weights: np.ndarray, next_round: int) -> float:
         """Move tau to where the weighted labelled entropies say `routing.target_share` of all tokens
-        (exploration included) are sent; the edge then averages these taus like any other update."""
+        (next round's exploration included) are sent; the edge then averages these taus like any other update."""
         r = self.s.routing
-        tau = threshold_for_share(features[:, ENTROPY_INDEX], above_share(r.target_share, r.exploration), weights)
+        share = above_share(r.target_share, r.exploration_rate(next_round))
+        tau = threshold_for_share(features[:, ENTROPY_INDEX], share, weights)
         params = self.head.params()
         if "tau" not in params:
             raise ValueError("routing.target_share places the entropy threshold tau: this head has none")

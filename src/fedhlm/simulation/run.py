@@ -371,7 +371,7 @@ def warm_start_tau(cfg: SimConfig, prep: Prepared, static_tau: float) -> float:
         return r.init_tau
     if r.target_share is not None and prep.calib:
         u = np.array([float(d.features[0]) for d in prep.calib])
-        return threshold_for_share(u, above_share(r.target_share, r.exploration))
+        return threshold_for_share(u, above_share(r.target_share, r.exploration_rate(0)))
     return static_tau
 
 
