@@ -87,3 +87,23 @@ def test_a_decaying_exploration_weighs_each_label_by_its_rounds_rate() -> None:
     assert learner.label_weight("uncertain", 3) == 1.0
     with pytest.raises(SettingError, match="routing.exploration_decay"):
         RoutingSettings(exploration_decay=-1.0)
+
+
+def test_agreement_threshold_keeps_the_confident_tokens_while_the_risk_allows() -> None:
+    """Ten tokens, the LLM disagrees with the draft on the 3rd and 7th most confident: 90 % agreement keeps
+    up to the 6th (one disagreement kept), 100 % only the first two."""
+    from fedhlm.core.operating_point import TargetAgreement, operating_point, threshold_for_agreement
+
+    u = np.arange(10, dtype=float)
+    beta = np.zeros(10)
+    beta[[2, 6]] = 1.0
+    assert np.sum(u <= threshold_for_agreement(u, beta, 0.9)) == 6
+    assert np.sum(u <= threshold_for_agreement(u, beta, 1.0)) == 2
+    assert np.sum(u <= threshold_for_agreement(u, beta, 0.5)) == 10  # every token kept: within the risk
+    w = np.ones(10)
+    w[2] = 3.0  # that disagreement stands for three tokens (12 in all): 10 % is 1.2 tokens' worth
+    assert np.sum(u <= threshold_for_agreement(u, beta, 0.9, w)) == 2
+    assert isinstance(operating_point(RoutingSettings(target_agreement=0.98)), TargetAgreement)
+    assert operating_point(RoutingSettings()).tau(u, beta, w, 0.05) is None  # the price alone: head untouched
+    with pytest.raises(SettingError, match="not both"):
+        RoutingSettings(target_share=0.1, target_agreement=0.98)

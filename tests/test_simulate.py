@@ -184,3 +184,28 @@ def test_a_target_share_is_what_fedhlm_sends_over_a_real_broker(tmp_path, monkey
     assert abs(late - 0.4) <= 0.08
     assert any("target_share" in t["goal"] for t in report["targets"])
     assert "reference" not in report
+
+
+@pytest.mark.slow
+def test_a_target_agreement_with_the_llm_sets_how_much_is_sent_over_a_real_broker(tmp_path, monkeypatch) -> None:
+    """`routing.target_agreement`: clients keep tokens only while their weighted rejection risk allows. The
+    tiny random SLM seldom agrees with the tiny LLM, so a strict target sends far more than a loose one;
+    agreement with the LLM is measured on every token of the run. (Its entropies are packed within 1e-4
+    nats, so the edge's average of the clients' taus lands mid-pack: 73 % sent for 95 %, not all.)"""
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_configs(tmp_path)
+    common = [f"models.slm={slm}", f"models.llm={llm}", "data.source=synthetic", "data.inputs=160",
+              "federation.clients=4", "federation.edges=2", "federation.rounds=4", "federation.round_deadline_s=5",
+              "routing.exploration=0.1", "routing.top_k=4", "methods=[llm_only,fedhlm_no_p2p]", "reference_shares=[]"]
+    late = {}
+    for target in (0.3, 0.95):
+        report = sim.simulate(load_config(overrides=[*common, f"routing.target_agreement={target}"]),
+                              tmp_path / f"a{target}", show_progress=False)
+        m = report["methods"]
+        assert m["llm_only"]["agreement_with_llm"] == 1.0  # greedy: the LLM's own answers
+        rounds = report["rounds"]["by_method"]["fedhlm_no_p2p"][1:]  # after the first local fit
+        late[target] = sum(r["llm"] for r in rounds) / sum(r["total"] for r in rounds)
+        assert any("target_agreement" in t["goal"] for t in report["targets"])
+        print(f"\ntarget agreement {target}: agreement {m['fedhlm_no_p2p']['agreement_with_llm']:.3f}, "
+              f"sent {late[target]:.3f} after round 0")
+    assert late[0.95] >= late[0.3] + 0.2 and late[0.3] <= 0.5

@@ -62,6 +62,9 @@ class RoutingSettings:
     # "send this share of tokens" (exploration counted) instead of a price: after each local fit the
     # client moves tau to the importance-weighted quantile of its labelled entropies; None: lam decides
     target_share: float | None = None
+    # "agree with the LLM on this share of tokens" (e.g. 0.98): tau is the highest whose kept tokens' weighted
+    # rejection risk stays within 1 - target_agreement; None: lam (or target_share) decides
+    target_agreement: float | None = None
     exploration: float = 0.05  # share of confident tokens also sent, to keep beta labels unbiased
     # round r explores exploration / (1 + exploration_decay * r): labels are dear early, the head settles later
     exploration_decay: float = 0.0
@@ -89,6 +92,9 @@ class RoutingSettings:
             if self.target_share <= self.exploration:
                 raise SettingError(f"{s}.target_share: {self.target_share} must exceed routing.exploration "
                                    f"({self.exploration}), which alone sends that share")
+        check_range(s, "target_agreement", self.target_agreement, 0, 1, lo_open=True)
+        if self.target_share is not None and self.target_agreement is not None:
+            raise SettingError(f"{s}.target_agreement: give target_share or target_agreement, not both")
         check_range(s, "temperature", self.temperature, 0, lo_open=True)
         check_range(s, "local_steps", self.local_steps, 0)
         check_range(s, "lr", self.lr, 0, lo_open=True)

@@ -154,12 +154,16 @@ class HybridModels:
             finals.extend(self.class_of(int(t)) for t in v.token)
         return np.concatenate(betas) if betas else np.zeros(0), np.array(finals)
 
-    def static_threshold(self, calib: Sequence[TokenInput], lam: float, mode: VerifyMode) -> dict[str, float]:
-        """U-HLM's threshold: fit beta = a u + b on the calibration split, tau = (lam - b) / a."""
+    def calibration_beta(self, calib: Sequence[TokenInput], mode: VerifyMode) -> np.ndarray:
+        """The LLM's beta for each calibration draft (computed once per split and mode: a sweep asks often)."""
         key = (tuple(d.uid for d in calib), mode)
         if key not in self._calib_beta:
             self._calib_beta[key] = self.llm_verdicts(calib, mode)[0]
-        beta = self._calib_beta[key]
+        return self._calib_beta[key]
+
+    def static_threshold(self, calib: Sequence[TokenInput], lam: float, mode: VerifyMode) -> dict[str, float]:
+        """U-HLM's threshold: fit beta = a u + b on the calibration split, tau = (lam - b) / a."""
+        beta = self.calibration_beta(calib, mode)
         u = np.array([d.features[0] for d in calib])
         return {**uhlm_threshold(u, beta, lam), "calibration_inputs": len(calib)}
 

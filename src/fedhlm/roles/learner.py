@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from fedhlm.core.aggregation import check_params, personalise
-from fedhlm.core.operating_point import above_share, threshold_for_share
+from fedhlm.core.operating_point import operating_point
 from fedhlm.core.policies import ENTROPY_INDEX
 from fedhlm.core.settings import ClientSettings
 from fedhlm.transport.endpoint import Inbound
@@ -73,22 +73,20 @@ class Learner:
         lr = r.lr / (1.0 + r.lr_decay * round_)
         stats = self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
                               weights=weights)
-        if r.target_share is not None:
-            stats = {**(stats or {}), "tau": self.place_tau_for_share(features, weights, round_ + 1)}
+        tau = operating_point(r).tau(features[:, ENTROPY_INDEX], beta, weights, r.exploration_rate(round_ + 1))
+        if tau is not None:
+            stats = {**(stats or {}), "tau": self.set_tau(tau)}
         return stats
 
-    def place_tau_for_share(self, features: np.ndarray, weights: np.ndarray, next_round: int) -> float:
-        """Move tau to where the weighted labelled entropies say `routing.target_share` of all tokens
-        (next round's exploration included) are sent; the edge then averages these taus like any other update."""
-        r = self.s.routing
-        share = above_share(r.target_share, r.exploration_rate(next_round))
-        tau = threshold_for_share(features[:, ENTROPY_INDEX], share, weights)
+    def set_tau(self, tau: float) -> float:
+        """Put the head's entropy threshold where the operating point says (target share or agreement); the edge
+        then averages these taus like any other update."""
         params = self.head.params()
         if "tau" not in params:
-            raise ValueError("routing.target_share places the entropy threshold tau: this head has none")
+            raise ValueError("routing.target_share / target_agreement place the entropy threshold tau: this head has none")
         params["tau"] = np.full_like(params["tau"], tau)
         self.head.load(params)
-        return tau
+        return float(tau)
 
     def sample_count(self) -> int:
         """FedAvg weight: the tokens the pairs stand for (their weights), not just how many were labelled."""

@@ -92,9 +92,9 @@ class SimConfig:
         for i, m in enumerate(self.methods):
             if m not in METHOD_NAMES:
                 raise ConfigError(f"methods[{i}]: must be one of {', '.join(METHOD_NAMES)}, got {m!r}")
-        if self.lambda_sweep and self.routing.target_share is not None:
-            raise ConfigError("lambda_sweep: routing.target_share sets the threshold, so lambda would change nothing; "
-                              "give one of them")
+        if self.lambda_sweep and (self.routing.target_share is not None or self.routing.target_agreement is not None):
+            raise ConfigError("lambda_sweep: routing.target_share / target_agreement set the threshold, so lambda "
+                              "would change nothing; give one of them")
         for i, lam in enumerate(self.lambda_sweep):
             if not lam >= 0:
                 raise ConfigError(f"lambda_sweep[{i}]: must be >= 0, got {lam}")

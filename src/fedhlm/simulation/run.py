@@ -344,8 +344,8 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         if "fedhlm" in results or "fedhlm_no_p2p" in results:
             fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
             report["federated"] = federated_section(results[fed_name], cfg)
-        if cfg.reference_shares:
-            report["reference"] = reference_routers(cfg, prep, report["methods"])
+        if cfg.reference_shares or cfg.routing.target_agreement is not None:
+            report["reference"] = reference_routers(cfg, prep, report["methods"], results)
         report["lambda_sweep"] = lambda_sweep(cfg, prep, bar) if cfg.lambda_sweep else {}
         report["delta_sweep"] = delta_sweep(cfg, prep, bar) if cfg.delta_sweep else []
         bar.close()
@@ -362,22 +362,26 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
 
 
 def warm_start_tau(cfg: SimConfig, prep: Prepared, static_tau: float) -> float:
-    """The round-0 threshold every client starts from: routing.init_tau when given; for a target share, the
-    calibration split's entropy quantile that sends it; else the static (U-HLM) threshold for lam."""
-    from fedhlm.core.operating_point import above_share, threshold_for_share
+    """The round-0 threshold every client starts from: routing.init_tau when given; for a target (share or
+    agreement), where the calibration split's drafts and LLM verdicts put it; else the static (U-HLM) threshold."""
+    from fedhlm.core.operating_point import operating_point
 
     r = cfg.routing
     if r.init_tau is not None:
         return r.init_tau
-    if r.target_share is not None and prep.calib:
+    point = operating_point(r)
+    if point.name != "price" and prep.calib:
         u = np.array([float(d.features[0]) for d in prep.calib])
-        return threshold_for_share(u, above_share(r.target_share, r.exploration_rate(0)))
+        beta = prep.models.calibration_beta(prep.calib, r.verify)
+        return float(point.tau(u, beta, np.ones_like(u), r.exploration_rate(0)))
     return static_tau
 
 
-def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any]) -> dict[str, Any]:
+def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any], results: dict[str, Any]
+                      ) -> dict[str, Any]:
     """The uncertainty curve and the oracle on the run's test articles (in-process: the SLM's drafts and
-    the LLM's verdicts by the service's own verification path), with each method's point against them."""
+    the LLM's verdicts by the service's own verification path), with each method's point against them and
+    its agreement with the LLM (the share of tokens whose final class is the LLM's; also put on the method)."""
     from fedhlm.reporting.reference import reference_section
 
     print("[fedhlm] reference routers (uncertainty curve, oracle) ...", flush=True)
@@ -387,8 +391,15 @@ def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any]) -
     slm_class = np.array([prep.models.class_of(d.draft_token) for d in drafts])
     entropy = np.array([float(d.features[0]) for d in drafts])
     points = {name: (m["accuracy"], m["llm_share"]) for name, m in methods.items()}
-    return reference_section(entropy, slm_class == labels, llm_class == labels, cfg.reference_shares,
-                             "entropy of the SLM's next-token distribution", points)
+    section = reference_section(entropy, slm_class == labels, llm_class == labels, cfg.reference_shares,
+                                "entropy of the SLM's next-token distribution", points)
+    llm_of = {d.uid: int(c) for d, c in zip(drafts, llm_class)}
+    for name, result in results.items():
+        records = result["records"]
+        agree = float(np.mean([t.final == llm_of[t.uid] for t in records])) if records else None
+        methods[name]["agreement_with_llm"] = agree
+        section["methods"][name]["agreement_with_llm"] = agree
+    return section
 
 
 def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
@@ -469,12 +480,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         per_token = m["fedhlm"]["uplink_bytes_per_llm_token"]
         add("uplink bytes per offloaded token <= 1/1000 of a full fp32 vocabulary distribution "
             f"({FULL_VOCAB_FP32_BYTES / 1000:.1f} B)", per_token, per_token <= FULL_VOCAB_FP32_BYTES / 1000)
-    target = ((report.get("config") or {}).get("routing") or {}).get("target_share")
+    routing = (report.get("config") or {}).get("routing") or {}
+    target, agreement = routing.get("target_share"), routing.get("target_agreement")
     for name in ("fedhlm", "fedhlm_no_p2p"):
         if target is not None and name in m:
             share = m[name]["llm_share"]
             add(f"{name} sends its routing.target_share of {100 * target:g} % of tokens (within 1 point)", share,
                 abs(share - target) <= 0.01)
+        if agreement is not None and name in m and m[name].get("agreement_with_llm") is not None:
+            agree = m[name]["agreement_with_llm"]
+            add(f"{name} agrees with the LLM on its routing.target_agreement of {100 * agreement:g} % of tokens "
+                "(within 1 point)", agree, agree >= agreement - 0.01)
     if "fedhlm" in m and "fedhlm_no_p2p" in m:
         # fewer LLM tokens count only when peers resolved some: thresholds learned in two runs differ too
         peer, llm, llm_off = m["fedhlm"]["tokens"]["peer"], m["fedhlm"]["tokens"]["llm"], m["fedhlm_no_p2p"]["tokens"]["llm"]
