@@ -26,6 +26,13 @@ def above_share(target: float, exploration: float) -> float:
     return (target - exploration) / (1.0 - exploration) if exploration < 1.0 else 1.0
 
 
+def _checked_weights(u: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    w = np.ones_like(u) if weights is None else np.asarray(weights, np.float64).ravel()
+    if w.shape != u.shape or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative, one per value, not all zero")
+    return w
+
+
 def threshold_for_share(u: np.ndarray, share: float, weights: np.ndarray | None = None) -> float:
     """tau such that the (weighted) share of u above tau is `share`: the weighted (1 - share) quantile.
 
@@ -34,9 +41,7 @@ def threshold_for_share(u: np.ndarray, share: float, weights: np.ndarray | None 
     u = np.asarray(u, np.float64).ravel()
     if u.size == 0:
         raise ValueError("no uncertainty values to place a threshold among")
-    w = np.ones_like(u) if weights is None else np.asarray(weights, np.float64).ravel()
-    if w.shape != u.shape or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative, one per value, not all zero")
+    w = _checked_weights(u, weights)
     order = np.argsort(-u, kind="stable")  # most uncertain first
     u_sorted, w_sorted = u[order], w[order]
     if share <= 0:
@@ -57,9 +62,7 @@ def threshold_for_agreement(u: np.ndarray, beta: np.ndarray, agreement: float,
     b = np.asarray(beta, np.float64).ravel()
     if u.size == 0 or b.shape != u.shape:
         raise ValueError("need one beta per uncertainty value, and at least one")
-    w = np.ones_like(u) if weights is None else np.asarray(weights, np.float64).ravel()
-    if w.shape != u.shape or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative, one per value, not all zero")
+    w = _checked_weights(u, weights)
     order = np.argsort(u, kind="stable")  # most confident first: kept first
     u_sorted = u[order]
     risk = np.cumsum((w * b)[order]) / w.sum()
