@@ -144,3 +144,12 @@ def test_update_left_in_the_outbox_is_resent_and_aggregated_at_start(tmp_path) -
         finally:
             device.stop()
             edge.stop()
+
+
+def test_a_device_refuses_a_richer_head_naming_the_setting() -> None:
+    """A device runs the numpy scalar head on the four basic scores; a richer config fails before it connects."""
+    with pytest.raises(ValueError, match="routing.head / routing.features"):
+        DeviceSettings.from_sections({"routing": {"head": "linear"}}, client_id="c0", edge_id="e0")
+    with pytest.raises(ValueError, match="routing.head / routing.features"):
+        DeviceSettings.from_sections({"routing": {"features": "label"}}, client_id="c0", edge_id="e0")
+    assert DeviceSettings.from_sections({"routing": {"lam": 0.2}}, client_id="c0", edge_id="e0").routing.lam == 0.2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import yaml
 
@@ -209,3 +211,29 @@ def test_a_target_agreement_with_the_llm_sets_how_much_is_sent_over_a_real_broke
         print(f"\ntarget agreement {target}: agreement {m['fedhlm_no_p2p']['agreement_with_llm']:.3f}, "
               f"sent {late[target]:.3f} after round 0")
     assert late[0.95] >= late[0.3] + 0.2 and late[0.3] <= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head,features", [("linear", "label"), ("mlp", "hidden")])
+def test_a_richer_head_trains_federated_over_a_real_broker_and_is_compared_with_its_central_fit(
+        head, features, tmp_path, monkeypatch) -> None:
+    """`routing.head` / `routing.features`: every client drafts the wider feature vector, fits the same seeded
+    head, the edges and the cloud average all its parameters; the report sets the federated head's pooled
+    loss beside the same head fitted centrally on the pooled pairs."""
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_configs(tmp_path)
+    overrides = [f"models.slm={slm}", f"models.llm={llm}", "data.source=synthetic", "data.inputs=120",
+                 "federation.clients=4", "federation.edges=2", "federation.rounds=3", "federation.round_deadline_s=5",
+                 "federation.cloud_every=1", "routing.exploration=0.2", "routing.top_k=4", "routing.hidden_dim=4",
+                 f"routing.head={head}", f"routing.features={features}", "methods=[fedhlm_no_p2p]",
+                 "reference_shares=[]"]
+    report = sim.simulate(load_config(overrides=overrides), tmp_path / "r", show_progress=False)
+    fed = report["federated"]
+    width = {"label": 8, "hidden": 12}[features]
+    assert fed["head"] == head and fed["features"] == features and fed["pairs"] > 0
+    assert np.shape(fed["final_params"]["weight"]) == (width,)
+    assert not np.allclose(fed["final_params"]["weight"], np.eye(width)[0])  # the non-entropy weights learned
+    assert fed["central_loss"] > 0 and fed["loss_ratio"] >= 0.99  # the central fit is the optimum's reference
+    print(f"\n{head}/{features}: federated loss {fed['federated_loss']:.5f}, central {fed['central_loss']:.5f}, "
+          f"ratio {fed['loss_ratio']:.3f}")
+    assert report["methods"]["fedhlm_no_p2p"]["fl"]["updates_rejected"] == 0

@@ -43,6 +43,9 @@ class DeviceSettings(ClientSettings):
         super().__post_init__()
         if self.routing.optimizer != "sgd":
             raise ValueError(f"routing.optimizer: a device trains its head with 'sgd' only, got {self.routing.optimizer!r}")
+        if self.routing.head != "scalar" or self.routing.features != "basic":
+            raise ValueError(f"routing.head / routing.features: a device runs the scalar head on the basic features, "
+                             f"got {self.routing.head!r} on {self.routing.features!r}")
 
     @classmethod
     def from_sections(cls, sections: dict, **changes: object) -> "DeviceSettings":

@@ -82,10 +82,10 @@ def main(argv: list[str]) -> int:
 def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
     """The head every role of a process deployment starts from: `routing.init_tau`, else the uncalibrated
     default (processes have no calibration split to fit U-HLM's threshold on; a simulation does)."""
-    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.models.head_fit import routing_head
 
     tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
-    head = ThresholdHead(tau=tau, temperature=cfg.routing.temperature)
+    head = routing_head(cfg.routing, tau, cfg.seed)
     return {k: v.detach().numpy() for k, v in head.state_dict().items()}
 
 
@@ -133,18 +133,20 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     """One client of a process deployment: the simulation's inputs for shard i of N, its own SLM, its own head."""
     from fedhlm.data import partition
     from fedhlm.data.module import NewsDataModule
-    from fedhlm.maths.threshold import ThresholdHead
+    from fedhlm.maths.route_features import feature_set
     from fedhlm.models.drafter import SLMDrafter
     from fedhlm.models.embedder import ContextEmbedder
-    from fedhlm.models.head_fit import TorchHead
+    from fedhlm.models.head_fit import TorchHead, routing_head
     from fedhlm.models.hybrid import load_slm
     from fedhlm.roles.client import Client
     from fedhlm.simulation.run import plan_rounds, test_items
 
     index, total = (int(x) for x in args.shard.split("/"))
-    slm = load_slm(cfg.models.slm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k)
+    slm = load_slm(cfg.models.slm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
+                   features=feature_set(cfg.routing.features, cfg.routing.hidden_dim))
     dm = NewsDataModule(**slm.configs["slm"]["data"])
     dm.setup()
+    slm.fit_features(list(dm.splits.calib))  # the feature map a simulation fits: same split, same map
     test = test_items(cfg, dm.splits)  # the same articles, the same shares and rounds as a simulation
     part = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)[index]
     rounds = plan_rounds([part], [role_id], cfg.federation.rounds)
@@ -152,7 +154,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     settings = ClientSettings.from_config(cfg, client_id=role_id, edge_id=args.edge, policy="learned",
                                           embedder_name=embedder.name if embedder else "none")
     tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
-    head = TorchHead(ThresholdHead(tau=tau, temperature=cfg.routing.temperature), engine=cfg.routing.fit_engine)
+    head = TorchHead(routing_head(cfg.routing, tau, cfg.seed), engine=cfg.routing.fit_engine)
     client = Client(settings, address, head, slm.class_of, embedder.dim if embedder else 384,
                     drafter=SLMDrafter(slm, embedder)).start()
     label_of = {item.uid: item.label for item in test}

@@ -21,6 +21,8 @@ Aggregation = Literal["fedavg", "median", "trimmed_mean"]
 Clustering = Literal["round_robin", "given", "kmeans_labels", "kmeans_embeddings"]
 PeerScope = Literal["cluster", "neighbours"]
 PolicyName = Literal["learned", "static", "always", "never"]
+HeadModeName = Literal["scalar", "linear", "mlp"]  # maths.threshold.HEAD_MODES
+FeatureSetName = Literal["basic", "label", "hidden"]  # maths.route_features.FEATURE_SETS
 
 # the entropy threshold (nats) a head starts from when nothing calibrated one
 UNCALIBRATED_TAU = 0.5
@@ -71,6 +73,13 @@ class RoutingSettings:
     importance_weights: bool = True  # exploration pairs weigh 1/exploration in the local loss (unbiased estimate)
     init_tau: float | None = None  # starting entropy threshold (nats); None = the calibrated static threshold
     temperature: float = 0.1  # sigmoid temperature T of s = sigmoid((u - tau) / T)
+    # scalar: the entropy threshold; linear: w . f - tau; mlp: plus a small residual MLP (both start as scalar)
+    head: HeadModeName = "scalar"
+    head_hidden: int = 8  # hidden units of the mlp head
+    # what the head sees: basic (entropy, max prob, top-2 margin, sampling), label (+ the same over the class
+    # tokens and their mass), hidden (+ hidden_dim whitened PCA components of the SLM's state, fitted on calibration)
+    features: FeatureSetName = "basic"
+    hidden_dim: int = 16
     local_steps: int = 20  # head optimiser steps per round
     lr: float = 1.0  # local step size: plain SGD steps, so FedAvg follows the pooled loss's gradient
     optimizer: Optimizer = "sgd"
@@ -96,6 +105,13 @@ class RoutingSettings:
         if self.target_share is not None and self.target_agreement is not None:
             raise SettingError(f"{s}.target_agreement: give target_share or target_agreement, not both")
         check_range(s, "temperature", self.temperature, 0, lo_open=True)
+        check_choice(s, "head", self.head, HeadModeName)
+        check_choice(s, "features", self.features, FeatureSetName)
+        check_range(s, "head_hidden", self.head_hidden, 1)
+        check_range(s, "hidden_dim", self.hidden_dim, 1)
+        if self.head != "scalar" and (self.target_share is not None or self.target_agreement is not None):
+            raise SettingError(f"{s}.head: target_share / target_agreement place an entropy threshold, which only "
+                               f"the scalar head is; got head {self.head!r}")
         check_range(s, "local_steps", self.local_steps, 0)
         check_range(s, "lr", self.lr, 0, lo_open=True)
         check_range(s, "lr_decay", self.lr_decay, 0)

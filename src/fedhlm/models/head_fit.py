@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
+from fedhlm.core.settings import RoutingSettings
+from fedhlm.maths.route_features import feature_set
 from fedhlm.maths.speculative import VerifyMode, verify_batch
 from fedhlm.maths.threshold import HeadMode, ThresholdHead, annealed_temperature, routing_loss
 from fedhlm.data.task import DEFAULT_TASK
@@ -161,6 +163,19 @@ def fit_head(
         after = float(module.loss(*batch))
     return {"loss_before": before, "loss_after": after, "tau": head.effective_tau(),
             "seconds": time.perf_counter() - start}
+
+
+def routing_head(routing: RoutingSettings, tau: float, seed: int = 0) -> ThresholdHead:
+    """The head `routing` asks for (mode, feature count), starting at the entropy threshold tau.
+
+    Seeded: every role of a run builds the same initial head (an mlp's random first layer included),
+    so the heads FedAvg averages all started from one model, as the round-0 global model.
+    """
+    num_features = feature_set(routing.features, routing.hidden_dim).num_features
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ThresholdHead(mode=routing.head, num_features=num_features, tau=tau, temperature=routing.temperature,
+                             hidden=routing.head_hidden)
 
 
 class TorchHead:

@@ -8,9 +8,10 @@ in-process, on the calibration split: the LLM's verdicts there are the fit's lab
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedhlm.core.records import Drafted, TokenInput
 from fedhlm.models.slm import SLMModule
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, verify_drafts
+from fedhlm.maths.route_features import FeatureSet, WhitenedPCA
 from fedhlm.maths.threshold import uhlm_threshold
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,17 @@ def _fit_config(path: str | Path, data_overrides: dict[str, Any] | None) -> dict
 
 
 class DraftingSLM:
-    """The cached SLM a client drafts with: prompt encoding, the batched routing view, token -> class."""
+    """The cached SLM a client drafts with: prompt encoding, the batched routing view, token -> class.
 
-    def __init__(self, config: dict[str, Any], folder: Path, top_k: int | None = None) -> None:
+    `features` picks what the routing head sees (`maths.route_features.FEATURE_SETS`); a set that reads
+    the SLM's hidden state needs :meth:`fit_features` (the whitened PCA, on the calibration split) first.
+    """
+
+    def __init__(self, config: dict[str, Any], folder: Path, top_k: int | None = None,
+                 features: FeatureSet | None = None) -> None:
         self.config, self.folder = config, folder
+        self.features = features or FeatureSet()
+        self.pca: WhitenedPCA | None = None
         slm_args = {k: v for k, v in config["model"].items() if k not in {"pretrained", "teacher"}}
         self.slm = SLMModule(pretrained=str(folder), **slm_args).eval()
         if top_k is not None:
@@ -57,6 +66,51 @@ class DraftingSLM:
     def class_of(self, token: int) -> int:
         return self._class_of.get(int(token), -1)
 
+    @contextlib.contextmanager
+    def _lm_head_io(self) -> Iterator[dict[str, torch.Tensor]]:
+        """While open, the last batch's routed-position hidden states [B, H] and logits [B, V], as the SLM's
+        LM head saw them (its input and output): the forward pass the draft runs anyway, not a second one."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            seen["hidden"], seen["logits"] = args[0], output
+
+        handle = self.slm.model.get_output_embeddings().register_forward_hook(hook)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    def _route(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The SLM's routing view of a batch, its features extended to this drafter's feature set."""
+        if self.features.name == FeatureSet.name:
+            return self.slm.route_batch(batch)
+        with self._lm_head_io() as seen:
+            out = self.slm.route_batch(batch)
+        hidden = seen["hidden"]
+        if hidden.ndim == 3:  # a model whose LM head ran over every position
+            hidden = hidden[torch.arange(hidden.shape[0]), batch["last_index"]]
+        label_ids = torch.tensor(self.slm.verbaliser_ids, dtype=torch.long)
+        logits = seen["logits"] if seen["logits"].ndim == 2 else self.slm.next_logits(batch)
+        out["features"] = self.features.assemble(out["features"], logits, label_ids, hidden, self.pca)
+        out["hidden"] = hidden
+        return out
+
+    @torch.no_grad()
+    def fit_features(self, items: Sequence[NewsItem], batch_size: int = 64) -> None:
+        """Fit what the feature set needs on these (calibration) items: the whitened PCA of the hidden state."""
+        if not self.features.hidden:
+            return
+        hidden = []
+        for lo in range(0, len(items), batch_size):
+            chunk = list(items[lo : lo + batch_size])
+            batch = encode_prompts(self.tokenizer, chunk, max_length=self.max_length, suffix=self.slm.task.prompt_suffix)
+            with self._lm_head_io() as seen:
+                self.slm.route_batch(batch)
+            h = seen["hidden"]
+            hidden.append(h[torch.arange(h.shape[0]), batch["last_index"]] if h.ndim == 3 else h)
+        self.pca = WhitenedPCA.fit(torch.cat(hidden), self.features.hidden_dim)
+
     @torch.no_grad()
     def draft(self, items: Sequence[NewsItem], embeddings: np.ndarray | None = None, batch_size: int = 64) -> Drafted:
         """TokenInputs for every item, in order (the SLM's batched forward passes, timed)."""
@@ -65,7 +119,7 @@ class DraftingSLM:
         for lo in range(0, len(items), batch_size):
             chunk = list(items[lo : lo + batch_size])
             batch = encode_prompts(self.tokenizer, chunk, max_length=self.max_length, suffix=self.slm.task.prompt_suffix)
-            out = self.slm.route_batch(batch)
+            out = self._route(batch)
             for i, item in enumerate(chunk):
                 last = int(batch["last_index"][i])
                 inputs.append(TokenInput(
@@ -96,10 +150,10 @@ class ServingLLM:
 
 
 def load_slm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, top_k: int | None = None,
-             progress: bool = True) -> DraftingSLM:
+             progress: bool = True, features: FeatureSet | None = None) -> DraftingSLM:
     """The SLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
     cfg = _fit_config(config, data_overrides)
-    return DraftingSLM(cfg, get_or_train("slm", cfg, progress=progress), top_k)
+    return DraftingSLM(cfg, get_or_train("slm", cfg, progress=progress), top_k, features)
 
 
 def load_llm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, progress: bool = True) -> ServingLLM:
@@ -112,8 +166,9 @@ class HybridModels:
     """Both cached models of a run in one process (a simulation), and the static-threshold calibration."""
 
     def __init__(self, slm_config: str | Path, llm_config: str | Path, *, data_overrides: dict[str, Any] | None = None,
-                 top_k: int | None = None, progress: bool = True) -> None:
-        self.drafting = load_slm(slm_config, data_overrides=data_overrides, top_k=top_k, progress=progress)
+                 top_k: int | None = None, progress: bool = True, features: FeatureSet | None = None) -> None:
+        self.drafting = load_slm(slm_config, data_overrides=data_overrides, top_k=top_k, progress=progress,
+                                 features=features)
         self.serving = load_llm(llm_config, data_overrides=data_overrides, progress=progress)
         self.configs = {"slm": self.drafting.config, "llm": self.serving.config}
         self.folders = {"slm": self.drafting.folder, "llm": self.serving.folder}

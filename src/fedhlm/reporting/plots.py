@@ -86,6 +86,23 @@ def p2p_vs_delta(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def head_ablation(result: dict, path: Path) -> Path:
+    """`fedhlm bench heads`: accuracy at each share sent, per feature subset and head (cross-fitted), and the oracle."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shares = result["shares"]
+    x = [100 * s for s in shares]
+    for row in result["rows"]:
+        style = "-" if row["head"] == "scalar" else ("--" if row["head"] == "linear" else ":")
+        ax.plot(x, [100 * row["cross_fit"][s] for s in shares], style, marker=".", label=f"{row['features']} ({row['head']})")
+    ax.plot(x, [100 * result["oracle"][s] for s in shares], color="grey", lw=1, label="oracle (reference)")
+    ax.axhline(100 * result["llm_accuracy"], color="grey", ls="-.", lw=1, label="LLM alone")
+    ax.set_xlabel("articles sent to the LLM (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"routing features ({result['task']}, {result['folds']}-fold cross-fit)")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
 def write_all(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [

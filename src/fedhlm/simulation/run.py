@@ -9,6 +9,7 @@ retained model or queued message of one method leaks into the next.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -94,9 +95,8 @@ def client_settings(cfg: SimConfig, method: Method, prep: Prepared, *, lam: floa
 def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | None = None,
                delta: float | None = None, static_tau: float = UNCALIBRATED_TAU, progress=None) -> dict[str, Any]:
     """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
-    from fedhlm.maths.threshold import ThresholdHead
     from fedhlm.models.drafter import SLMDrafter
-    from fedhlm.models.head_fit import TorchHead
+    from fedhlm.models.head_fit import TorchHead, routing_head
     from fedhlm.reporting.summary import TokenRecord
     from fedhlm.roles.deployment import Deployment, DeploymentSpec
     from fedhlm.transport.address import BrokerAddress
@@ -121,8 +121,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
 
     spec = DeploymentSpec(
         assignment=plan.assignment, client=settings,
-        head_factory=lambda: TorchHead(ThresholdHead(tau=prep.init_tau, temperature=cfg.routing.temperature),
-                                       engine=cfg.routing.fit_engine),
+        head_factory=lambda: TorchHead(routing_head(cfg.routing, prep.init_tau, cfg.seed), engine=cfg.routing.fit_engine),
         q_fn=models.q_fn, class_of=models.class_of, drafter=drafter,
         pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=prep.embedding_dim,
     )
@@ -222,9 +221,19 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "llm_requests": sum(w.stats.requests for w in dep.llm),
         "llm_batches": sum(w.stats.batches for w in dep.llm),
         "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),
-        "pairs": {cid: (f[:, 0].tolist(), b.tolist(), w.tolist()) for cid, (f, b, w) in
-                  ((cid, c.pairs()) for cid, c in dep.clients.items()) if b.size},
+        "pairs": {cid: (f, b, w) for cid, (f, b, w) in ((cid, c.pairs()) for cid, c in dep.clients.items()) if b.size},
+        # what the run ended with: the cloud's global model, else the mean of the edges' models
+        "global_params": _final_params(dep),
     }
+
+
+def _final_params(dep) -> dict[str, list] | None:
+    if dep.cloud is not None and dep.cloud.history:
+        return {k: np.asarray(v).tolist() for k, v in dep.cloud.params.items()}
+    edges = [e.params for e in dep.edges.values() if e.history]
+    if not edges:
+        return None
+    return {k: np.mean([np.asarray(p[k]) for p in edges], axis=0).tolist() for k in edges[0]}
 
 
 def method_entry(result: dict[str, Any]) -> dict[str, Any]:
@@ -255,15 +264,17 @@ def prepare(cfg: SimConfig, progress: bool = True) -> Prepared:
 def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     """The models, the test items (each client drafts its own later) and the calibration split's drafts."""
     from fedhlm.data.module import NewsDataModule
+    from fedhlm.maths.route_features import feature_set
     from fedhlm.models.embedder import ContextEmbedder
     from fedhlm.models.hybrid import HybridModels
 
     models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
-                          progress=progress)
+                          progress=progress, features=feature_set(cfg.routing.features, cfg.routing.hidden_dim))
     # the SLM's own data module gives the split it was trained on: the test inputs are held out
     datamodule = NewsDataModule(**models.configs["slm"]["data"])
     datamodule.setup()
     splits = datamodule.splits
+    models.drafting.fit_features(list(splits.calib))  # a feature map (the hidden set's PCA) from calibration only
     test = test_items(cfg, splits)
     wants_peers = any(METHODS[m].p2p for m in cfg.methods) or bool(cfg.delta_sweep)
     corpus = datamodule.corpus
@@ -343,7 +354,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
             report["slm_ms_per_token"] = float(np.mean([t.latency_ms for t in results["slm_only"]["records"]]))
         if "fedhlm" in results or "fedhlm_no_p2p" in results:
             fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
-            report["federated"] = federated_section(results[fed_name], cfg)
+            report["federated"] = federated_section(results[fed_name], cfg, prep.init_tau)
         if cfg.reference_shares or cfg.routing.target_agreement is not None:
             report["reference"] = reference_routers(cfg, prep, report["methods"], results)
         report["lambda_sweep"] = lambda_sweep(cfg, prep, bar) if cfg.lambda_sweep else {}
@@ -402,41 +413,71 @@ def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any], r
     return section
 
 
-def federated_section(result: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:
-    """Convergence of the learned thresholds against the central optimum on the pooled pairs."""
-    import torch
+def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = UNCALIBRATED_TAU) -> dict[str, Any]:
+    """Convergence of the learned head against the central optimum on the pooled pairs.
 
-    from fedhlm.maths.threshold import ThresholdHead, central_threshold, routing_loss
+    The scalar head's optimum is exact (`central_threshold`); a linear or mlp head is compared with the
+    same head fitted centrally (same start, full batch, Adam) on the same weighted pairs.
+    """
+    from fedhlm.maths.threshold import central_threshold
 
     pairs = result["dep"]["pairs"]
-    u = np.concatenate([np.asarray(p[0]) for p in pairs.values()]) if pairs else np.zeros(0)
-    beta = np.concatenate([np.asarray(p[1]) for p in pairs.values()]) if pairs else np.zeros(0)
-    weights = np.concatenate([np.asarray(p[2]) for p in pairs.values()]) if pairs else np.zeros(0)
+    feats = np.concatenate([p[0] for p in pairs.values()]) if pairs else np.zeros((0, 1), np.float32)
+    beta = np.concatenate([p[1] for p in pairs.values()]) if pairs else np.zeros(0)
+    weights = np.concatenate([p[2] for p in pairs.values()]) if pairs else np.zeros(0)
+    u = feats[:, 0] if feats.size else np.zeros(0)
     rounds = result["federated"] or []
-    section: dict[str, Any] = {"rounds": rounds, "pairs": int(u.size)}
-    if u.size:
+    section: dict[str, Any] = {"rounds": rounds, "pairs": int(u.size), "head": cfg.routing.head,
+                               "features": cfg.routing.features}
+    final_params = result["dep"].get("global_params")
+    if u.size and cfg.routing.head == "scalar":
         T, lam = cfg.routing.temperature, cfg.routing.lam
         central_tau = central_threshold(u, beta, lam, method="sigmoid", temperature=T, weights=weights)
-
-        def loss(tau: float) -> float:
-            head = ThresholdHead(tau=tau, temperature=T)
-            feats = torch.zeros(u.size, 4)
-            feats[:, 0] = torch.from_numpy(u).float()
-            with torch.no_grad():
-                return float(routing_loss(head(feats), torch.from_numpy(beta).float(), lam,
-                                          torch.from_numpy(weights).float()))
-
         final = next((r["global"] for r in reversed(rounds) if r.get("global") is not None), None)
         if final is None and rounds and rounds[-1]["edges"]:
             final = float(np.mean(list(rounds[-1]["edges"].values())))
-        section.update({"central_tau": central_tau, "central_loss": loss(central_tau), "final_tau": final,
-                        "federated_loss": loss(final) if final is not None else None,
+        loss = functools.partial(_pooled_loss, cfg, feats, beta, weights)
+        section.update({"central_tau": central_tau, "central_loss": loss({"tau": central_tau}),
+                        "final_tau": final, "federated_loss": loss({"tau": final}) if final is not None else None,
                         "tau_gap": (abs(final - central_tau) / abs(central_tau)) if final is not None and central_tau else None})
+    elif u.size and final_params is not None:
+        central = _central_head_params(cfg, feats, beta, weights, init_tau)
+        loss = functools.partial(_pooled_loss, cfg, feats, beta, weights)
+        section.update({"central_loss": loss(central), "federated_loss": loss(final_params),
+                        "central_params": central, "final_params": final_params})
+    if section.get("central_loss") and section.get("federated_loss") is not None:
+        section["loss_ratio"] = section["federated_loss"] / section["central_loss"]
     recs = result["records"]
     tel = result["dep"]
     section["transmissions"] = {"exploration": sum(1 for t in recs if t.reason == "exploration"),
                                 "updates": tel["updates_sent"], "models": tel["models_received"]}
     return section
+
+
+def _pooled_loss(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: np.ndarray,
+                 params: dict[str, Any]) -> float:
+    """The weighted routing loss on the pooled pairs of the run's head with `params` (the rest at its start)."""
+    import torch
+
+    from fedhlm.maths.threshold import routing_loss
+    from fedhlm.models.head_fit import TorchHead, routing_head
+
+    head = TorchHead(routing_head(cfg.routing, UNCALIBRATED_TAU, cfg.seed))
+    head.load({**head.params(), **{k: np.asarray(v, np.float32) for k, v in params.items()}})
+    with torch.no_grad():
+        s = head.module(torch.from_numpy(np.asarray(feats, np.float32)))
+        return float(routing_loss(s, torch.from_numpy(np.asarray(beta, np.float32)), cfg.routing.lam,
+                                  torch.from_numpy(np.asarray(weights, np.float32))))
+
+
+def _central_head_params(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: np.ndarray,
+                         init_tau: float, steps: int = 600, lr: float = 0.02) -> dict[str, list]:
+    """The run's head fitted on all clients' pairs at once, from the round-0 start: the central reference."""
+    from fedhlm.models.head_fit import TorchHead, routing_head
+
+    head = TorchHead(routing_head(cfg.routing, init_tau, cfg.seed))
+    head.fit(feats, beta, lam=cfg.routing.lam, steps=steps, lr=lr, optimizer="adam", weights=weights)
+    return {k: v.tolist() for k, v in head.params().items()}
 
 
 def lambda_sweep(cfg: SimConfig, prep: Prepared, bar) -> dict[str, list[dict[str, float]]]:
