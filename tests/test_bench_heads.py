@@ -17,7 +17,7 @@ def test_bench_heads_writes_the_ablation_table_and_plot(tmp_path, monkeypatch, c
     out = tmp_path / "out"
     rc = heads.main(["--config", "configs/quick.yaml", "--set", f"models.slm={slm}", "--set", f"models.llm={llm}",
                      "--set", "data.source=synthetic", "--set", "data.inputs=80", "--shares", "0.1,0.3",
-                     "--hidden-dim", "4", "--folds", "2", "--out", str(out)])
+                     "--hidden-dim", "4", "--folds", "2", "--steps", "40", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "heads.json").read_text())
     assert (out / "heads.png").stat().st_size > 0

@@ -40,7 +40,7 @@ def column_subsets(names: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def measure(config: str | None, overrides: list[str], shares: list[float], hidden_dim: int, folds: int,
-            progress: bool = True) -> dict[str, Any]:
+            steps: int = 400, progress: bool = True) -> dict[str, Any]:
     from fedhlm.models.head_ablation import Pairs, ablation, oracle_row
     from fedhlm.simulation import run as sim
     from fedhlm.simulation.config import load_config
@@ -69,9 +69,9 @@ def measure(config: str | None, overrides: list[str], shares: list[float], hidde
     print(f"[bench heads] fitting {len(subsets)} feature subsets x heads x {len(shares)} shares "
           f"(calibration fit + {folds}-fold cross-fit)", flush=True)
     rows = ablation(calib, test, subsets, shares, k=folds, temperature=cfg.routing.temperature,
-                    hidden=cfg.routing.head_hidden)
+                    hidden=cfg.routing.head_hidden, steps=steps)
     return {
-        "config": config, "overrides": overrides, "task": prep.task.name, "shares": shares, "hidden_dim": hidden_dim, "folds": folds,
+        "config": config, "overrides": overrides, "task": prep.task.name, "shares": shares, "hidden_dim": hidden_dim, "folds": folds, "steps": steps,
         "feature_names": list(names), "models": {k: str(v) for k, v in models.folders.items()},
         "calibration_articles": len(calib.beta), "test_articles": len(test.beta),
         "slm_accuracy": float(test.slm_correct.mean()), "llm_accuracy": float(test.llm_correct.mean()),
@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shares", default="0.02,0.05,0.1,0.2", help="shares sent, comma-separated")
     parser.add_argument("--hidden-dim", type=int, default=16, help="PCA components of the hidden state")
     parser.add_argument("--folds", type=int, default=5, help="cross-fitting folds on the test articles")
+    parser.add_argument("--steps", type=int, default=400, help="Adam steps of each head fit")
     parser.add_argument("--out", default="runs/bench-heads", help="folder for heads.json and heads.png")
     args = parser.parse_args(argv)
     shares = [float(s) for s in args.shares.split(",") if s]
-    result = measure(args.config, args.set, shares, args.hidden_dim, args.folds)
+    result = measure(args.config, args.set, shares, args.hidden_dim, args.folds, args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heads.json").write_text(json.dumps(result, indent=2, default=str))
