@@ -60,6 +60,13 @@ def test_sections_are_the_shared_settings() -> None:
         ("broker=http://localhost:1883", "broker"),
         ("federation.clustering=given", "federation.assignment"),
         ("seed=null", "seed"),
+        ("seed=-1", "seed"),
+        ("routing.top_k=100000", "routing.top_k"),
+        ("routing.lam=nan", "routing.lam"),
+        ("routing.temperature=.nan", "routing.temperature"),
+        ("data.inputs=8", "data.inputs"),  # 12 clients by default
+        ("routing.head=deep", "routing.head"),
+        ("routing.features=all", "routing.features"),
     ],
 )
 def test_bad_field_is_named(override: str, field: str) -> None:

@@ -7,7 +7,9 @@ imports are lazy so that `fedhlm broker` does not pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 # subcommand -> (module, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +36,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM (timeout, kill, systemd, CI) takes the Ctrl-C path: brokers stopped and their files removed,
+    a partial report written, roles disconnected. Without it the process dies where it stands and leaves
+    its mosquitto listening, with the password hashes in its run folder."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    terminate_as_interrupt()
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0

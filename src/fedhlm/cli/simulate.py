@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     parser.add_argument("--broker", default=None, help="use this broker (mqtt://user:pass@host:port) instead of a private one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tolerate-degraded", action="store_true",
+                        help="exit 0 even when a method ran degraded (broker died, LLM fallbacks, missing models)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.broker:
@@ -32,4 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out or cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     report = simulate(cfg, out, show_progress=not args.no_progress)
-    return 0 if report["status"] == "complete" else 130
+    status = report["status"]
+    if status == "degraded":
+        print("fedhlm simulate: DEGRADED run (see the table and report.json 'degraded')", file=sys.stderr)
+        return 0 if args.tolerate_degraded else 3
+    return 0 if status == "complete" else 130 if status == "interrupted" else 1

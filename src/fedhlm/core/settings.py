@@ -24,6 +24,10 @@ PolicyName = Literal["learned", "static", "always", "never"]
 HeadModeName = Literal["scalar", "linear", "mlp"]  # maths.threshold.HEAD_MODES
 FeatureSetName = Literal["basic", "label", "hidden"]  # maths.route_features.FEATURE_SETS
 
+# most entries of the SLM's distribution an offloaded token may carry: past this the upload is no longer a
+# compression of the distribution (CU-HLM's point), and a mistyped value would send megabytes a token
+MAX_TOP_K = 1024
+
 # the entropy threshold (nats) a head starts from when nothing calibrated one
 UNCALIBRATED_TAU = 0.5
 
@@ -92,7 +96,7 @@ class RoutingSettings:
 
     def __post_init__(self) -> None:
         s = "routing"
-        check_range(s, "top_k", self.top_k, 1)
+        check_range(s, "top_k", self.top_k, 1, MAX_TOP_K)
         check_range(s, "lam", self.lam, 0)
         check_range(s, "exploration", self.exploration, 0, 1)
         check_range(s, "exploration_decay", self.exploration_decay, 0)

@@ -89,6 +89,11 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         """The checks that span fields or sections (each section checked its own ranges already)."""
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0 (numpy seeds are unsigned), got {self.seed}")
+        if self.data.inputs and self.data.inputs < self.federation.clients:
+            raise ConfigError(f"data.inputs: {self.data.inputs} inputs for {self.federation.clients} clients; every "
+                              "client needs one at least (0 = every test article)")
         for i, m in enumerate(self.methods):
             if m not in METHOD_NAMES:
                 raise ConfigError(f"methods[{i}]: must be one of {', '.join(METHOD_NAMES)}, got {m!r}")

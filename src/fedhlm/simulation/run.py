@@ -155,6 +155,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
             counts = dep.byte_counts()
             telemetry = deployment_telemetry(dep)
             telemetry["broker_peak_rss_mb"] = process_peak_rss_mb(broker.pid if broker is not None else None)
+            telemetry["broker_died"] = broker is not None and not broker.running
             stopping = time.perf_counter()
             dep.stop()
             phases["stop_s"] = time.perf_counter() - stopping
@@ -250,7 +251,20 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
         entry["fl"] = {k: dep[k] for k in ("updates_sent", "updates_aggregated", "updates_rejected", "duplicates",
                                             "models_received", "rounds_without_model")}
         entry["llm_service"] = {k: dep[k] for k in ("llm_requests", "llm_batches", "llm_compute_s")}
+        entry["degraded"] = degradation(dep)
     return entry
+
+
+def degradation(dep: dict[str, Any]) -> list[str]:
+    """Why a method's numbers are not those of a healthy deployment (empty when they are)."""
+    reasons = []
+    if dep.get("broker_died"):
+        reasons.append("the broker died during the run")
+    if dep["fallbacks"]:
+        reasons.append(f"{dep['fallbacks']} tokens fell back to the SLM's draft (no LLM verdict in time)")
+    if dep["rounds_without_model"]:
+        reasons.append(f"{dep['rounds_without_model']} client rounds ended without the edge's model")
+    return reasons
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
@@ -362,10 +376,15 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         bar.close()
         report["consistency_problems"] = check_consistency(report["methods"])
         report["targets"] = targets(report)
-        report["status"] = "complete"
+        report["degraded"] = {name: m["degraded"] for name, m in report["methods"].items() if m.get("degraded")}
+        report["status"] = "degraded" if report["degraded"] else "complete"
     except KeyboardInterrupt:
         report["status"] = "interrupted"
         print("\n[fedhlm] interrupted: writing what was measured so far", flush=True)
+    except Exception as exc:
+        report["status"] = "failed"
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         report["wall_s"] = round(time.time() - started, 2)
         write_report(report, out_dir)
@@ -608,4 +627,6 @@ def print_table(report: dict[str, Any]) -> None:
     for t in report.get("targets", []):
         mark = "MET " if t["met"] else "MISS"
         print(f"  [{mark}] {t['goal']}: {t['measured']}")
+    for name, reasons in (report.get("degraded") or {}).items():
+        print(f"  DEGRADED {name}: {'; '.join(reasons)} - its numbers are not those of a healthy deployment")
     print(f"status: {report.get('status')}, wall {report.get('wall_s')} s")
