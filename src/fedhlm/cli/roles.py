@@ -94,7 +94,7 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
     from fedhlm.roles.llm_service import LLMService
 
     llm = load_llm(cfg.models.llm, data_overrides=cfg.data.model_overrides())  # the LLM only: a refiner never needs the SLM
-    service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify,
+    service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify, limits=llm.limits(),
                          pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
     print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
     stop = threading.Event()

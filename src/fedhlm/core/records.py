@@ -91,3 +91,25 @@ class ByteCounts:
             "uplink_by_kind": dict(self.uplink),
             "downlink_by_kind": dict(self.downlink),
         }
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request must respect to be computable by the model it targets (the LLM service checks each one:
+    a single out-of-range id or an over-long context would otherwise fail the whole batch it lands in)."""
+
+    vocab_size: int
+    max_positions: int
+
+    def problem(self, context_ids: np.ndarray, topk_ids: np.ndarray, draft_token: int) -> tuple[str, str] | None:
+        """(kind, message) of why a request cannot be verified by this model; None when it can."""
+        if context_ids.size > self.max_positions:
+            return "context_length", f"context of {context_ids.size} tokens exceeds the model's {self.max_positions} positions"
+        if context_ids.size and int(context_ids.max()) >= self.vocab_size:
+            return "context_id", f"context token id {int(context_ids.max())} >= vocabulary size {self.vocab_size}"
+        if topk_ids.size and int(topk_ids.max()) >= self.vocab_size:
+            return "topk_id", f"top-k token id {int(topk_ids.max())} >= vocabulary size {self.vocab_size}"
+        if int(draft_token) not in {int(t) for t in topk_ids}:
+            return "draft_not_in_topk", "the draft token is not among the uploaded top-k"
+        return None
+

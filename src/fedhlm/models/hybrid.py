@@ -22,7 +22,7 @@ from fedhlm.data import NewsItem, encode_prompts, prompt_text
 from fedhlm.models.llm import LLMRefiner
 from fedhlm.models.cache import SPLIT_DATA_KEYS, get_or_train, read_fit_config, with_data_task
 from fedhlm.models.store import METRICS_FILE
-from fedhlm.core.records import Drafted, TokenInput
+from fedhlm.core.records import Drafted, ModelLimits, TokenInput
 from fedhlm.models.slm import SLMModule
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, verify_drafts
@@ -143,6 +143,11 @@ class ServingLLM:
         self.llm = LLMRefiner(pretrained=str(folder), task=config["model"]["task"]).eval()
         self.tokenizer = self.llm.tokenizer
 
+    def limits(self) -> ModelLimits:
+        """The vocabulary and positions a request to this LLM must stay within."""
+        config = self.llm.model.config
+        return ModelLimits(vocab_size=int(config.vocab_size), max_positions=int(config.max_position_embeddings))
+
     @torch.no_grad()
     def q_fn(self, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The LLM's next-token distribution after each context (what the refiner service calls)."""
@@ -182,6 +187,7 @@ class HybridModels:
         self.class_of = self.drafting.class_of
         self.draft = self.drafting.draft
         self.q_fn = self.serving.q_fn
+        self.llm_limits = self.serving.limits
         self._calib_beta: dict[tuple, np.ndarray] = {}  # (uids, mode) -> beta: a lambda sweep asks again and again
 
     def metrics(self) -> dict[str, dict[str, Any]]:

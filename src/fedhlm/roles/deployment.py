@@ -15,7 +15,7 @@ from typing import Any
 
 from fedhlm.core.aggregation import Params
 from fedhlm.core.policies import policy_class
-from fedhlm.core.records import ByteCounts, Drafter, RoutedToken
+from fedhlm.core.records import ByteCounts, Drafter, ModelLimits, RoutedToken
 from fedhlm.core.settings import ClientSettings
 from fedhlm.maths.verification import QFunction
 from fedhlm.roles.client import Client, RoutingHead
@@ -41,6 +41,7 @@ class DeploymentSpec:
     class_of: Callable[[int], int]
     drafter: Drafter | None = None  # the clients' SLM (one model instance; each client drafts its own inputs)
     pad_id: int = 0
+    llm_limits: ModelLimits | None = None  # the LLM's vocabulary and positions, checked per request
     embedding_dim: int = 384
     checkpoint_dir: Path | None = None
     llm_workers: int = 1
@@ -91,7 +92,7 @@ class Deployment:
         fed, seed = spec.client.federation, spec.client.seed
         for i in range(spec.llm_workers):
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.client.routing.verify,
-                                pad_id=spec.pad_id, seed=seed + i)
+                                pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits)
             self.llm.append(worker.start())
         if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
             init = self.initial_params()

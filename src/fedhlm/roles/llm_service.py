@@ -12,10 +12,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from fedhlm.core.records import ModelLimits
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, QFunction, verify_drafts
 from fedhlm.transport import topics
@@ -32,6 +33,7 @@ class LLMServiceStats:
     batches: int = 0
     errors: int = 0
     compute_s: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> requests dropped unanswered
 
 
 class LLMService:
@@ -49,8 +51,10 @@ class LLMService:
         pad_id: int = 0,
         seed: int = 0,
         network: Network | None = None,
+        limits: ModelLimits | None = None,
     ) -> None:
         self.q_fn = q_fn
+        self.limits = limits  # None: only the schema's checks (a test's synthetic q function)
         self.group = group
         self.mode: VerifyMode = mode
         self.max_batch = max_batch
@@ -81,7 +85,19 @@ class LLMService:
         if not inbound.response_topic:
             log.warning("llm: dropped a request from %s: no response topic", inbound.message.client_id)
             return
+        r = inbound.message
+        problem = self.limits.problem(r.context_ids, r.topk_ids, r.draft_token) if self.limits else None
+        if problem is not None:
+            self._reject(r.client_id, *problem)
+            return
         self._queue.put(inbound)
+
+    def _reject(self, client_id: str, kind: str, problem: str) -> None:
+        """Count the reason; log the first of each kind and then every 1000th (a flood must not flood the log)."""
+        n = self.stats.rejected.get(kind, 0) + 1
+        self.stats.rejected[kind] = n
+        if n == 1 or n % 1000 == 0:
+            log.warning("llm: dropped a request from %s (%d of this kind): %s", client_id, n, problem)
 
     def _serve(self) -> None:
         while True:
@@ -101,9 +117,15 @@ class LLMService:
                 batch.append(item)
             try:
                 self._answer(batch)
-            except Exception:  # a bad batch must not kill the worker
-                self.stats.errors += len(batch)
-                log.exception("llm: failed to verify a batch of %d", len(batch))
+            except Exception as exc:  # a bad batch must not kill the worker, nor the good requests in it
+                log.warning("llm: a batch of %d failed (%s: %s); verifying its requests one by one", len(batch),
+                            type(exc).__name__, exc)
+                for inbound in batch:
+                    try:
+                        self._answer([inbound])
+                    except Exception as one:
+                        self.stats.errors += 1
+                        self._reject(inbound.message.client_id, "verification_failed", f"{type(one).__name__}: {one}")
 
     def _answer(self, batch: list[Inbound]) -> None:
         requests: list[TokenRequest] = [b.message for b in batch]  # type: ignore[misc]
