@@ -15,6 +15,7 @@ BROKER_USERS = {
     "e1": "edge",
     "cloud": "cloud",
     "llm": "llm",
+    "llm-2": "llm",  # a second worker: with use_username_as_clientid every connection has an account of its own
     "admin": "admin",
 }
 

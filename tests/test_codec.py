@@ -169,6 +169,15 @@ def body(**changes: Any) -> dict[str, Any]:
     return envelope(request())["b"] | changes
 
 
+def test_an_integer_where_the_schema_says_number_decodes_as_a_float() -> None:
+    """JavaScript msgpack encoders write 0 and 1 as integers; the schema's `number` allows them (issue 19, 10)."""
+    full = request(topk_ids=np.array([5, 7], np.int32), topk_probs=np.array([0.75, 0.25], np.float32), tail_mass=0.0,
+                   draft_token=5)
+    b = envelope(full)["b"] | {"tail_mass": 0}
+    msg = decode(pack({"v": 1, "t": "token_request", "b": b}))
+    assert msg.tail_mass == 0.0 and isinstance(msg.tail_mass, float) and msg == full
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
@@ -186,7 +195,8 @@ def body(**changes: Any) -> dict[str, Any]:
         (pack({"v": 1, "t": "token_request", "b": body(extra=1)}), "extra_field"),
         (pack({"v": 1, "t": "token_request", "b": body(seq="3")}), "field_type"),
         (pack({"v": 1, "t": "token_request", "b": body(seq=True)}), "field_type"),
-        (pack({"v": 1, "t": "token_request", "b": body(tail_mass=0)}), "field_type"),  # int for a float
+        (pack({"v": 1, "t": "token_request", "b": body(tail_mass=True)}), "field_type"),  # a bool is no number
+        (pack({"v": 1, "t": "token_request", "b": body(tail_mass=2**60)}), "field_type"),  # not exactly a float
         (pack({"v": 1, "t": "token_request", "b": body(context_ids=[101, 102])}), "field_type"),
         (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f8", "shape": [2], "data": bytes(16)})}), "field_type"),
         (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [2], "data": "text"})}), "field_type"),

@@ -195,7 +195,7 @@ def test_shared_subscription_gives_each_request_to_one_worker(broker: LocalBroke
         return serve
 
     for name in ("llm", "llm-2"):
-        workers[name] = connect("llm", {topics.llm_request_shared("workers"): serve_as(name)}, client_id=name)
+        workers[name] = connect(name, {topics.llm_request_shared("workers"): serve_as(name)})
     c0 = connect("c0")
     answers = [c0.request(topics.llm_request(), token_request("c0", seq), topics.client_llm_reply("c0"), timeout_s=5)
                for seq in range(20)]

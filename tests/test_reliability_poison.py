@@ -118,3 +118,31 @@ def test_one_poisoning_client_drags_fedavg_but_not_median_or_trimmed_mean(method
     finally:
         dep.stop()
         broker.cleanup()
+
+
+def test_a_member_cannot_set_its_clusters_threshold_by_claiming_samples_or_flooding_future_rounds() -> None:
+    """Issue 19, item 2: an honest round aggregates as it should while one member, with its own credentials,
+    floods updates for far-future rounds, claims 2^62 samples behind tau 50, and claims 10^6 samples behind
+    tau 5 (within every bound): refused, refused, and capped at 10x the round's median weight."""
+    members = {"c00": "e0", "c01": "e0", "c02": "e0"}
+    broker = LocalBroker(users(members)).start()
+    edge = EdgeServer("e0", broker.address("e0"), list(members), params(0.5), quorum=1.0, deadline_s=10.0,
+                      cloud_every=1000, max_samples=10_000_000, max_weight_ratio=10.0).start()
+    try:
+        topic = topics.edge_update("e0", "c02")
+        flood = [encode(ThresholdUpdate("c02", "e0", r, 100, params(9.0))) for r in range(2, 2002)]
+        publish_raw(broker, "c02", topic, [*flood, encode(ThresholdUpdate("c02", "e0", 0, 2**62, params(50.0)))])
+        publish_raw(broker, "c02", topic, [encode(ThresholdUpdate("c02", "e0", 0, 1_000_000, params(5.0)))])
+        for c in ("c00", "c01"):
+            publish_raw(broker, c, topics.edge_update("e0", c), [encode(ThresholdUpdate(c, "e0", 0, 100, params(0.5)))])
+        assert wait_until(lambda: edge.round == 1, timeout_s=10)
+        tau = float(edge.params["tau"])
+        assert edge.rejected["future"] == 2000 and edge.rejected["implausible_samples"] == 1
+        assert sum(len(b) for b in edge.collector._pending.values()) == 0
+    finally:
+        edge.stop()
+        broker.stop()
+    capped = (1000 * 5.0 + 200 * 0.5) / 1200  # c02 weighs 10 x the median count (100), not 10^6
+    print(f"\nedge tau after the attack: {tau:.4f} (capped FedAvg {capped:.4f}; uncapped it would be "
+          f"{(1_000_000 * 5.0 + 200 * 0.5) / 1_000_200:.4f}; honest 0.5)")
+    assert tau == pytest.approx(capped, rel=1e-4)

@@ -88,3 +88,22 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="corrupt server checkpoint"):
         load_state(path)
+
+
+def test_updates_far_ahead_are_refused_so_the_buffer_stays_bounded() -> None:
+    c = RoundCollector({"a", "b"}, quorum=1.0, deadline_s=100)
+    assert c.add("a", 1, _u(1.0)) == "accepted"  # a fast client one round ahead of its edge
+    assert all(c.add("a", r, _u(9.0)) == "future" for r in range(2, 2000))
+    assert sum(len(b) for b in c._pending.values()) == 1
+
+
+def test_an_implausible_sample_count_is_refused_and_big_weights_are_capped() -> None:
+    c = RoundCollector({"a", "b", "c"}, quorum=1.0, deadline_s=100, max_samples=10_000, max_weight_ratio=10)
+    assert c.add("a", 0, _u(50.0, 2**62)) == "implausible_samples"
+    assert c.add("a", 0, _u(0.0, -1)) == "implausible_samples"
+    assert c.add("a", 0, _u(5.0, 10_000)) == "accepted"  # plausible, but 100x its peers
+    c.add("b", 0, _u(1.0, 100))
+    c.add("c", 0, _u(1.0, 100))
+    params, samples, _ = c.close(0.0)
+    # a's weight is capped at 10 x the median (100): (1000 * 5 + 200 * 1) / 1200, not (10000 * 5 + 200) / 10200
+    assert params["tau"][0] == pytest.approx((1000 * 5 + 200) / 1200, rel=1e-5)

@@ -52,11 +52,15 @@ def _parser(role: str) -> argparse.ArgumentParser:
     return p
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
+def _wait_for_signal(stop: threading.Event, endpoint=None) -> int:  # noqa: ANN001
+    """Serve until SIGINT/SIGTERM (0), or until the role's endpoint gave up (1, with the reason on stderr)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
-        pass
+        if endpoint is not None and endpoint.refusal:
+            print(f"fedhlm: stopping: {endpoint.refusal}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -97,11 +101,10 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
     service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify, limits=llm.limits(),
                          pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
     print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
-    stop = threading.Event()
-    _wait_for_signal(stop)
+    rc = _wait_for_signal(threading.Event(), service.endpoint)
     service.stop()
     print(f"served {service.stats.requests} requests in {service.stats.batches} batches", flush=True)
-    return 0
+    return rc
 
 
 def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
@@ -110,10 +113,9 @@ def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: 
     cloud = CloudServer.from_settings(role_id, address, args.edges.split(","), _initial_params(cfg), cfg.federation,
                                       checkpoint=args.checkpoint).start()
     print(f"cloud {role_id} at round {cloud.round}, edges {args.edges}", flush=True)
-    stop = threading.Event()
-    _wait_for_signal(stop)
+    rc = _wait_for_signal(threading.Event(), cloud.endpoint)
     cloud.stop()
-    return 0
+    return rc
 
 
 def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
@@ -123,10 +125,9 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: A
     edge = EdgeServer.from_settings(role_id, address, args.clients.split(","), _initial_params(cfg), cfg.federation,
                                     neighbours=neighbours, checkpoint=args.checkpoint).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)
-    stop = threading.Event()
-    _wait_for_signal(stop)
+    rc = _wait_for_signal(threading.Event(), edge.endpoint)
     edge.stop()
-    return 0
+    return rc
 
 
 def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001

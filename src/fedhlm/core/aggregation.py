@@ -41,6 +41,16 @@ def _stack(updates: Sequence[WeightedParams]) -> tuple[list[str], dict[str, np.n
     return keys, stacked
 
 
+def cap_weights(updates: Sequence[WeightedParams], max_ratio: float) -> list[WeightedParams]:
+    """Each update's sample count clipped to `max_ratio` times the median of the round's positive counts
+    (0: unchanged): one participant claiming far more data than its peers cannot outvote them all."""
+    counts = [u.num_samples for u in updates if u.num_samples > 0]
+    if max_ratio <= 0 or not counts:
+        return list(updates)
+    cap = max(1, int(max_ratio * float(np.median(counts))))
+    return [u if u.num_samples <= cap else WeightedParams(u.params, cap) for u in updates]
+
+
 def fedavg(updates: Sequence[WeightedParams]) -> Params | None:
     """Sample-weighted mean; None for an empty round (the caller keeps its model).
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.core.aggregation import Aggregator, Params, WeightedParams, fedavg
+from fedhlm.core.aggregation import Aggregator, Params, WeightedParams, cap_weights, fedavg
 
 CLOSED_ROUNDS_KEPT = 4  # how far back a redelivered update is still recognised as a duplicate
 
@@ -26,10 +26,14 @@ class RoundCollector:
     """Collects one update per participant per round and says when a round may close.
 
     A round closes when every registered participant has reported, or when at least
-    `quorum` of them have and `deadline_s` has passed since the round opened. Updates for
-    later rounds are kept until their round opens; updates for closed rounds are stale, except a
+    `quorum` of them have and `deadline_s` has passed since the round opened. Updates for the
+    next `future_rounds` rounds are kept until their round opens (a fast client may be a round
+    ahead of a straggling edge); further ahead they are refused ('future'), so the buffer stays
+    within (future_rounds + 1) x participants. Updates for closed rounds are stale, except a
     participant's second copy of an update already folded into a recent closed round (a QoS 1
-    redelivery after a reconnect), which is a duplicate.
+    redelivery after a reconnect), which is a duplicate. A sample count above `max_samples` is
+    refused ('implausible_samples'), and at closing each weight is capped at `max_weight_ratio`
+    times the round's median.
     """
 
     participants: set[str]
@@ -37,6 +41,9 @@ class RoundCollector:
     deadline_s: float = 10.0
     round: int = 0
     opened_at: float = 0.0
+    future_rounds: int = 1
+    max_samples: int | None = None
+    max_weight_ratio: float = 0.0
     _pending: dict[int, dict[str, WeightedParams]] = field(default_factory=dict)
     _closed: dict[int, frozenset[str]] = field(default_factory=dict)  # who was folded into the last rounds
 
@@ -52,6 +59,10 @@ class RoundCollector:
             return "unknown"
         if round_ < self.round:
             return "duplicate" if participant in self._closed.get(round_, frozenset()) else "stale"
+        if round_ > self.round + self.future_rounds:
+            return "future"
+        if update.num_samples < 0 or (self.max_samples is not None and update.num_samples > self.max_samples):
+            return "implausible_samples"
         bucket = self._pending.setdefault(round_, {})
         if participant in bucket:
             return "duplicate"
@@ -80,7 +91,7 @@ class RoundCollector:
         """Aggregate the current round, open the next; returns (params or None, samples, who)."""
         updates = self.received
         who = sorted(updates)
-        params = aggregator([updates[p] for p in who])
+        params = aggregator(cap_weights([updates[p] for p in who], self.max_weight_ratio))
         samples = sum(max(u.num_samples, 0) for u in updates.values())
         self._pending.pop(self.round, None)
         self._closed[self.round] = frozenset(who)

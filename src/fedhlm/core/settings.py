@@ -144,6 +144,11 @@ class FederationSettings:
     personalise: float = 0.0  # a in tau_i <- a tau_i + (1 - a) tau_edge
     aggregation: Aggregation = "fedavg"
     trim_fraction: float = 0.2  # of each side, for trimmed_mean
+    # an update claiming more tokens than this is refused (a client cannot have seen more in a round's
+    # history; an unbounded count would let one client set its cluster's model and overflow the sums)
+    max_update_samples: int = 10_000_000
+    # each update weighs at most this many times the round's median weight (0: plain FedAvg weights)
+    max_weight_ratio: float = 10.0
     clustering: Clustering = "round_robin"
     assignment: dict[str, str] = field(default_factory=dict)  # client -> edge when clustering == given
 
@@ -155,6 +160,10 @@ class FederationSettings:
         check_range(s, "round_deadline_s", self.round_deadline_s, 0, lo_open=True)
         check_range(s, "personalise", self.personalise, 0, 1)
         check_range(s, "trim_fraction", self.trim_fraction, 0, 0.5, hi_open=True)
+        check_range(s, "max_update_samples", self.max_update_samples, 1, 2**53)
+        check_range(s, "max_weight_ratio", self.max_weight_ratio, 0)
+        if 0 < self.max_weight_ratio < 1:
+            raise SettingError(f"{s}.max_weight_ratio: must be 0 (off) or >= 1, got {self.max_weight_ratio}")
         check_choice(s, "aggregation", self.aggregation, Aggregation)
         check_choice(s, "clustering", self.clustering, Clustering)
 

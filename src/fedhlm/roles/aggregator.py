@@ -45,6 +45,8 @@ class RoundAggregator:
         aggregator: Aggregator = fedavg,
         checkpoint: str | Path | None = None,
         max_abs: float = 1e3,
+        max_samples: int | None = None,
+        max_weight_ratio: float = 0.0,
         tick_s: float = 0.02,
         network: Network | None = None,
     ) -> None:
@@ -55,7 +57,8 @@ class RoundAggregator:
         self.max_abs = max_abs
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.collector = RoundCollector(set(participants), quorum=quorum, deadline_s=deadline_s,
-                                        opened_at=time.monotonic())
+                                        opened_at=time.monotonic(), max_samples=max_samples,
+                                        max_weight_ratio=max_weight_ratio)
         self.history: list[dict] = []
         self.rejected: Counter[str] = Counter()  # reason -> count
         self.duplicates = 0

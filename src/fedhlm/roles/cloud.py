@@ -23,7 +23,8 @@ class CloudServer(RoundAggregator):
                       fed: FederationSettings, *, checkpoint: Path | None = None, **kwargs) -> CloudServer:
         """The cloud as the federation section sets it up: it waits for every edge (quorum 1)."""
         return cls(cloud_id, address, edges, init, quorum=1.0, deadline_s=fed.round_deadline_s,
-                   aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), checkpoint=checkpoint, **kwargs)
+                   aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), checkpoint=checkpoint,
+                   max_weight_ratio=fed.max_weight_ratio, **kwargs)
 
     def unpack(self, inbound: Inbound) -> tuple[str, int, dict, int] | str:
         aggregate = inbound.message

@@ -50,7 +50,8 @@ class EdgeServer(RoundAggregator):
         """An edge as the federation section sets it up (a simulation and `fedhlm edge` alike)."""
         return cls(edge_id, address, members, init, quorum=fed.quorum, deadline_s=fed.round_deadline_s,
                    aggregator=make_aggregator(fed.aggregation, fed.trim_fraction), cloud_every=fed.cloud_every,
-                   global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours, checkpoint=checkpoint, **kwargs)
+                   global_wait_s=3 * fed.round_deadline_s, neighbours=neighbours, checkpoint=checkpoint,
+                   max_samples=fed.max_update_samples, max_weight_ratio=fed.max_weight_ratio, **kwargs)
 
     def unpack(self, inbound: Inbound) -> tuple[str, int, dict, int] | str:
         update = inbound.message

@@ -172,7 +172,9 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
         raise DecodeError("invalid", str(err)) from None
 
 
-_WIRE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "str": (str,), "choice": (str,), "int": (int,), "float": (float,), "bool": (bool,)}
+# a float field takes a msgpack integer too: the schema says `number`, and JavaScript encoders write 0 and 1 as ints
+_WIRE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "str": (str,), "choice": (str,), "int": (int,),
+                                            "float": (float, int), "bool": (bool,)}
 
 
 def _unpack_field(spec: FieldSpec, value: Any, where: str) -> Any:
@@ -187,10 +189,14 @@ def _unpack_field(spec: FieldSpec, value: Any, where: str) -> Any:
             raise DecodeError("field_type", f"{where}: expected a map of parameter name -> array")
         return {name: _unpack_array(array, spec.dtype or "", f"{where}[{name!r}]") for name, array in value.items()}
     wire = _WIRE_TYPES[spec.kind]
-    if not isinstance(value, wire) or (spec.kind == "int" and isinstance(value, bool)):
+    if not isinstance(value, wire) or (spec.kind in ("int", "float") and isinstance(value, bool)):
         raise DecodeError("field_type", f"{where}: expected {spec.kind}, got {type(value).__name__}")
-    if spec.kind == "float" and not math.isfinite(value):
-        raise DecodeError("non_finite", f"{where}: {value}")
+    if spec.kind == "float":
+        if isinstance(value, int) and abs(value) > 2**53:
+            raise DecodeError("field_type", f"{where}: integer {value} is not exactly a float")
+        value = float(value)
+        if not math.isfinite(value):
+            raise DecodeError("non_finite", f"{where}: {value}")
     return value
 
 

@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SESSION_EXPIRY_S = 3600
 # CONNACK reasons that retrying cannot fix: stop the reconnect loop instead of hammering the broker
+SESSION_TAKEN_OVER = 0x8E  # DISCONNECT from the broker: another connection came in with this client id
+# Mosquitto 2.0 drops a taken-over connection without that DISCONNECT: this many drops within
+# TAKEOVER_WINDOW_S, each less than TAKEOVER_SHORT_S after its CONNACK, are read as a take-over
+# (a broker restart or an outage refuses the reconnects instead of accepting and dropping them)
+TAKEOVER_DROPS, TAKEOVER_WINDOW_S, TAKEOVER_SHORT_S = 5, 10.0, 2.0
 _PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}  # bad protocol/client id/credentials, not authorized, banned, bad auth
 _REFUSALS_KEPT = 1_000
 _UNACKED_PRUNE_AT = 10_000
@@ -137,6 +142,8 @@ class Endpoint:
         self._started = False
         self._closed = False
         self._connects = 0  # successful CONNACKs so far
+        self._connected_at = 0.0
+        self._short_drops: list[float] = []  # when recent connections were dropped soon after their CONNACK
         self._connect_hooks: list[Callable[[bool], None]] = []
         self._driver = make_driver(f"fedhlm-{self.client_id}", workers=workers, network_loop=network_loop,
                                    handler_pool=handler_pool, reconnect_delay_s=reconnect_delay_s)
@@ -395,6 +402,7 @@ class Endpoint:
                 return
             with self._lock:
                 self._connected = True
+                self._connected_at = time.monotonic()
                 self._connects += 1
                 reconnected = self._connects > 1
                 if not flags.session_present:
@@ -412,6 +420,17 @@ class Endpoint:
         except Exception:  # an exception here would kill paho's network thread
             log.exception("%s: on_connect failed", self.client_id)
 
+    @property
+    def refusal(self) -> str | None:
+        """Why this endpoint stopped trying (refused credentials, its client id taken over); None while it tries."""
+        return self._refusal if self._refused_event.is_set() else None
+
+    def _taken_over_by_drops(self) -> bool:
+        now = time.monotonic()
+        if self._connected_at and now - self._connected_at < TAKEOVER_SHORT_S:
+            self._short_drops = [t for t in self._short_drops if now - t < TAKEOVER_WINDOW_S] + [now]
+        return len(self._short_drops) >= TAKEOVER_DROPS
+
     def _on_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:  # noqa: ANN001
         with self._lock:
             self._connected = False
@@ -419,6 +438,15 @@ class Endpoint:
             self._sub_mids.clear()
             self._connect_mids.clear()
             self._changed.notify_all()
+        if not self._closed and (getattr(reason_code, "value", None) == SESSION_TAKEN_OVER or self._taken_over_by_drops()):
+            # two roles with one id would take the session from each other forever: one of them stops
+            self._refusal = (f"client id {self.client_id!r} was taken over by another connection to "
+                             f"{self.address.public_url}; is a second role running with this id?")
+            self._refused_event.set()
+            client.reconnect_delay_set(3600, 3600)  # the connection is already gone: keep paho's thread from retrying
+            client.disconnect()
+            log.error("%s: %s; not reconnecting", self.client_id, self._refusal)
+            return
         if not self._closed and not self._refused_event.is_set():
             log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id, self.address.public_url, reason_code)
 
