@@ -18,7 +18,7 @@ from fedhlm.roles.edge import EdgeServer
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
-from fedhlm.transport.messages import ClientStatus, LLMVerdict, ThresholdModel, ThresholdUpdate
+from fedhlm.transport.messages import ClientStatus, LLMVerdict, PeerQuery, ThresholdModel, ThresholdUpdate
 from fedhlm.transport.netloop import NetworkLoop
 from test_endpoint import Inbox
 from test_reliability_support import T, assignment, federated_spec, round_inputs, users, wait_until
@@ -166,3 +166,32 @@ def test_no_password_reaches_logs_or_run_files(tmp_path, caplog) -> None:
         assert password and password not in caplog.text and password not in summary
         assert not [name for name, data in files.items() if password.encode() in data]
     broker.cleanup()
+
+
+def test_with_known_clusters_a_client_cannot_read_or_write_another_clusters_peer_queries() -> None:
+    """Issue 19, item 5: c02 (cluster e1) neither reads e0's peer queries (its members' context embeddings) nor
+    posts into them; c00 and c01 (e0) still exchange theirs."""
+    members = {"c00": "e0", "c01": "e0", "c02": "e1"}
+    broker = LocalBroker(users(members), clusters=members).start()
+    spy_inbox, member_inbox = Inbox(), Inbox()
+    spy = Endpoint(broker.address("c02"))
+    spy.subscribe(topics.edge_p2p_query("e0"), spy_inbox)
+    member = Endpoint(broker.address("c01"))
+    member.subscribe(topics.edge_p2p_query("e0"), member_inbox)
+    asker = Endpoint(broker.address("c00"))
+    try:
+        for ep in (spy, member, asker):
+            ep.start().wait_connected(5)
+        asker.publish(topics.edge_p2p_query("e0"), PeerQuery("c00", "e0", 1, "minilm", [0.6, 0.8], hops=0, delta=0.9),
+                      qos=1, wait=True)
+        assert len(member_inbox.wait_for(1, timeout_s=3)) == 1
+        with pytest.raises(PermissionError):  # the broker refuses c02's post into e0's queries
+            spy.publish(topics.edge_p2p_query("e0"), PeerQuery("c02", "e1", 1, "minilm", [0.6, 0.8], hops=0, delta=0.9),
+                        qos=1, wait=True)
+        time.sleep(0.5)
+        assert not spy_inbox.items, "a client of another cluster read e0's peer query"
+        assert len(member_inbox.items) == 1
+    finally:
+        for ep in (spy, member, asker):
+            ep.close()
+        broker.stop()

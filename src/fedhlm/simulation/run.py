@@ -132,7 +132,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
         clear_models(base.for_role("fedhlm-sim-admin"), spec.edges)
         broker_cm = nullcontext(None)
     else:
-        broker_cm = LocalBroker(users)
+        broker_cm = LocalBroker(users, clusters=plan.assignment)
     records = []
     fed_rounds: list[dict[str, Any]] = []
     phases: dict[str, float] = {}

@@ -77,8 +77,14 @@ def validate_user_id(user_id: str) -> str:
     return user_id
 
 
-def render_acl(users: Mapping[str, str], template_dir: Path) -> str:
-    """The shipped `acl` patterns plus one `user` section per server-side role of the run."""
+# the pattern lines that let every client read and write every cluster's peer queries; with a known
+# client -> edge assignment they give way to one [client] section per client, for its own edge only
+OPEN_P2P_PATTERNS = ("pattern write fedhlm/v1/edge/+/p2p/query", "pattern read fedhlm/v1/edge/+/p2p/query")
+
+
+def render_acl(users: Mapping[str, str], template_dir: Path, clusters: Mapping[str, str] | None = None) -> str:
+    """The shipped `acl` patterns plus one `user` section per server-side role of the run, and, given the
+    clusters (client -> edge), one per client confining its peer queries to its own edge's topic."""
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in (template_dir / "acl-roles.template").read_text().splitlines():
@@ -87,10 +93,16 @@ def render_acl(users: Mapping[str, str], template_dir: Path) -> str:
             current = sections.setdefault(stripped[1:-1], [])
         elif stripped and not stripped.startswith("#") and current is not None:
             current.append(stripped)
-    parts = [(template_dir / "acl").read_text().rstrip(), ""]
+    base = (template_dir / "acl").read_text().rstrip().splitlines()
+    if clusters:
+        base = [line for line in base if line.strip() not in OPEN_P2P_PATTERNS]
+    parts = [*base, ""]
     for user_id, role in users.items():
         if role == "client":
-            continue  # clients are covered by the pattern lines
+            if clusters and user_id in clusters:
+                parts += [line.replace("{id}", user_id).replace("{edge}", clusters[user_id])
+                          for line in sections["client"]] + [""]
+            continue  # otherwise clients are covered by the pattern lines
         parts += [line.replace("{id}", user_id) for line in sections[role]] + [""]
     return "\n".join(parts)
 
@@ -116,7 +128,8 @@ class LocalBroker:
     handed out through `address(user_id)`. `stop()`/`start()` restart the same broker on the
     same port with the same persistence directory, which is how restarts are tested.
     `tls=(certfile, keyfile, cafile)` adds a TLS listener (`broker/tls.conf`) on `tls_port`;
-    `address(user_id, tls=True)` points a role at it.
+    `address(user_id, tls=True)` points a role at it. `clusters` (client -> edge) confines each
+    client's peer queries to its own edge's topic; without it any client may read any cluster's.
     """
 
     def __init__(
@@ -130,8 +143,13 @@ class LocalBroker:
         startup_timeout_s: float = 10.0,
         tls: TLSFiles | tuple[str | Path, str | Path, str | Path] | None = None,
         tls_port: int | None = None,
+        clusters: Mapping[str, str] | None = None,
     ) -> None:
         users = dict(users or {"admin": "admin"})
+        self.clusters = dict(clusters or {})  # client -> edge: peer queries confined to the client's cluster
+        unknown = sorted(c for c in self.clusters if users.get(c) != "client")
+        if unknown:
+            raise ValueError(f"clusters name {unknown[0]!r}, which is not a client user of this broker")
         for user_id, role in users.items():
             validate_user_id(user_id)
             if role not in ROLES:
@@ -169,7 +187,7 @@ class LocalBroker:
         password_file = self.run_dir / "passwd"
         acl_file = self.run_dir / "acl"
         password_file.write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in self._passwords.items()))
-        acl_file.write_text(render_acl(self.users, template_dir))
+        acl_file.write_text(render_acl(self.users, template_dir, self.clusters))
         for path in (password_file, acl_file):
             path.chmod(0o600)
         values = {
