@@ -99,6 +99,7 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
 
     llm = load_llm(cfg.models.llm, data_overrides=cfg.data.model_overrides())  # the LLM only: a refiner never needs the SLM
     service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify, limits=llm.limits(),
+                         max_age_s=cfg.routing.llm_timeout_s,
                          pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
     print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
     rc = _wait_for_signal(threading.Event(), service.endpoint)

@@ -92,7 +92,8 @@ class Deployment:
         fed, seed = spec.client.federation, spec.client.seed
         for i in range(spec.llm_workers):
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.client.routing.verify,
-                                pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits)
+                                pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits,
+                                max_age_s=spec.client.routing.llm_timeout_s)  # older: its client gave up on it
             self.llm.append(worker.start())
         if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
             init = self.initial_params()

@@ -3,19 +3,22 @@
 Workers share the request topic through an MQTT v5 shared subscription
 (`$share/<group>/fedhlm/v1/llm/request`), so several refiner processes split the load and
 the broker hands each request to one of them. Requests that arrive close together are
-verified in one forward pass (up to `max_batch`, waiting at most `max_wait_ms`).
+verified in one forward pass (up to `max_batch`, waiting at most `max_wait_ms`). Requests wait
+in one bounded queue per client, taken round-robin (`core.fair_queue`): a client that floods the
+worker delays the others by one slot per batch, its own oldest requests are dropped past
+`per_client_queue`, and a request older than `max_age_s` (its client's timeout) is dropped unserved.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from fedhlm.core.fair_queue import FairQueue
 from fedhlm.core.records import ModelLimits
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, QFunction, verify_drafts
@@ -52,6 +55,8 @@ class LLMService:
         seed: int = 0,
         network: Network | None = None,
         limits: ModelLimits | None = None,
+        per_client_queue: int = 64,
+        max_age_s: float | None = None,
     ) -> None:
         self.q_fn = q_fn
         self.limits = limits  # None: only the schema's checks (a test's synthetic q function)
@@ -63,7 +68,8 @@ class LLMService:
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = LLMServiceStats()
         self.endpoint = (network or OwnThreads()).endpoint(address, persistent=False)
-        self._queue: queue.Queue[Inbound | None] = queue.Queue()
+        self._queue: FairQueue[Inbound] = FairQueue(per_client_queue, max_age_s)
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"llm-{address.username}", daemon=True)
 
     def start(self, timeout_s: float = 10.0) -> "LLMService":
@@ -73,7 +79,8 @@ class LLMService:
         return self
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._stopping.set()
+        self._queue.close()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self.endpoint.close()
@@ -90,7 +97,12 @@ class LLMService:
         if problem is not None:
             self._reject(r.client_id, *problem)
             return
-        self._queue.put(inbound)
+        self._queue.put(r.client_id, inbound)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Requests dropped unserved by the fair queue: 'overflow' (a client over its share), 'expired'."""
+        return dict(self._queue.dropped)
 
     def _reject(self, client_id: str, kind: str, problem: str) -> None:
         """Count the reason; log the first of each kind and then every 1000th (a flood must not flood the log)."""
@@ -100,21 +112,10 @@ class LLMService:
             log.warning("llm: dropped a request from %s (%d of this kind): %s", client_id, n, problem)
 
     def _serve(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+        while not self._stopping.is_set():
+            batch = self._queue.take(self.max_batch, timeout_s=0.5, linger_s=self.max_wait_s)
+            if not batch:
+                continue
             try:
                 self._answer(batch)
             except Exception as exc:  # a bad batch must not kill the worker, nor the good requests in it
