@@ -114,3 +114,52 @@ def test_codec_reproduces_each_vector_byte_for_byte_and_back(name: str) -> None:
 
 def test_vector_files_match_their_generator() -> None:
     assert vectors.compare(VECTORS) == []
+
+
+def schema_validator(doc: dict[str, Any], name: str):  # noqa: ANN201
+    """A JSON Schema 2020-12 validator of components.schemas[name] in which MessagePack bin (Python bytes) is what
+    `type: string, format: binary` means, as a device implementation reading the document would take it."""
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    registry = Registry().with_resource("urn:fedhlm:asyncapi", Resource(contents=doc, specification=DRAFT202012))
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "string", lambda _, value: isinstance(value, (str, bytes)))
+    formats = jsonschema.FormatChecker()
+    formats.checks("binary")(lambda value: isinstance(value, bytes))
+    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
+    return cls({"$ref": f"urn:fedhlm:asyncapi#/components/schemas/{name}"}, registry=registry, format_checker=formats)
+
+
+def envelope_schema_name(doc: dict[str, Any], tag: str) -> str:
+    names = [n for n, s in doc["components"]["schemas"].items()
+             if n.endswith("Envelope") and resolve(doc, s.get("properties", {}).get("t", {})).get("const") == tag]
+    assert len(names) == 1, (tag, names)
+    return names[0]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in VECTORS.glob("*.msgpack")))
+def test_every_vector_validates_against_its_asyncapi_schema(doc: dict[str, Any], name: str) -> None:
+    """Issue 19, item 10: the decoded bytes a device receives satisfy the document it builds from."""
+    import msgpack
+
+    obj = msgpack.unpackb((VECTORS / f"{name}.msgpack").read_bytes(), raw=False)
+    validator = schema_validator(doc, envelope_schema_name(doc, obj["t"]))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    assert errors == []
+
+
+def test_the_schema_refuses_what_the_decoder_refuses(doc: dict[str, Any]) -> None:
+    import msgpack
+
+    obj = msgpack.unpackb((VECTORS / "llm_verdict_accepted.msgpack").read_bytes(), raw=False)
+    validator = schema_validator(doc, envelope_schema_name(doc, "llm_verdict"))
+    assert validator.is_valid(obj)
+    assert validator.is_valid(obj | {"b": obj["b"] | {"beta": 1}})  # an integer is a number, and the decoder agrees
+    assert not validator.is_valid(obj | {"b": obj["b"] | {"beta": 1.5}})
+    assert not validator.is_valid(obj | {"b": obj["b"] | {"seq": -1}})
+    assert not validator.is_valid(obj | {"b": {k: v for k, v in obj["b"].items() if k != "seq"}})
+    request = msgpack.unpackb((VECTORS / "token_request_uncertain.msgpack").read_bytes(), raw=False)
+    text_data = request["b"] | {"context_ids": request["b"]["context_ids"] | {"data": "not bytes"}}
+    assert not schema_validator(doc, envelope_schema_name(doc, "token_request")).is_valid(request | {"b": text_data})
