@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhlm.models.head_ablation import (Pairs, ablation, accuracy_at_share, cross_fitted_accuracy, fit_ranker,
+from fedhlm.reporting.head_ablation import (Pairs, ablation, accuracy_at_share, cross_fitted_accuracy, fit_ranker,
                                          folds, lam_for_share)
 
 

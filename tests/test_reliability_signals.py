@@ -126,3 +126,28 @@ def test_a_broker_that_dies_mid_simulation_makes_a_degraded_run_that_exits_non_z
     assert any("broker died" in r for r in reasons) and any("fell back" in r for r in reasons)
     assert "DEGRADED llm_only" in capsys.readouterr().out
     assert simulate_main([*args, "--tolerate-degraded", "--out", str(tmp_path / "b")]) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_fedhlm_simulate_writes_its_partial_report_and_leaves_no_broker(tmp_path) -> None:
+    from test_simulate import tiny_configs
+
+    slm, llm = tiny_configs(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDHLM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*FEDHLM, "simulate", "--set", f"models.slm={slm}", "--set", f"models.llm={llm}",
+                             "--set", "data.source=synthetic", "--set", "data.inputs=48", "--set", "federation.clients=4",
+                             "--set", "federation.edges=2", "--set", "federation.rounds=40", "--set",
+                             "methods=[fedhlm_no_p2p]", "--set", "reference_shares=[]", "--no-progress",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.monotonic() + 240
+    brokers: list[int] = []
+    while time.monotonic() < deadline and not brokers:  # wait until its private broker runs (rounds have begun)
+        time.sleep(0.2)
+        brokers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "mosquitto"], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert brokers, "the simulation never started its broker"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 130, proc.stdout.read()
+    assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in brokers), "SIGTERM left the simulation's mosquitto running"

@@ -3,7 +3,7 @@
 With a simulation config's models and articles: every calibration and test article is drafted with
 the widest feature set (`hidden`: the four basic scores, the four label scores, `--hidden-dim` whitened
 PCA components of the SLM's hidden state fitted on the calibration split) and verified by the LLM.
-Column subsets are then fitted as linear and mlp heads (`models.head_ablation`) and compared with the
+Column subsets are then fitted as linear and mlp heads (`reporting.head_ablation`) and compared with the
 uncertainty curve (the scalar head) and the oracle at equal shares sent. Writes heads.json and
 heads.png under --out and prints the table.
 """
@@ -41,7 +41,7 @@ def column_subsets(names: tuple[str, ...]) -> dict[str, list[int]]:
 
 def measure(config: str | None, overrides: list[str], shares: list[float], hidden_dim: int, folds: int,
             steps: int = 400, progress: bool = True) -> dict[str, Any]:
-    from fedhlm.models.head_ablation import Pairs, ablation, oracle_row
+    from fedhlm.reporting.head_ablation import Pairs, ablation, oracle_row
     from fedhlm.simulation import run as sim
     from fedhlm.simulation.config import load_config
 
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heads.json").write_text(json.dumps(result, indent=2, default=str))
-    from fedhlm.reporting.plots import head_ablation
+    from fedhlm.reporting.plots import feature_ablation
 
-    head_ablation(result, out / "heads.png")
+    feature_ablation(result, out / "heads.png")
     print_table(result)
     print(f"[bench heads] {out / 'heads.json'}, {out / 'heads.png'} ({result['wall_s']} s)")
     return 0

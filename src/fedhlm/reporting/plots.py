@@ -86,7 +86,7 @@ def p2p_vs_delta(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def head_ablation(result: dict, path: Path) -> Path:
+def feature_ablation(result: dict, path: Path) -> Path:
     """`fedhlm bench heads`: accuracy at each share sent, per feature subset and head (cross-fitted), and the oracle."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     shares = result["shares"]
