@@ -150,7 +150,8 @@ def test_simulation_over_a_given_broker_with_one_shared_account(tiny_cfg, tmp_pa
     from fedhlm.transport import topics
     from fedhlm.transport.endpoint import Endpoint
 
-    with LocalBroker({"ops": "admin"}) as broker:
+    # a user's broker that lets one account hold several sessions (ours binds client id to username)
+    with LocalBroker({"ops": "admin"}, username_as_client_id=False) as broker:
         url = broker.address("ops").url
         cfg = dataclasses.replace(tiny_cfg, broker=url, methods=["llm_only", "fedhlm_no_p2p"])
         report = sim.simulate(cfg, tmp_path / "ext", show_progress=False)

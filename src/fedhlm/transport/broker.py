@@ -144,8 +144,12 @@ class LocalBroker:
         tls: TLSFiles | tuple[str | Path, str | Path, str | Path] | None = None,
         tls_port: int | None = None,
         clusters: Mapping[str, str] | None = None,
+        username_as_client_id: bool = True,
     ) -> None:
         users = dict(users or {"admin": "admin"})
+        # False: several connections may share one account under their own client ids (how a user's own broker
+        # may be set up for `--broker` with one account for every role); True binds each account to one session
+        self.username_as_client_id = username_as_client_id
         self.clusters = dict(clusters or {})  # client -> edge: peer queries confined to the client's cluster
         unknown = sorted(c for c in self.clusters if users.get(c) != "client")
         if unknown:
@@ -200,6 +204,8 @@ class LocalBroker:
             "user": getpass.getuser(),
         }
         text = (template_dir / "mosquitto.conf").read_text()
+        if not self.username_as_client_id:
+            text = text.replace("use_username_as_clientid true", "use_username_as_clientid false")
         if self.tls is not None:
             text = text.rstrip() + "\n\n" + (template_dir / "tls.conf").read_text()
             values |= {"tls_port": str(self.tls_port), **{k: str(v) for k, v in self.tls._asdict().items()}}
