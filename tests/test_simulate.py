@@ -122,6 +122,13 @@ def test_config_error_names_the_field_before_anything_starts(tmp_path, capsys) -
     assert not out.exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys) -> None:
+    afile = tmp_path / "report.txt"
+    afile.write_text("keep me")
+    assert simulate_main(["--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep me"
+
+
 @pytest.mark.slow
 def test_interrupted_run_still_writes_its_partial_report(tiny_cfg, tmp_path, monkeypatch) -> None:
     real = sim.run_method

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out or cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        print(f"fedhlm simulate: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     report = simulate(cfg, out, show_progress=not args.no_progress)
     status = report["status"]
     if status == "degraded":
