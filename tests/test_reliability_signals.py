@@ -151,3 +151,10 @@ def test_sigterm_to_fedhlm_simulate_writes_its_partial_report_and_leaves_no_brok
     assert proc.wait(60) == 130, proc.stdout.read()
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
     assert not any(Path(f"/proc/{pid}").exists() for pid in brokers), "SIGTERM left the simulation's mosquitto running"
+
+
+@pytest.mark.parametrize("bad", ["x", "3/2", "1/0"])
+def test_a_bad_shard_is_a_one_line_usage_error(bad: str) -> None:
+    done = subprocess.run([*FEDHLM, "client", "--broker", "mqtt://a:b@127.0.0.1:1", "--shard", bad],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--shard" in done.stderr and "Traceback" not in done.stderr

@@ -46,10 +46,21 @@ def _parser(role: str) -> argparse.ArgumentParser:
         p.add_argument("--edges", required=True, help="comma-separated edge ids")
     if role == "client":
         p.add_argument("--edge", required=True, help="the edge id of this client's cluster")
-        p.add_argument("--shard", default="0/1", help="i/N: this client takes the i-th of N shares of the test inputs")
+        p.add_argument("--shard", default="0/1", type=shard, help="i/N: this client takes the i-th of N shares of the test inputs")
     if role == "llm":
         p.add_argument("--group", default="llm", help="shared-subscription group of the LLM workers")
     return p
+
+
+def shard(text: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N, as argparse's type (a bad value is a one-line usage error, not a traceback)."""
+    try:
+        index, total = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/N, e.g. 0/12, got {text!r}") from None
+    if not 0 <= index < total:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < N, got {text!r}")
+    return index, total
 
 
 def _wait_for_signal(stop: threading.Event, endpoint=None) -> int:  # noqa: ANN001
@@ -143,7 +154,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     from fedhlm.roles.client import Client
     from fedhlm.simulation.run import plan_rounds, test_items
 
-    index, total = (int(x) for x in args.shard.split("/"))
+    index, total = args.shard
     slm = load_slm(cfg.models.slm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
                    features=feature_set(cfg.routing.features, cfg.routing.hidden_dim))
     dm = NewsDataModule(**slm.configs["slm"]["data"])
