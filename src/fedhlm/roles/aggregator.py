@@ -157,6 +157,8 @@ class RoundAggregator:
             self.params, self.num_samples = params, samples
         self.history.append({"round": round_, "participants": who, "samples": samples,
                              "tau": float(np.ravel(self.params.get("tau", [np.nan]))[0])})
+        log.info("%s: round %d closed with %d of %d participants (%d samples), tau %.4f", self.id, round_, len(who),
+                 len(self.collector.participants), samples, self.history[-1]["tau"])
         self.on_round(round_, who)
         self._save()
         return True
