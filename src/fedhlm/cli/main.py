@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 
+from fedhlm.core.termination import request_termination
+
 # subcommand -> (module, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("fedhlm.cli.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
@@ -37,7 +39,9 @@ def _usage() -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    reason = f"signal {signal.Signals(signum).name}"
+    request_termination(reason)  # kept even where the raise below is swallowed (inside a __del__)
+    raise KeyboardInterrupt(reason)
 
 
 def terminate_as_interrupt() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedhlm.core.records import TokenInput
 from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
+from fedhlm.core.termination import raise_if_terminated
 from fedhlm.simulation.config import SimConfig
 from fedhlm.simulation.methods import METHODS, Method
 
@@ -115,6 +116,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
                     c = models.class_of(d.draft_token)
                     records.append(TokenRecord(cid, r, d.uid, c, c, "local", latency_ms=drafted.ms_per_token,
                                                label=label_of[d.uid]))
+            raise_if_terminated()
             if progress is not None:
                 progress.update(1)
         return {"records": records, "bytes": None, "federated": None, "dep": None}
@@ -147,6 +149,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
                 records.extend(TokenRecord.labelled(t, label_of[t.uid]) for t in dep.run_round(r, round_items))
                 if spec.federated:
                     fed_rounds.append(federated_round(dep, r))
+                raise_if_terminated()
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix_str(f"{method.name} r{r} llm={sum(1 for t in records if t.route == 'llm')}")
@@ -341,6 +344,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     try:
         print("[fedhlm] preparing data and models ...", flush=True)
         prep = prepare(cfg, progress=show_progress)
+        raise_if_terminated()
         report["data"] = {"task": prep.task.name, "classes": list(prep.task.class_names),
                           "verbalisers": list(prep.task.verbalisers), "source": prep.source, **prep.files,
                           "test_inputs": len(prep.items), "splits": prep.split_sizes,
@@ -377,6 +381,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["consistency_problems"] = check_consistency(report["methods"])
         report["targets"] = targets(report)
         report["degraded"] = {name: m["degraded"] for name, m in report["methods"].items() if m.get("degraded")}
+        raise_if_terminated()
         report["status"] = "degraded" if report["degraded"] else "complete"
     except KeyboardInterrupt:
         report["status"] = "interrupted"
