@@ -99,7 +99,7 @@ class Cluster:
         settings = ClientSettings(
             client_id=cid, edge_id="e0", policy=policy, static_tau=static_tau,  # type: ignore[arg-type]
             routing=RoutingSettings(**{"llm_timeout_s": 1.0, **(routing or {})}),
-            p2p=P2PSettings(**{"enabled": False, "deadline_ms": 500.0, **(p2p or {})}),
+            p2p=P2PSettings(**{"enabled": False, "deadline_ms": 500.0, "resolver": "peers", **(p2p or {})}),
         )
         client = Client(settings, self.net.address(cid), ScalarHead(tau=tau), class_of, DIM, network=self.net)
         self.clients.append(client)

@@ -38,7 +38,7 @@ def token(uid: int, embedding: np.ndarray) -> TokenInput:
 
 def deployment(broker: LocalBroker, scope: str = "cluster", deadline_s: float = 0.1, **overrides) -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
-                              p2p=P2PSettings(enabled=True, delta=0.9, deadline_ms=1000 * deadline_s, scope=scope,
+                              p2p=P2PSettings(enabled=True, resolver="peers", delta=0.9, deadline_ms=1000 * deadline_s, scope=scope,
                                               audit=0.0),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings,

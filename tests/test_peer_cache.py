@@ -81,3 +81,43 @@ def test_bad_embeddings_are_refused() -> None:
         cache.add(np.ones(8), token=1)
     with pytest.raises(ValueError, match="non-zero"):
         cache.lookup(np.zeros(16), 0.5)
+
+
+def test_simhash_distance_estimates_the_cosine() -> None:
+    from fedhlm.core.sketch import SimHash, hamming
+
+    family = SimHash(512, 32, seed=3)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=32)
+    a /= np.linalg.norm(a)
+    for cos in (0.99, 0.9, 0.7, 0.3):
+        other = rng.normal(size=32)
+        other -= (other @ a) * a
+        b = cos * a + np.sqrt(1 - cos**2) * other / np.linalg.norm(other)
+        d = hamming(family.sketch(a), family.sketch(b)[None, :])[0]
+        assert abs(float(family.cosine(d)) - cos) < 0.12, (cos, d)
+    assert hamming(family.sketch(a), family.sketch(a)[None, :])[0] == 0
+    assert family.sketch(a).nbytes == 64 and SimHash.from_name(family.name) == family
+    assert family.cosine(family.max_distance(0.9)) >= 0.9 > family.cosine(family.max_distance(0.9) + 1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SimHash(100, 32)
+
+
+def test_sketch_cache_bounds_lru_and_ttl() -> None:
+    from fedhlm.core.peer_cache import SketchCache
+    from fedhlm.core.sketch import SimHash
+
+    now = [0.0]
+    family = SimHash(64, 8)
+    cache = SketchCache(family, max_entries=2, ttl_s=10, clock=lambda: now[0])
+    vecs = [np.eye(8)[i] for i in range(3)]
+    for i, v in enumerate(vecs[:2]):
+        cache.add(family.sketch(v), token=i)
+    assert cache.lookup(family.sketch(vecs[0]), 0.99).token == 0  # now the most recently used
+    cache.add(family.sketch(vecs[2]), token=2)  # evicts entry 1, the least recently used
+    assert len(cache) == 2 and cache.nbytes == 16
+    assert cache.lookup(family.sketch(vecs[1]), 0.99) is None
+    now[0] = 11.0
+    assert cache.lookup(family.sketch(vecs[2]), 0.99) is None and len(cache) == 0
+    with pytest.raises(ValueError, match="bytes"):
+        cache.add(np.zeros(3, np.uint8), token=0)

@@ -132,10 +132,13 @@ def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: 
 
 def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.edge import EdgeServer
+    from fedhlm.roles.edge_cache import EdgeResolver
 
     neighbours = [e for e in args.neighbours.split(",") if e]
-    edge = EdgeServer.from_settings(role_id, address, args.clients.split(","), _initial_params(cfg), cfg.federation,
-                                    neighbours=neighbours, checkpoint=args.checkpoint).start()
+    members = args.clients.split(",")
+    edge = EdgeServer.from_settings(role_id, address, members, _initial_params(cfg), cfg.federation,
+                                    neighbours=neighbours, checkpoint=args.checkpoint,
+                                    resolver=EdgeResolver.from_settings(role_id, members, cfg.p2p)).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)
     rc = _wait_for_signal(threading.Event(), edge.endpoint)
     edge.stop()

@@ -20,6 +20,9 @@ VerifyModeName = Literal["greedy", "sample"]
 Aggregation = Literal["fedavg", "median", "trimmed_mean"]
 Clustering = Literal["round_robin", "given", "kmeans_labels", "kmeans_embeddings"]
 PeerScope = Literal["cluster", "neighbours"]
+# edge: the uncertain token goes through the client's edge, which answers from its cluster cache or forwards
+# it to the LLM (one message, no broadcast, no deadline); peers: a query broadcast to the cluster first
+PeerResolver = Literal["edge", "peers"]
 PolicyName = Literal["learned", "static", "always", "never"]
 HeadModeName = Literal["scalar", "linear", "mlp"]  # maths.threshold.HEAD_MODES
 FeatureSetName = Literal["basic", "label", "hidden"]  # maths.route_features.FEATURE_SETS
@@ -178,12 +181,15 @@ class P2PSettings:
     """The peer step: ask the cluster before the LLM."""
 
     enabled: bool = True
+    resolver: PeerResolver = "edge"  # who answers: the edge's cluster cache, or every peer (broadcast)
     delta: float = 0.9  # cosine similarity a peer's cached context needs
-    deadline_ms: float = 40.0  # how long a client waits for a peer answer
+    deadline_ms: float = 40.0  # how long a client waits for a peer answer (resolver peers)
     scope: PeerScope = "cluster"  # neighbours: then the other clusters through the edge
     audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
-    cache_entries: int = 2000
+    cache_entries: int = 2000  # a client's own cache (resolver peers)
     ttl_s: float = 3600.0
+    sketch_bits: int = 256  # SimHash bits a client sends its edge per uncertain token (resolver edge)
+    edge_cache_entries: int = 20_000  # the edge's cluster cache (resolver edge)
 
     def __post_init__(self) -> None:
         s = "p2p"
@@ -193,11 +199,23 @@ class P2PSettings:
         check_range(s, "cache_entries", self.cache_entries, 1)
         check_range(s, "ttl_s", self.ttl_s, 0, lo_open=True)
         check_choice(s, "scope", self.scope, PeerScope)
+        check_choice(s, "resolver", self.resolver, PeerResolver)
+        check_range(s, "edge_cache_entries", self.edge_cache_entries, 1)
+        if self.sketch_bits <= 0 or self.sketch_bits % 8:
+            raise SettingError(f"{s}.sketch_bits: must be a positive multiple of 8, got {self.sketch_bits}")
+        if self.resolver == "edge" and self.scope == "neighbours":
+            raise SettingError(f"{s}.scope: neighbours is not built for resolver edge yet (the edge answers from its "
+                               "own cluster's cache); use resolver: peers for the neighbour scope")
 
     @property
     def asks_neighbours(self) -> bool:
         """A query the cluster misses goes on to the other clusters (through the edge)."""
         return self.enabled and self.scope == "neighbours"
+
+    @property
+    def through_edge(self) -> bool:
+        """Uncertain tokens go through the edge's cluster cache (no broadcast query)."""
+        return self.enabled and self.resolver == "edge"
 
 
 @dataclass

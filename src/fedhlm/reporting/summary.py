@@ -32,6 +32,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else 0.0
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """Wilson score interval of a proportion k/n (None for n = 0): sound at small n and at 0 or n successes,
+    where the normal approximation gives a zero-width interval."""
+    if n <= 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok: bool = True) -> dict:
     """The report entry for one method."""
     total = len(records)
@@ -43,6 +54,9 @@ def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok
     peer_hits = [t for t in records if t.route == "peer" or t.reason == "audit"]
     audited = [t for t in records if t.reason == "audit" and t.llm_final is not None and t.peer_token is not None]
     wrong = sum(1 for t in audited if t.peer_token != t.llm_final)
+    reused = [t for t in peer_hits if t.peer_token is not None]
+    reused_wrong = sum(1 for t in reused if t.peer_token != t.label)
+    slm_wrong = sum(1 for t in reused if t.draft != t.label)
     latencies = [t.latency_ms for t in records]
     by_bytes = counts.summary()
     llm_up_msgs = counts.messages_up["llm"]
@@ -59,6 +73,11 @@ def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok
             "audited": len(audited),
             "wrong_reuse": wrong,
             "wrong_reuse_rate": wrong / len(audited) if audited else None,
+            "wrong_reuse_ci95": wilson_interval(wrong, len(audited)),
+            # against ground truth (a simulation knows it): every reused token, and the SLM's error on the same ones
+            "label_error": reused_wrong / len(reused) if reused else None,
+            "label_error_ci95": wilson_interval(reused_wrong, len(reused)),
+            "slm_error_same_tokens": slm_wrong / len(reused) if reused else None,
         },
     }
 

@@ -23,10 +23,10 @@ from fedhlm.core.policies import make_policy
 from fedhlm.core.records import Drafter, RoutedToken, TokenInput
 from fedhlm.core.settings import ClientSettings
 from fedhlm.roles.learner import Learner
-from fedhlm.roles.peers import PeerStep
+from fedhlm.roles.peers import make_peer_step
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
-from fedhlm.transport.messages import ClientStatus, LLMVerdict, ThresholdModel, ThresholdUpdate, TokenRequest
+from fedhlm.transport.messages import ClientStatus, LLMVerdict, PeerReply, ThresholdModel, ThresholdUpdate, TokenRequest
 from fedhlm.transport.network import Network, OwnThreads
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class Client:
         self.endpoint = (network or OwnThreads()).endpoint(address, persistent=True, will=will)
         self.learner = Learner(settings, head, np.random.default_rng([settings.seed, _stable_hash(self.id), 1]),
                                self.counters)
-        self.peers = PeerStep(self.id, settings.edge_id, settings.p2p, settings.embedder_name, embedding_dim,
-                              self.endpoint, self._next_seq, self.counters)
+        self.peers = make_peer_step(settings, embedding_dim, self.endpoint, self._next_seq, self.counters)
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -183,26 +182,37 @@ class Client:
             if self.policy.explores and self.rng.random() < self.s.routing.exploration_rate(round_):
                 return self._ask_llm(inp, "exploration", base, start, slm_ms)
             return RoutedToken(**base, final=draft_class, route="local", latency_ms=slm_ms)
+        request = self._token_request(inp, "uncertain", round_)
         if self.s.p2p.enabled and inp.embedding is not None:
-            hit = self.peers.ask(inp.embedding)
-            if hit is not None:
-                peer_class = self.class_of(hit.token)
+            answer = self.peers.resolve(inp.embedding, request)
+            if isinstance(answer, PeerReply):
+                peer_class = self.class_of(answer.token)
                 if self.rng.random() < self.s.p2p.audit:
                     return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class)
-                self.peers.remember(inp.embedding, hit.token, "peer")  # resolved here too: answerable to the next peer
+                self.peers.remember(inp.embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
                 latency = slm_ms + (time.perf_counter() - start) * 1000.0
                 return RoutedToken(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)
-        return self._ask_llm(inp, "uncertain", base, start, slm_ms)
+            if isinstance(answer, LLMVerdict):  # the edge had no entry and forwarded the request
+                self._llm_down = False
+                return self._settle(inp, "uncertain", base, start, slm_ms, answer)
+        return self._settle(inp, "uncertain", base, start, slm_ms, self._request_verdict(request))
 
-    def _ask_llm(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
-                 peer_class: int | None = None) -> RoutedToken:
-        request = TokenRequest(
-            client_id=self.id, session_id=f"{self.id}-{inp.uid}", seq=self._next_seq(), round=base["round"],
+    def _token_request(self, inp: TokenInput, reason: str, round_: int) -> TokenRequest:
+        return TokenRequest(
+            client_id=self.id, session_id=f"{self.id}-{inp.uid}", seq=self._next_seq(), round=round_,
             context_ids=np.asarray(inp.context_ids, dtype=np.int32), draft_token=int(inp.draft_token),
             topk_ids=np.asarray(inp.topk_ids, dtype=np.int32), topk_probs=np.asarray(inp.topk_probs, np.float32),
             tail_mass=float(inp.tail_mass), features=np.asarray(inp.features, dtype=np.float32), reason=reason,
         )
-        verdict = self._request_verdict(request)
+
+    def _ask_llm(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
+                 peer_class: int | None = None) -> RoutedToken:
+        verdict = self._request_verdict(self._token_request(inp, reason, base["round"]))
+        return self._settle(inp, reason, base, start, slm_ms, verdict, peer_class)
+
+    def _settle(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
+                verdict: LLMVerdict | None, peer_class: int | None = None) -> RoutedToken:
+        """The routed token for an LLM verdict (None: none came, the SLM's token stays); the verdict is a label."""
         if verdict is None:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0

@@ -21,6 +21,7 @@ from fedhlm.maths.verification import QFunction
 from fedhlm.roles.client import Client, RoutingHead
 from fedhlm.roles.cloud import CloudServer
 from fedhlm.roles.edge import EdgeServer
+from fedhlm.roles.edge_cache import EdgeResolver
 from fedhlm.roles.llm_service import LLMService
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
@@ -95,7 +96,8 @@ class Deployment:
                                 pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits,
                                 max_age_s=spec.client.routing.llm_timeout_s)  # older: its client gave up on it
             self.llm.append(worker.start())
-        if spec.federated or spec.neighbour_p2p:  # edges also relay peer queries between clusters
+        p2p = spec.client.p2p
+        if spec.federated or spec.neighbour_p2p or p2p.through_edge:  # edges also relay or answer peer queries
             init = self.initial_params()
             ckpt = spec.checkpoint_dir
             self.cloud = CloudServer.from_settings("cloud", self.address("cloud"), spec.edges, init, fed,
@@ -103,8 +105,9 @@ class Deployment:
             for edge in spec.edges:
                 members = [c for c, e in spec.assignment.items() if e == edge]
                 neighbours = [e for e in spec.edges if e != edge] if spec.neighbour_p2p else []
+                resolver = EdgeResolver.from_settings(edge, members, p2p, spec.embedding_dim)
                 self.edges[edge] = EdgeServer.from_settings(
-                    edge, self.address(edge), members, init, fed, neighbours=neighbours,
+                    edge, self.address(edge), members, init, fed, neighbours=neighbours, resolver=resolver,
                     checkpoint=ckpt / f"{edge}.json" if ckpt else None).start()
         self._network = SharedLoop(spec.handler_threads, name="clients") if spec.shared_network else OwnThreads()
         for cid, edge in spec.assignment.items():

@@ -4,7 +4,8 @@ After a cluster round it publishes the cluster model (retained, QoS 1) on
 `edge/{id}/model`. Every `cloud_every` rounds it first sends its aggregate to the cloud and
 waits (bounded) for the global model, which then becomes the cluster model it publishes
 (HierFAVG). With `p2p_scope="neighbours"` it forwards peer queries that its own cluster
-could not answer to the other edges. It follows its clients' retained status (online, or
+could not answer to the other edges. With a `resolver` it keeps the cluster's semantic cache
+(`roles.edge_cache`). It follows its clients' retained status (online, or
 offline by Last Will) so that a round does not wait out the deadline for a dead client.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from fedhlm.core.aggregation import Params, make_aggregator
 from fedhlm.core.settings import FederationSettings
 from fedhlm.roles.aggregator import RoundAggregator
+from fedhlm.roles.edge_cache import EdgeResolver
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
@@ -31,8 +33,11 @@ log = logging.getLogger(__name__)
 
 class EdgeServer(RoundAggregator):
     def __init__(self, *args, cloud_every: int = 2, global_wait_s: float = 30.0, neighbours: list[str] | None = None,
-                 **kwargs) -> None:
+                 resolver: EdgeResolver | None = None, **kwargs) -> None:
+        """`resolver`: the cluster's semantic cache (clients with `p2p.resolver: edge` send their uncertain
+        tokens through it)."""
         super().__init__(*args, **kwargs)
+        self.resolver = resolver
         self.update_filter = topics.edge_update_filter(self.id)
         self.cloud_every = cloud_every
         self.global_wait_s = global_wait_s
@@ -68,6 +73,8 @@ class EdgeServer(RoundAggregator):
             self.endpoint.subscribe(topics.client_status(client_id), self._on_status, qos=1)
         if self.neighbours:
             self.endpoint.subscribe(topics.edge_p2p_query(self.id), self._on_peer_query, qos=0)
+        if self.resolver is not None:
+            self.resolver.attach(self.endpoint)
 
     def _on_status(self, inbound: Inbound) -> None:
         status = inbound.message

@@ -1,9 +1,15 @@
-"""A client's peer step: ask the cluster for a token it resolved already, and answer the cluster's questions.
+"""A client's peer step: find a token the cluster resolved already before paying for the LLM.
 
-Every token the client resolves (by the LLM or by a peer) goes into its `PeerCache` with the
-embedding of its context; a query from a peer is answered when a cached context is at
-least `delta` similar. Queries travel through the edge's topic, so a client only ever talks
-to its transport.
+Two resolvers (`p2p.resolver`, registry `RESOLVERS`):
+
+- `edge` (`EdgeStep`): the uncertain token goes to the client's edge with a SimHash sketch of
+  its context; the edge answers from its cluster cache or forwards it to the LLM
+  (`roles.edge_cache`). One message, no broadcast, no deadline to wait out.
+- `peers` (`PeerStep`): every token the client resolves goes into its own `PeerCache`; an
+  uncertain one is first broadcast to the cluster, and any peer with a context at least
+  `delta` similar answers within `deadline_ms`.
+
+Either way a client only ever talks to its transport.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from collections.abc import Callable
 import numpy as np
 
 from fedhlm.core.peer_cache import PeerCache
-from fedhlm.core.settings import P2PSettings
+from fedhlm.core.settings import ClientSettings, P2PSettings
+from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import PeerQuery, PeerReply
+from fedhlm.transport.messages import LLMVerdict, PeerQuery, PeerReply, ResolveRequest, TokenRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,10 @@ class PeerStep:
 
     def subscribe(self) -> None:
         self.endpoint.subscribe(topics.edge_p2p_query(self.edge_id), self.on_query, qos=0, no_local=True)
+
+    def resolve(self, embedding: np.ndarray, request: TokenRequest) -> PeerReply | LLMVerdict | None:
+        """A peer's hit, or None: the client asks the LLM itself."""
+        return self.ask(embedding)
 
     def ask(self, embedding: np.ndarray) -> PeerReply | None:
         """Ask the cluster; with scope 'neighbours', then the other clusters through the edge."""
@@ -81,3 +92,69 @@ class PeerStep:
             return
         self.counters.peer_answers += 1
         self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)))
+
+
+class EdgeStep:
+    """The uncertain token through the edge's cluster cache: a PeerReply (hit), the LLM's verdict (the edge
+    forwarded it), or None (no answer in time: the client asks the LLM directly, and keeps doing so for
+    `EDGE_RETRY_S` before it tries its edge again)."""
+
+    EDGE_RETRY_S = 30.0
+
+    def __init__(self, client_id: str, edge_id: str, settings: P2PSettings, embedding_dim: int, endpoint,  # noqa: ANN001
+                 counters, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.id, self.edge_id, self.s = client_id, edge_id, settings
+        self.family = SimHash(settings.sketch_bits, embedding_dim)
+        self.endpoint = endpoint
+        self.counters = counters
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._edge_down_until = -np.inf
+
+    @property
+    def cache(self) -> None:
+        return None  # the cluster's cache is the edge's
+
+    def subscribe(self) -> None:
+        """Nothing to answer: peers never query this client."""
+
+    def remember(self, embedding: np.ndarray, token: int, source: str) -> None:
+        """The edge caches what it forwarded; the client keeps nothing."""
+
+    def resolve(self, embedding: np.ndarray, request: TokenRequest) -> PeerReply | LLMVerdict | None:
+        if self._clock() < self._edge_down_until:
+            return None
+        fields = {f.name: getattr(request, f.name) for f in TokenRequest.field_specs()}
+        through = ResolveRequest(**fields, sketch_name=self.family.name, sketch=self.family.sketch(embedding),
+                                 delta=float(self.s.delta))
+        self.counters.peer_queries += 1
+        start = time.perf_counter()
+        try:
+            reply = self.endpoint.request(topics.edge_resolve(self.edge_id), through, topics.client_llm_reply(self.id),
+                                          timeout_s=self.timeout_s, qos=1, also_on=(topics.client_p2p_reply(self.id),))
+        except (TimeoutError, ConnectionError) as exc:
+            self._edge_down_until = self._clock() + self.EDGE_RETRY_S
+            log.warning("%s: no answer through edge %s (%s); asking the LLM directly for %.0f s", self.id,
+                        self.edge_id, exc, self.EDGE_RETRY_S)
+            return None
+        if isinstance(reply, PeerReply) and reply.seq == request.seq and reply.similarity >= self.s.delta:
+            self.counters.peer_hits += 1
+            self.counters.peer_ms.append((time.perf_counter() - start) * 1000.0)
+            return reply
+        if isinstance(reply, LLMVerdict) and reply.seq == request.seq:
+            return reply
+        return None
+
+
+def make_peer_step(settings: ClientSettings, embedding_dim: int, endpoint, next_seq: Callable[[], int],  # noqa: ANN001
+                   counters) -> PeerStep | EdgeStep:
+    """The client's resolver named by `p2p.resolver`."""
+    return RESOLVERS[settings.p2p.resolver](settings, embedding_dim, endpoint, next_seq, counters)
+
+
+RESOLVERS: dict[str, Callable[..., PeerStep | EdgeStep]] = {
+    "peers": lambda s, dim, ep, seq, counters: PeerStep(s.client_id, s.edge_id, s.p2p, s.embedder_name, dim, ep, seq,
+                                                        counters),
+    "edge": lambda s, dim, ep, seq, counters: EdgeStep(s.client_id, s.edge_id, s.p2p, dim, ep, counters,
+                                                       timeout_s=s.routing.llm_timeout_s),
+}

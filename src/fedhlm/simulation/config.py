@@ -64,6 +64,20 @@ class DataConfig:
 
 
 @dataclass
+class WorkloadConfig:
+    """How often the test articles reach the clients (`simulation.workload`); 1 = every article once."""
+
+    deliveries: float = 1.0  # mean deliveries per article
+    zipf_s: float = 1.0  # popularity exponent of the repeats over a random ranking of the articles
+    locality: float = 0.8  # share of repeats that go to the first recipient's own edge cluster
+
+    def __post_init__(self) -> None:
+        check_range("workload", "deliveries", self.deliveries, 1, 100)
+        check_range("workload", "zipf_s", self.zipf_s, 0, 10)
+        check_range("workload", "locality", self.locality, 0, 1)
+
+
+@dataclass
 class ModelConfig:
     # `fedhlm fit` configs of the two models; a model missing from the cache is trained once from them
     slm: str = "configs/slm.yaml"
@@ -82,6 +96,7 @@ class SimConfig:
     # them, which saves one in-process LLM pass over the test articles
     reference_shares: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])
     data: DataConfig = field(default_factory=DataConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)

@@ -54,6 +54,7 @@ class ClientPlan:
     rounds: list[dict[str, list[int]]]  # per round: client id -> indices into Prepared.items
     assignment: dict[str, str]  # client id -> edge id
     label_histograms: list[list[int]]
+    repeat_of: dict[int, int] = field(default_factory=dict)  # uid of a repeat delivery -> its article's uid
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Prepared:
     split_sizes: dict[str, int]
     embedder: Any | None  # models.embedder.ContextEmbedder for the P2P methods
     plan: ClientPlan | None = None
+    workload: dict[str, Any] = field(default_factory=dict)  # the report's workload section
     init_tau: float = UNCALIBRATED_TAU
     files: dict[str, Any] = field(default_factory=dict)  # training / evaluation file and overlap dropped
 
@@ -225,10 +227,25 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "llm_requests": sum(w.stats.requests for w in dep.llm),
         "llm_batches": sum(w.stats.batches for w in dep.llm),
         "llm_compute_s": sum(w.stats.compute_s for w in dep.llm),
+        "edge_cache": {eid: e.resolver.report() for eid, e in dep.edges.items() if e.resolver is not None},
+        # what the edges moved (forwarded LLM requests, verdict copies, models): not the devices' links
+        "edge_bytes": _edge_bytes(dep),
         "pairs": {cid: (f, b, w) for cid, (f, b, w) in ((cid, c.pairs()) for cid, c in dep.clients.items()) if b.size},
         # what the run ended with: the cloud's global model, else the mean of the edges' models
         "global_params": _final_params(dep),
     }
+
+
+def _edge_bytes(dep) -> dict[str, dict[str, int]]:
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {}
+    for edge in dep.edges.values():
+        stats = edge.endpoint.stats()
+        for kind, n in stats.sent_bytes.items():
+            sent[kind] = sent.get(kind, 0) + int(n)
+        for kind, n in stats.received_bytes.items():
+            received[kind] = received.get(kind, 0) + int(n)
+    return {"sent": sent, "received": received}
 
 
 def _final_params(dep) -> dict[str, list] | None:
@@ -251,6 +268,13 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
             "queries": queries, "hit_rate": dep["peer_hits"] / queries if queries else None,
             "added_latency_ms_p50": dep["peer_ms_p50"], "added_latency_ms_mean": dep["peer_ms_mean"],
         })
+        if dep.get("edge_cache"):
+            caches = dep["edge_cache"].values()
+            total = {k: sum(c[k] for c in caches) for k in ("requests", "hits", "forwarded", "learned", "refused",
+                                                             "entries", "cache_bytes")}
+            entry["peer"]["edge_cache"] = {**total, "hit_rate": total["hits"] / total["requests"] if total["requests"]
+                                           else 0.0, "by_edge": dep["edge_cache"]}
+        entry["edge_bytes"] = dep.get("edge_bytes", {})
         entry["fl"] = {k: dep[k] for k in ("updates_sent", "updates_aggregated", "updates_rejected", "duplicates",
                                             "models_received", "rounds_without_model")}
         entry["llm_service"] = {k: dep[k] for k in ("llm_requests", "llm_batches", "llm_compute_s")}
@@ -275,7 +299,35 @@ def prepare(cfg: SimConfig, progress: bool = True) -> Prepared:
     """Data, models, calibration, partition and clusters: everything the methods share."""
     prep = prepare_inputs(cfg, progress)
     prep.plan = plan_clients(cfg, prep.items, prep.task.num_classes)
+    prep.workload = add_repeats(cfg, prep.items, prep.plan)
     return prep
+
+
+def add_repeats(cfg: SimConfig, items: list[Any], plan: ClientPlan) -> dict[str, Any]:
+    """Append the workload's repeat deliveries to `items` (copies under new uids) and to the plan's rounds;
+    returns the report's workload section."""
+    from fedhlm.simulation.workload import plan_repeats, workload_summary
+
+    w = cfg.workload
+    first: list[tuple[str, int]] = [("", 0)] * len(items)
+    for r, by_client in enumerate(plan.rounds):
+        for cid, idx in by_client.items():
+            for i in idx:
+                first[i] = (cid, r)
+    repeats = plan_repeats(first, plan.assignment, len(plan.rounds), deliveries=w.deliveries, zipf_s=w.zipf_s,
+                           locality=w.locality, seed=cfg.seed)
+    next_uid = max((it.uid for it in items), default=-1) + 1
+    rng = np.random.default_rng([cfg.seed, 8])
+    touched: set[tuple[int, str]] = set()
+    for j, rep in enumerate(repeats):
+        items.append(dataclasses.replace(items[rep.index], uid=next_uid + j))
+        plan.rounds[rep.round].setdefault(rep.client_id, []).append(len(items) - 1)
+        touched.add((rep.round, rep.client_id))
+    for r, cid in sorted(touched):  # a repeat arrives at some time within its round, not after everything else
+        plan.rounds[r][cid] = rng.permutation(plan.rounds[r][cid]).tolist()
+    plan.repeat_of = {next_uid + j: items[rep.index].uid for j, rep in enumerate(repeats)}
+    return workload_summary(repeats, first, plan.assignment, deliveries=w.deliveries, zipf_s=w.zipf_s,
+                            locality=w.locality)
 
 
 def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
@@ -349,6 +401,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
                           "verbalisers": list(prep.task.verbalisers), "source": prep.source, **prep.files,
                           "test_inputs": len(prep.items), "splits": prep.split_sizes,
                           "label_histograms": prep.plan.label_histograms, "assignment": prep.plan.assignment}
+        report["workload"] = prep.workload
         if prep.source == "synthetic":
             print(f"[fedhlm] WARNING: {prep.task.name} files not found; running on the GENERATED synthetic corpus",
                   flush=True)

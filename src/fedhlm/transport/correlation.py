@@ -24,6 +24,7 @@ class PendingRequest:
 
     correlation: bytes
     response_topic: str
+    also_on: frozenset[str] = frozenset()  # other topics a reply may come on (an edge's cache hit)
     done: threading.Event = field(default_factory=threading.Event)
     reply: Message | None = None
 
@@ -44,12 +45,12 @@ class Correlator:
         self._kept = kept
         self._lock = threading.Lock()
         self._pending: dict[bytes, PendingRequest] = {}
-        self._finished: OrderedDict[bytes, str] = OrderedDict()  # correlation id -> its response topic
+        self._finished: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # correlation id -> its reply topics
 
     def request(self, topic: str, response_topic: str, send: Callable[[bytes], int], timeout_s: float,
-                closed: Callable[[], bool]) -> Message:
+                closed: Callable[[], bool], also_on: frozenset[str] = frozenset()) -> Message:
         """`send(correlation)` the request (0: not sent), then wait for its reply; see `Endpoint.request`."""
-        pending = PendingRequest(uuid.uuid4().bytes, response_topic)
+        pending = PendingRequest(uuid.uuid4().bytes, response_topic, frozenset(also_on))
         with self._lock:
             self._pending[pending.correlation] = pending
         try:
@@ -70,14 +71,16 @@ class Correlator:
         """Is a message on `topic` with this Correlation Data a reply, a late reply, or neither?
 
         Our own request echoed back on a topic we also subscribe to (a peer query on the cluster
-        topic) carries the id too, but is not a reply: only the response topic counts.
+        topic) carries the id too, but is not a reply: only the response topic (and the request's
+        `also_on` topics) count.
         """
         if correlation is None:
             return Match(None, False)
         with self._lock:
             pending = self._pending.get(correlation)
-            late = self._finished.get(correlation) == topic
-        return Match(pending if pending is not None and pending.response_topic == topic else None, late)
+            late = topic in self._finished.get(correlation, ())
+        replies = pending is not None and (topic == pending.response_topic or topic in pending.also_on)
+        return Match(pending if replies else None, late)
 
     def resolve(self, pending: PendingRequest, reply: Message) -> bool:
         """Hand `reply` to its waiting request; False if another reply (or the timeout) came first."""
@@ -98,6 +101,6 @@ class Correlator:
 
     def _finish(self, pending: PendingRequest) -> None:
         """Remember an answered or expired id (caller holds the lock)."""
-        self._finished[pending.correlation] = pending.response_topic
+        self._finished[pending.correlation] = pending.also_on | {pending.response_topic}
         while len(self._finished) > self._kept:
             self._finished.popitem(last=False)

@@ -295,6 +295,10 @@ class Endpoint:
         """Answer a request: publish to its Response Topic with its Correlation Data."""
         return self._publish(inbound.reply_topic(), message, qos, False, correlation=inbound.correlation_data)
 
+    def answer_on(self, topic: str, inbound: Inbound, message: Message, qos: int = 0) -> int:
+        """Answer a request on `topic` (one of its `also_on` topics) with its Correlation Data."""
+        return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
+
     def forward(self, topic: str, message: Message, inbound: Inbound, qos: int = 0) -> int:
         """Pass a request on to `topic` keeping its Response Topic and Correlation Data,
         so that whoever answers replies straight to the original requester."""
@@ -358,17 +362,21 @@ class Endpoint:
 
     # -- request / response ------------------------------------------------------------
     def request(
-        self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0, qos: int = 0
+        self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0, qos: int = 0,
+        also_on: tuple[str, ...] = (),
     ) -> Message:
         """Publish `message` with a Response Topic and a fresh Correlation Data; return the first valid reply.
 
+        `also_on`: other topics a reply with this Correlation Data may come on (an edge answers a
+        resolve request on the p2p reply topic, the LLM on the Response Topic).
         Raises TimeoutError if none arrives in time (later replies for it are dropped as "late_reply"),
         ConnectionError if the request could not be sent or the endpoint closed meanwhile.
         """
-        check_filter(response_topic, concrete=True)
-        self._ensure_reply_subscription(response_topic, timeout_s)
+        for reply_topic in (response_topic, *also_on):
+            check_filter(reply_topic, concrete=True)
+            self._ensure_reply_subscription(reply_topic, timeout_s)
         return self._requests.request(
-            topic, response_topic, timeout_s=timeout_s, closed=lambda: self._closed,
+            topic, response_topic, timeout_s=timeout_s, closed=lambda: self._closed, also_on=frozenset(also_on),
             send=lambda correlation: self._publish(topic, message, qos, False, response_topic=response_topic,
                                                    correlation=correlation))
 

@@ -258,6 +258,9 @@ class MemoryEndpoint:
     def reply(self, inbound: Inbound, message: Message, qos: int = 0) -> int:
         return self._publish(inbound.reply_topic(), message, qos, False, correlation=inbound.correlation_data)
 
+    def answer_on(self, topic: str, inbound: Inbound, message: Message, qos: int = 0) -> int:
+        return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
+
     def forward(self, topic: str, message: Message, inbound: Inbound, qos: int = 0) -> int:
         return self._publish(topic, message, qos, False, response_topic=inbound.reply_topic("forward"),
                              correlation=inbound.correlation_data)
@@ -267,17 +270,19 @@ class MemoryEndpoint:
         return True
 
     def request(self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0,
-                qos: int = 0) -> Message:
+                qos: int = 0, also_on: tuple[str, ...] = ()) -> Message:
         """As `Endpoint.request`: the first valid reply, TimeoutError, or ConnectionError."""
-        check_filter(response_topic, concrete=True)
-        with self._network._lock:
-            if not covered(self._subs, response_topic):
-                self._subs[response_topic] = Subscription(None, 1)
+        for reply_topic in (response_topic, *also_on):
+            check_filter(reply_topic, concrete=True)
+            with self._network._lock:
+                if not covered(self._subs, reply_topic):
+                    self._subs[reply_topic] = Subscription(None, 1)
 
         def send(correlation: bytes) -> int:
             return self._publish(topic, message, qos, False, response_topic, correlation)
 
-        return self._requests.request(topic, response_topic, send, timeout_s, lambda: self._closed)
+        return self._requests.request(topic, response_topic, send, timeout_s, lambda: self._closed,
+                                      also_on=frozenset(also_on))
 
     def _publish(self, topic: str, message: Message, qos: int, retain: bool, response_topic: str | None = None,
                  correlation: bytes | None = None) -> int:

@@ -26,6 +26,7 @@ Id = Annotated[str, "id"]  # a role id, safe as a topic level
 TokenIds = Annotated[np.ndarray, "tokens"]
 Float32Array = Annotated[np.ndarray, "<f4"]
 Float16Array = Annotated[np.ndarray, "<f2"]
+Uint8Array = Annotated[np.ndarray, "|u1"]  # packed bits (a SimHash sketch)
 Params = Annotated[dict, "params<f4"]  # parameter name -> float32 array of any shape
 
 MAX_STR_LENGTH = 256
@@ -223,6 +224,31 @@ class TokenRequest(Message):
 
 
 @dataclass(frozen=True, eq=False)
+class ResolveRequest(TokenRequest):
+    """An uncertain token sent through the client's edge: the TokenRequest plus a sketch of its context.
+
+    The edge answers from its cluster's cache (a PeerReply on the client's p2p reply topic) when a
+    cached context's estimated cosine reaches `delta`, and forwards the TokenRequest to the LLM otherwise.
+    """
+
+    TYPE: ClassVar[str] = "resolve_request"
+
+    sketch_name: str  # core.sketch.SimHash name: edges compare only sketches of the same family
+    sketch: Uint8Array  # packed SimHash bits of the context embedding
+    delta: float  # estimated cosine similarity a cached context needs
+
+    def _check(self) -> None:
+        super()._check()
+        if self.sketch.size == 0:
+            self._fail("sketch", "sketch is empty")
+        _check_unit(self, "delta", self.delta, -1.0, 1.0)
+
+    def token_request(self) -> TokenRequest:
+        """What the LLM receives when the edge has no answer."""
+        return TokenRequest(**{f.name: getattr(self, f.name) for f in TokenRequest.field_specs()})
+
+
+@dataclass(frozen=True, eq=False)
 class LLMVerdict(Message):
     """The LLM's answer to one TokenRequest: accepted or resampled, with the numbers behind it."""
 
@@ -340,5 +366,5 @@ class ClientStatus(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (TokenRequest, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel, ClientStatus)
+    for cls in (TokenRequest, ResolveRequest, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel, ClientStatus)
 }

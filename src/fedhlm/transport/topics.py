@@ -19,6 +19,7 @@ TEMPLATES: dict[str, str] = {
     "client_status": PREFIX + "/client/{client_id}/status",
     "edge_p2p_query": PREFIX + "/edge/{edge_id}/p2p/query",
     "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply",
+    "edge_resolve": PREFIX + "/edge/{edge_id}/resolve",
     "llm_request": PREFIX + "/llm/request",
     "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
     "edge_update": PREFIX + "/edge/{edge_id}/update/{client_id}",
@@ -32,6 +33,7 @@ KINDS: dict[str, str] = {
     "client_status": "status",
     "edge_p2p_query": "p2p",
     "client_p2p_reply": "p2p",
+    "edge_resolve": "llm",  # an LLM request that the edge may answer from its cache
     "llm_request": "llm",
     "client_llm_reply": "llm",
     "edge_update": "fl",
@@ -86,6 +88,11 @@ def edge_p2p_query(edge_id: str) -> str:
 def client_p2p_reply(client_id: str) -> str:
     """Peer answers addressed to one client (its Response Topic for peer queries)."""
     return _build("client_p2p_reply", client_id=client_id)
+
+
+def edge_resolve(edge_id: str) -> str:
+    """Uncertain tokens through their edge (its semantic cache first, then the LLM)."""
+    return _build("edge_resolve", edge_id=edge_id)
 
 
 def llm_request() -> str:

@@ -24,6 +24,7 @@ from fedhlm.transport.messages import (
     Message,
     PeerQuery,
     PeerReply,
+    ResolveRequest,
     ThresholdModel,
     ThresholdUpdate,
     TokenRequest,
@@ -52,6 +53,12 @@ def golden_messages() -> dict[str, Message]:
             client_id="c3", session_id="s-0002", seq=0, round=0,
             context_ids=[101], draft_token=7, topk_ids=[7], topk_probs=[0.9375], tail_mass=0.0625,
             features=[], reason="exploration",
+        ),
+        "resolve_request_simhash": ResolveRequest(
+            client_id="c0", session_id="s-0003", seq=9, round=3,
+            context_ids=[101, 2054, 2003, 102], draft_token=3000, topk_ids=[3000, 3001],
+            topk_probs=[0.5, 0.375], tail_mass=0.125, features=[1.25], reason="uncertain",
+            sketch_name="simhash64-s0-d384", sketch=[0, 1, 2, 4, 8, 16, 128, 255], delta=0.875,
         ),
         "llm_verdict_accepted": LLMVerdict(
             client_id="c0", session_id="s-0001", seq=7, accepted=True, final_token=3000,

@@ -1,0 +1,78 @@
+"""Compact context sketches for the edge's semantic cache: SimHash bits that estimate cosine similarity.
+
+A client sends its edge B sign bits of random projections of its context embedding instead of the
+embedding (32 bytes at B = 256 instead of 768 for MiniLM's float16 384 dims). For two unit vectors at
+angle theta each bit differs with probability theta / pi (Charikar 2002), so the Hamming distance h
+estimates cos(pi * h / B). The hyperplanes come from a named seed, so every client and edge with the
+same sketch name draws the same ones; the name travels with the sketch so that unlike sketches are
+never compared.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_NAME = re.compile(r"^simhash(?P<bits>\d+)-s(?P<seed>\d+)-d(?P<dim>\d+)$")
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
+
+
+@dataclass(frozen=True)
+class SimHash:
+    """`bits` random hyperplanes over `dim`-dimensional embeddings, drawn from `seed`."""
+
+    bits: int = 256
+    dim: int = 384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits <= 0 or self.bits % 8:
+            raise ValueError(f"sketch bits must be a positive multiple of 8, got {self.bits}")
+        if self.dim <= 0:
+            raise ValueError(f"sketch dim must be > 0, got {self.dim}")
+
+    @property
+    def name(self) -> str:
+        return f"simhash{self.bits}-s{self.seed}-d{self.dim}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits // 8
+
+    @classmethod
+    def from_name(cls, name: str) -> SimHash:
+        m = _NAME.match(name)
+        if m is None:
+            raise ValueError(f"not a sketch name: {name!r} (expected simhash<bits>-s<seed>-d<dim>)")
+        return cls(int(m["bits"]), int(m["dim"]), int(m["seed"]))
+
+    def sketch(self, embedding: np.ndarray) -> np.ndarray:
+        """The packed sign bits (uint8, `bits / 8` bytes) of one embedding."""
+        vec = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"embedding has dimension {vec.shape[0]}, sketch {self.name} expects {self.dim}")
+        return np.packbits(_planes(self.bits, self.dim, self.seed) @ vec >= 0)
+
+    def max_distance(self, delta: float) -> int:
+        """The largest Hamming distance whose estimated cosine still reaches `delta`."""
+        theta = float(np.arccos(np.clip(delta, -1.0, 1.0)))
+        return int(np.floor(self.bits * theta / np.pi + 1e-9))
+
+    def cosine(self, distance: np.ndarray | int) -> np.ndarray:
+        """Estimated cosine similarity for Hamming distances."""
+        return np.cos(np.pi * np.asarray(distance, dtype=np.float64) / self.bits)
+
+
+def hamming(query: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Hamming distances between one packed sketch [B/8] and each row of a packed table [N, B/8]."""
+    return _POPCOUNT[np.bitwise_xor(table, query[None, :])].sum(axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _planes(bits: int, dim: int, seed: int) -> np.ndarray:
+    planes = np.random.default_rng(seed).standard_normal((bits, dim)).astype(np.float32)
+    planes.setflags(write=False)
+    return planes

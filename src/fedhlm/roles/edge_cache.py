@@ -1,0 +1,131 @@
+"""The edge's semantic cache: uncertain tokens of its cluster come through it, repeats are answered in one hop.
+
+A client of a cluster with `p2p.resolver: edge` sends each uncertain token to its edge as a
+`ResolveRequest` (the TokenRequest plus a SimHash sketch of its context). The edge looks the
+sketch up in the cluster's cache: a hit is answered at once on the client's p2p reply topic
+(a PeerReply with the request's Correlation Data, no LLM call); a miss is forwarded to the
+LLM as the plain TokenRequest with the client's Response Topic and Correlation Data, so the
+verdict goes straight to the client. The edge also reads its members' verdict topics and
+caches each verdict whose request it forwarded. Compared with asking every peer:
+
+- no broadcast: one message up per uncertain token, whatever the cluster's size;
+- no deadline: a miss costs one broker hop (the forward), not a wait for peers that have nothing;
+- the cost of the peer step where nothing can hit is the sketch (32 bytes at 256 bits) on a
+  request that was going out anyway;
+- the cache is the cluster's, not one client's: a token any member got from the LLM answers all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedhlm.core.peer_cache import SketchCache
+from fedhlm.core.settings import P2PSettings
+from fedhlm.core.sketch import SimHash
+from fedhlm.transport import topics
+from fedhlm.transport.endpoint import Inbound
+from fedhlm.transport.messages import LLMVerdict, PeerReply, ResolveRequest
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 10_000  # forwarded requests waiting for their verdict (oldest dropped first)
+DEFAULT_EMBEDDING_DIM = 384  # all-MiniLM-L6-v2, the shipped P2P embedder (a `fedhlm edge` loads no embedder)
+
+
+@dataclass
+class EdgeCacheStats:
+    requests: int = 0
+    hits: int = 0
+    forwarded: int = 0
+    learned: int = 0  # verdicts put into the cache
+    refused: int = 0  # requests not from a member, or with another sketch family
+
+    def as_dict(self, cache: SketchCache) -> dict[str, float | int]:
+        return {"requests": self.requests, "hits": self.hits, "forwarded": self.forwarded, "learned": self.learned,
+                "refused": self.refused, "hit_rate": self.hits / self.requests if self.requests else 0.0,
+                "entries": len(cache), "cache_bytes": cache.nbytes}
+
+
+class EdgeResolver:
+    """The cache and the request path of one edge (`attach` it to the edge's endpoint)."""
+
+    def __init__(self, edge_id: str, members: list[str], family: SimHash, *, max_entries: int = 20_000,
+                 ttl_s: float = 3600.0, pending_ttl_s: float = 60.0) -> None:
+        self.id = edge_id
+        self.members = set(members)
+        self.family = family
+        self.cache = SketchCache(family, max_entries=max_entries, ttl_s=ttl_s)
+        self.pending_ttl_s = pending_ttl_s
+        self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = EdgeCacheStats()
+        self.refused: Counter[str] = Counter()
+        self.endpoint = None
+
+    @classmethod
+    def from_settings(cls, edge_id: str, members: list[str], p2p: P2PSettings,
+                      embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> EdgeResolver | None:
+        """The resolver the p2p section asks for (None: clients do not go through the edge)."""
+        if not p2p.through_edge:
+            return None
+        return cls(edge_id, members, SimHash(p2p.sketch_bits, embedding_dim), max_entries=p2p.edge_cache_entries,
+                   ttl_s=p2p.ttl_s)
+
+    def attach(self, endpoint) -> None:  # noqa: ANN001
+        """Subscribe to the cluster's resolve topic and to each member's verdicts."""
+        self.endpoint = endpoint
+        endpoint.subscribe(topics.edge_resolve(self.id), self.on_request, qos=0)
+        for client_id in sorted(self.members):
+            endpoint.subscribe(topics.client_llm_reply(client_id), self.on_verdict, qos=0)
+
+    def on_request(self, inbound: Inbound) -> None:
+        req = inbound.message
+        if not isinstance(req, ResolveRequest) or not inbound.response_topic:
+            return self._refuse("not a resolve request with a response topic")
+        if req.client_id not in self.members:
+            return self._refuse(f"{req.client_id} is not a member of {self.id}")
+        if req.sketch_name != self.family.name or req.sketch.size != self.family.nbytes:
+            return self._refuse(f"sketch {req.sketch_name}/{req.sketch.size} B, this edge keeps {self.family.name}")
+        self.stats.requests += 1
+        hit = self.cache.lookup(req.sketch, req.delta)
+        if hit is not None:
+            self.stats.hits += 1
+            self.endpoint.answer_on(topics.client_p2p_reply(req.client_id), inbound,
+                                    PeerReply(self.id, req.seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
+            return None
+        with self._lock:
+            self._pending[(req.client_id, req.seq)] = (np.array(req.sketch, dtype=np.uint8), time.monotonic())
+            while len(self._pending) > MAX_PENDING:
+                self._pending.popitem(last=False)
+        self.stats.forwarded += 1
+        self.endpoint.forward(topics.llm_request(), req.token_request(), inbound, qos=1)
+        return None
+
+    def on_verdict(self, inbound: Inbound) -> None:
+        """A member's verdict: cache it when it answers a request this edge forwarded."""
+        verdict = inbound.message
+        if not isinstance(verdict, LLMVerdict):
+            return
+        with self._lock:
+            entry = self._pending.pop((verdict.client_id, verdict.seq), None)
+            cutoff = time.monotonic() - self.pending_ttl_s
+            while self._pending and next(iter(self._pending.values()))[1] < cutoff:
+                self._pending.popitem(last=False)
+        if entry is None:
+            return  # an exploration or audit request (sent straight to the LLM), or one we never saw
+        self.cache.add(entry[0], verdict.final_token, "llm")
+        self.stats.learned += 1
+
+    def report(self) -> dict[str, float | int]:
+        return self.stats.as_dict(self.cache)
+
+    def _refuse(self, why: str) -> None:
+        self.stats.refused += 1
+        self.refused[why.split(" ")[0]] += 1
+        log.info("%s: refused a resolve request: %s", self.id, why)

@@ -1,0 +1,151 @@
+"""The edge's semantic cache over a real Mosquitto: repeats answered in one hop, no broadcast, per-cluster isolation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings
+from fedhlm.core.sketch import SimHash
+from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.head_fit import TorchHead
+from fedhlm.roles.deployment import Deployment, DeploymentSpec
+from fedhlm.transport import topics
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.transport.messages import ResolveRequest
+from test_p2p import ASSIGNMENT, DIM, q_fn, token
+
+USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud": "cloud", "llm": "llm",
+         "admin": "admin"}
+
+
+def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9) -> Deployment:
+    settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
+                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0),
+                              federation=FederationSettings(round_deadline_s=5.0))
+    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
+                          q_fn=q_fn, class_of=lambda t: t if t < 4 else -1, embedding_dim=DIM)
+    return Deployment(spec, broker.address).start()
+
+
+@pytest.fixture
+def broker():
+    with LocalBroker(USERS, clusters=ASSIGNMENT) as b:
+        yield b
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=DIM)
+    return v / np.linalg.norm(v)
+
+
+def _at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    other = _unit(seed)
+    other -= (other @ a) * a
+    other /= np.linalg.norm(other)
+    return cos * a + np.sqrt(1 - cos**2) * other
+
+
+def test_an_exact_repeat_at_another_client_is_answered_by_the_edge_without_the_llm_or_a_broadcast(broker) -> None:
+    dep = deployment(broker)
+    try:
+        a = _unit(0)
+        first = dep.clients["c000"].run_round(0, [token(1, a)])[0]
+        assert first.route == "llm" and first.final == 2
+        deadline = time.monotonic() + 5
+        while dep.edges["e0"].resolver.stats.learned < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the edge reads the verdict from c000's reply topic
+        second = dep.clients["c001"].run_round(0, [token(2, a)])[0]
+        assert second.route == "peer" and second.final == 2
+        assert dep.llm[0].stats.requests == 1
+        stats = dep.edges["e0"].resolver.stats
+        assert (stats.requests, stats.hits, stats.forwarded, stats.learned) == (2, 1, 1, 1)
+        # nobody was broadcast to: c000 received no peer traffic at all, c001 only the edge's answer
+        assert dep.clients["c000"].endpoint.stats().received_messages["p2p"] == 0
+        assert dep.clients["c001"].endpoint.stats().received_messages["p2p"] == 1
+        assert dep.clients["c001"].counters.peer_answers == 0
+    finally:
+        dep.stop()
+
+
+@pytest.mark.parametrize(("cos", "reused"), [(0.98, True), (0.5, False)])
+def test_a_near_repeat_is_reused_above_delta_and_not_below(broker, cos: float, reused: bool) -> None:
+    dep = deployment(broker, delta=0.9)
+    try:
+        a = _unit(1)
+        dep.clients["c000"].run_round(0, [token(1, a)])
+        deadline = time.monotonic() + 5
+        while dep.edges["e0"].resolver.stats.learned < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rec = dep.clients["c001"].run_round(0, [token(2, _at_cosine(a, cos, 7))])[0]
+        assert (rec.route == "peer") is reused
+        assert dep.llm[0].stats.requests == (1 if reused else 2)
+    finally:
+        dep.stop()
+
+
+def test_another_clusters_repeat_is_not_answered_from_this_clusters_cache(broker) -> None:
+    dep = deployment(broker)
+    try:
+        a = _unit(2)
+        dep.clients["c000"].run_round(0, [token(1, a)])
+        time.sleep(0.2)
+        rec = dep.clients["c002"].run_round(0, [token(2, a)])[0]  # c002 belongs to e1
+        assert rec.route == "llm"
+        assert dep.edges["e1"].resolver.stats.requests == 1 and dep.edges["e1"].resolver.stats.hits == 0
+        assert dep.edges["e0"].resolver.stats.requests == 1
+    finally:
+        dep.stop()
+
+
+def _resolve_request(client_id: str, seq: int = 1) -> ResolveRequest:
+    sketch = SimHash(256, DIM)
+    return ResolveRequest(client_id=client_id, session_id="s", seq=seq, round=0, context_ids=[1, 2], draft_token=0,
+                          topk_ids=[0, 1], topk_probs=[0.5, 0.5], tail_mass=0.0, features=[1.0], reason="uncertain",
+                          sketch_name=sketch.name, sketch=sketch.sketch(_unit(3)), delta=0.9)
+
+
+def test_a_client_cannot_post_into_another_clusters_cache(broker) -> None:
+    dep = deployment(broker)
+    try:
+        c000 = dep.clients["c000"].endpoint  # a member of e0 writing to e1's resolve topic: the broker refuses it
+        with pytest.raises(PermissionError, match="Not authorized"):
+            c000.publish(topics.edge_resolve("e1"), _resolve_request("c000"), qos=1, wait=True)
+        c000.publish(topics.edge_resolve("e0"), _resolve_request("c000"), qos=1, wait=True)  # its own edge: allowed
+        time.sleep(0.3)
+        assert dep.edges["e0"].resolver.stats.refused == 1  # it arrived (and, with no response topic, was refused)
+        assert dep.edges["e1"].resolver.stats.requests == 0 and dep.edges["e1"].resolver.stats.refused == 0
+    finally:
+        dep.stop()
+
+
+def test_the_edge_refuses_a_request_of_a_client_that_is_not_its_member() -> None:
+    with LocalBroker(USERS) as open_broker:  # no clusters known to the broker: the edge's own check
+        dep = deployment(open_broker)
+        try:
+            with pytest.raises(TimeoutError):  # c002 belongs to e1
+                dep.clients["c002"].endpoint.request(topics.edge_resolve("e0"), _resolve_request("c002"),
+                                                     topics.client_llm_reply("c002"), timeout_s=0.5)
+            assert dep.edges["e0"].resolver.stats.refused == 1 and dep.edges["e0"].resolver.stats.requests == 0
+            assert dep.llm[0].stats.requests == 0
+        finally:
+            dep.stop()
+
+
+def test_the_peer_step_through_the_edge_costs_only_the_sketch_on_the_uplink(broker) -> None:
+    """Where nothing can hit, going through the edge sends the same one message per token as the LLM path,
+    larger by the sketch and its name; no query, no reply, no deadline."""
+    sent = {}
+    for enabled in (False, True):
+        dep = deployment(broker, enabled=enabled)
+        try:
+            dep.clients["c000"].run_round(0, [token(i, _unit(10 + i)) for i in range(20)])
+            stats = dep.clients["c000"].endpoint.stats()
+            sent[enabled] = (stats.sent_messages["llm"], stats.sent_bytes["llm"], stats.sent_messages["p2p"])
+        finally:
+            dep.stop()
+    assert sent[False][0] == sent[True][0] == 20 and sent[True][2] == 0
+    extra = (sent[True][1] - sent[False][1]) / 20
+    assert 32 <= extra <= 120, extra  # 32 bytes of SimHash-256 in its array map, the family's name and delta
