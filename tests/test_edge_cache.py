@@ -21,9 +21,9 @@ USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud
          "admin": "admin"}
 
 
-def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9) -> Deployment:
+def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster") -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
-                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0),
+                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
                           q_fn=q_fn, class_of=lambda t: t if t < 4 else -1, embedding_dim=DIM)
@@ -96,6 +96,23 @@ def test_another_clusters_repeat_is_not_answered_from_this_clusters_cache(broker
         assert rec.route == "llm"
         assert dep.edges["e1"].resolver.stats.requests == 1 and dep.edges["e1"].resolver.stats.hits == 0
         assert dep.edges["e0"].resolver.stats.requests == 1
+    finally:
+        dep.stop()
+
+
+def test_with_the_neighbour_scope_a_repeat_in_another_cluster_is_answered_at_its_own_edge(broker) -> None:
+    dep = deployment(broker, scope="neighbours")
+    try:
+        a = _unit(4)
+        dep.clients["c000"].run_round(0, [token(1, a)])  # cluster e0 asks the LLM; e0 shares the entry
+        deadline = time.monotonic() + 5
+        while dep.edges["e1"].resolver.stats.from_neighbours < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rec = dep.clients["c002"].run_round(0, [token(2, a)])[0]  # c002 belongs to e1
+        assert rec.route == "peer" and rec.final == 2
+        assert dep.llm[0].stats.requests == 1
+        assert dep.edges["e0"].resolver.stats.shared == 1 and dep.edges["e1"].resolver.stats.hits == 1
+        assert dep.edges["e0"].resolver.stats.from_neighbours == 0  # its own entry does not come back (no_local)
     finally:
         dep.stop()
 

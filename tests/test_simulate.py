@@ -61,7 +61,8 @@ def test_small_simulation_writes_a_consistent_report(tiny_cfg, tmp_path) -> None
     assert b["llm_only"]["llm"] > 0 and b["llm_only"]["p2p"] == 0 and b["llm_only"]["fl"] == 0
     assert b["fedhlm_no_p2p"]["fl"] > 0 and b["fedhlm_no_p2p"]["p2p"] == 0
     assert b["fedhlm"]["fl"] > 0
-    assert (b["fedhlm"]["p2p"] > 0) == (saved["methods"]["fedhlm"]["peer"]["queries"] > 0)
+    # through the edge (the default resolver) only the edge's answers are peer traffic; its misses go on as LLM requests
+    assert (b["fedhlm"]["p2p"] > 0) == (saved["methods"]["fedhlm"]["peer"]["edge_cache"]["hits"] > 0)
     fed = saved["federated"]
     assert [r["round"] for r in fed["rounds"]] == [0, 1]
     assert set(fed["rounds"][-1]["clients"]) == {"c000", "c001", "c002", "c003"}
@@ -245,3 +246,30 @@ def test_a_richer_head_trains_federated_over_a_real_broker_and_is_compared_with_
     print(f"\n{head}/{features}: federated loss {fed['federated_loss']:.5f}, central {fed['central_loss']:.5f}, "
           f"ratio {fed['loss_ratio']:.3f}")
     assert report["methods"]["fedhlm_no_p2p"]["fl"]["updates_rejected"] == 0
+
+
+@pytest.mark.slow
+def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(tmp_path, monkeypatch) -> None:
+    """A workload where each article reaches ~3 clients: FedHLM through the edges' caches sends the LLM far fewer
+    tokens than FedHLM without P2P on the same deliveries, and every reused token is the LLM's token for that text."""
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_configs(tmp_path)
+    cfg = load_config(overrides=[
+        f"models.slm={slm}", f"models.llm={llm}", "data.source=synthetic", "data.inputs=60",
+        "federation.clients=4", "federation.edges=2", "federation.rounds=3", "federation.round_deadline_s=5",
+        "routing.exploration=0.0", "routing.top_k=4", "routing.init_tau=-1", "federation.quorum=1.0",
+        "methods=[llm_only,fedhlm_no_p2p,fedhlm]", "reference_shares=[]", "workload.deliveries=3",
+        "workload.locality=1.0", "p2p.audit=0.0"])
+    report = sim.simulate(cfg, tmp_path / "run", show_progress=False)
+    assert report["status"] == "complete"
+    w = report["workload"]
+    assert w["articles"] == 60 and w["total_deliveries"] == 180 and w["repeats_same_cluster"] == 1.0
+    m = report["methods"]
+    assert m["fedhlm"]["tokens"]["total"] == m["fedhlm_no_p2p"]["tokens"]["total"] == 180
+    cache = m["fedhlm"]["peer"]["edge_cache"]
+    assert cache["hits"] > 0 and cache["learned"] > 0 and cache["refused"] == 0
+    assert m["fedhlm"]["tokens"]["peer"] == cache["hits"]
+    assert m["fedhlm"]["tokens"]["llm"] < m["fedhlm_no_p2p"]["tokens"]["llm"]
+    # an exact repeat gets the token the LLM gave the same text: as accurate as asking the LLM again
+    assert m["fedhlm"]["accuracy"] == pytest.approx(m["llm_only"]["accuracy"], abs=0.02)
+    assert m["fedhlm"]["peer"]["label_error"] is not None and m["fedhlm"]["peer"]["wrong_reuse_ci95"] is None  # no audit

@@ -184,7 +184,9 @@ class P2PSettings:
     resolver: PeerResolver = "edge"  # who answers: the edge's cluster cache, or every peer (broadcast)
     delta: float = 0.9  # cosine similarity a peer's cached context needs
     deadline_ms: float = 40.0  # how long a client waits for a peer answer (resolver peers)
-    scope: PeerScope = "cluster"  # neighbours: then the other clusters through the edge
+    # neighbours: also the other clusters' (resolver edge: edges share their new entries; peers: the edge
+    # forwards a query its cluster missed)
+    scope: PeerScope = "cluster"
     audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
     cache_entries: int = 2000  # a client's own cache (resolver peers)
     ttl_s: float = 3600.0
@@ -203,9 +205,6 @@ class P2PSettings:
         check_range(s, "edge_cache_entries", self.edge_cache_entries, 1)
         if self.sketch_bits <= 0 or self.sketch_bits % 8:
             raise SettingError(f"{s}.sketch_bits: must be a positive multiple of 8, got {self.sketch_bits}")
-        if self.resolver == "edge" and self.scope == "neighbours":
-            raise SettingError(f"{s}.scope: neighbours is not built for resolver edge yet (the edge answers from its "
-                               "own cluster's cache); use resolver: peers for the neighbour scope")
 
     @property
     def asks_neighbours(self) -> bool:

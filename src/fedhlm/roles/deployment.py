@@ -104,7 +104,8 @@ class Deployment:
                                                    checkpoint=ckpt / "cloud.json" if ckpt else None).start()
             for edge in spec.edges:
                 members = [c for c, e in spec.assignment.items() if e == edge]
-                neighbours = [e for e in spec.edges if e != edge] if spec.neighbour_p2p else []
+                # peer queries forwarded between clusters (resolver peers; through the edge, edges share entries)
+                neighbours = [e for e in spec.edges if e != edge] if spec.neighbour_p2p and not p2p.through_edge else []
                 resolver = EdgeResolver.from_settings(edge, members, p2p, spec.embedding_dim)
                 self.edges[edge] = EdgeServer.from_settings(
                     edge, self.address(edge), members, init, fed, neighbours=neighbours, resolver=resolver,

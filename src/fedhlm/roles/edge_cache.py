@@ -13,6 +13,10 @@ caches each verdict whose request it forwarded. Compared with asking every peer:
 - the cost of the peer step where nothing can hit is the sketch (32 bytes at 256 bits) on a
   request that was going out anyway;
 - the cache is the cluster's, not one client's: a token any member got from the LLM answers all.
+
+With `p2p.scope: neighbours` every edge also publishes each entry it learns (`CacheEntry`, the
+sketch and the token: about 80 bytes, server to server) and adds the other edges' entries to its
+own cache, so a repeat that crosses clusters is answered at its own edge, with no wait on a miss.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fedhlm.core.settings import P2PSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import LLMVerdict, PeerReply, ResolveRequest
+from fedhlm.transport.messages import CacheEntry, LLMVerdict, PeerReply, ResolveRequest
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,13 @@ class EdgeCacheStats:
     forwarded: int = 0
     learned: int = 0  # verdicts put into the cache
     refused: int = 0  # requests not from a member, or with another sketch family
+    shared: int = 0  # entries published for the other edges
+    from_neighbours: int = 0  # other edges' entries added here
 
     def as_dict(self, cache: SketchCache) -> dict[str, float | int]:
         return {"requests": self.requests, "hits": self.hits, "forwarded": self.forwarded, "learned": self.learned,
-                "refused": self.refused, "hit_rate": self.hits / self.requests if self.requests else 0.0,
+                "refused": self.refused, "shared": self.shared, "from_neighbours": self.from_neighbours,
+                "hit_rate": self.hits / self.requests if self.requests else 0.0,
                 "entries": len(cache), "cache_bytes": cache.nbytes}
 
 
@@ -56,8 +63,10 @@ class EdgeResolver:
     """The cache and the request path of one edge (`attach` it to the edge's endpoint)."""
 
     def __init__(self, edge_id: str, members: list[str], family: SimHash, *, max_entries: int = 20_000,
-                 ttl_s: float = 3600.0, pending_ttl_s: float = 60.0) -> None:
+                 ttl_s: float = 3600.0, pending_ttl_s: float = 60.0, share: bool = False) -> None:
+        """`share`: publish each learned entry for the other edges and take theirs (p2p scope neighbours)."""
         self.id = edge_id
+        self.share = share
         self.members = set(members)
         self.family = family
         self.cache = SketchCache(family, max_entries=max_entries, ttl_s=ttl_s)
@@ -75,7 +84,7 @@ class EdgeResolver:
         if not p2p.through_edge:
             return None
         return cls(edge_id, members, SimHash(p2p.sketch_bits, embedding_dim), max_entries=p2p.edge_cache_entries,
-                   ttl_s=p2p.ttl_s)
+                   ttl_s=p2p.ttl_s, share=p2p.asks_neighbours)
 
     def attach(self, endpoint) -> None:  # noqa: ANN001
         """Subscribe to the cluster's resolve topic and to each member's verdicts."""
@@ -83,6 +92,8 @@ class EdgeResolver:
         endpoint.subscribe(topics.edge_resolve(self.id), self.on_request, qos=0)
         for client_id in sorted(self.members):
             endpoint.subscribe(topics.client_llm_reply(client_id), self.on_verdict, qos=0)
+        if self.share:
+            endpoint.subscribe(topics.edge_p2p_entry_filter(), self.on_entry, qos=0, no_local=True)
 
     def on_request(self, inbound: Inbound) -> None:
         req = inbound.message
@@ -121,6 +132,23 @@ class EdgeResolver:
             return  # an exploration or audit request (sent straight to the LLM), or one we never saw
         self.cache.add(entry[0], verdict.final_token, "llm")
         self.stats.learned += 1
+        if self.share:
+            self.endpoint.publish(topics.edge_p2p_entry(self.id),
+                                  CacheEntry(self.id, self.family.name, entry[0], verdict.final_token), qos=0)
+            self.stats.shared += 1
+
+    def on_entry(self, inbound: Inbound) -> None:
+        """Another edge's new entry: answerable here too."""
+        entry = inbound.message
+        topic_edge = topics.parse(inbound.topic).ids.get("edge_id")
+        if not isinstance(entry, CacheEntry) or entry.edge_id != topic_edge or entry.edge_id == self.id:
+            return None
+        if entry.sketch_name != self.family.name or entry.sketch.size != self.family.nbytes:
+            return self._refuse(f"entry of {entry.edge_id} with sketch {entry.sketch_name}, this edge keeps "
+                                f"{self.family.name}")
+        self.cache.add(entry.sketch, entry.token, "neighbour")
+        self.stats.from_neighbours += 1
+        return None
 
     def report(self) -> dict[str, float | int]:
         return self.stats.as_dict(self.cache)

@@ -24,6 +24,7 @@ from fedhlm.core.wire import SCHEMA_VERSION
 from fedhlm.transport import topics
 from fedhlm.transport.messages import (
     MESSAGE_TYPES,
+    CacheEntry,
     ClientStatus,
     FieldSpec,
     LLMVerdict,
@@ -45,6 +46,7 @@ TOPIC_PAYLOADS: dict[str, type[Message]] = {
     "edge_p2p_query": PeerQuery,
     "client_p2p_reply": PeerReply,
     "edge_resolve": ResolveRequest,
+    "edge_p2p_entry": CacheEntry,
     "llm_request": TokenRequest,
     "client_llm_reply": LLMVerdict,
     "edge_update": ThresholdUpdate,

@@ -295,6 +295,23 @@ class PeerQuery(Message):
 
 
 @dataclass(frozen=True, eq=False)
+class CacheEntry(Message):
+    """An entry one edge added to its cluster cache (a context sketch and the LLM's token), for the other edges."""
+
+    TYPE: ClassVar[str] = "cache_entry"
+
+    edge_id: Id
+    sketch_name: str
+    sketch: Uint8Array
+    token: int
+
+    def _check(self) -> None:
+        if self.sketch.size == 0:
+            self._fail("sketch", "sketch is empty")
+        _check_token(self, "token", self.token)
+
+
+@dataclass(frozen=True, eq=False)
 class PeerReply(Message):
     """A peer's hit for a PeerQuery: the token it resolved for the most similar context."""
 
@@ -366,5 +383,5 @@ class ClientStatus(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (TokenRequest, ResolveRequest, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel, ClientStatus)
+    for cls in (TokenRequest, ResolveRequest, CacheEntry, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel, ClientStatus)
 }

@@ -20,6 +20,7 @@ TEMPLATES: dict[str, str] = {
     "edge_p2p_query": PREFIX + "/edge/{edge_id}/p2p/query",
     "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply",
     "edge_resolve": PREFIX + "/edge/{edge_id}/resolve",
+    "edge_p2p_entry": PREFIX + "/edge/{edge_id}/p2p/entry",
     "llm_request": PREFIX + "/llm/request",
     "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
     "edge_update": PREFIX + "/edge/{edge_id}/update/{client_id}",
@@ -34,6 +35,7 @@ KINDS: dict[str, str] = {
     "edge_p2p_query": "p2p",
     "client_p2p_reply": "p2p",
     "edge_resolve": "llm",  # an LLM request that the edge may answer from its cache
+    "edge_p2p_entry": "p2p",
     "llm_request": "llm",
     "client_llm_reply": "llm",
     "edge_update": "fl",
@@ -93,6 +95,16 @@ def client_p2p_reply(client_id: str) -> str:
 def edge_resolve(edge_id: str) -> str:
     """Uncertain tokens through their edge (its semantic cache first, then the LLM)."""
     return _build("edge_resolve", edge_id=edge_id)
+
+
+def edge_p2p_entry(edge_id: str) -> str:
+    """Entries an edge added to its cluster cache, for the other edges (p2p scope neighbours)."""
+    return _build("edge_p2p_entry", edge_id=edge_id)
+
+
+def edge_p2p_entry_filter() -> str:
+    """Subscription filter for every edge's new cache entries."""
+    return TEMPLATES["edge_p2p_entry"].format(edge_id="+")
 
 
 def llm_request() -> str:

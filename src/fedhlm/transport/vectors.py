@@ -19,6 +19,7 @@ import numpy as np
 
 from fedhlm.transport.codec import encode, to_json
 from fedhlm.transport.messages import (
+    CacheEntry,
     ClientStatus,
     LLMVerdict,
     Message,
@@ -60,6 +61,8 @@ def golden_messages() -> dict[str, Message]:
             topk_probs=[0.5, 0.375], tail_mass=0.125, features=[1.25], reason="uncertain",
             sketch_name="simhash64-s0-d384", sketch=[0, 1, 2, 4, 8, 16, 128, 255], delta=0.875,
         ),
+        "cache_entry_simhash": CacheEntry(edge_id="e1", sketch_name="simhash64-s0-d384",
+                                          sketch=[255, 128, 16, 8, 4, 2, 1, 0], token=3001),
         "llm_verdict_accepted": LLMVerdict(
             client_id="c0", session_id="s-0001", seq=7, accepted=True, final_token=3000,
             beta=1.0, q_draft=0.625, llm_ms=12.5,
