@@ -249,9 +249,12 @@ def test_a_richer_head_trains_federated_over_a_real_broker_and_is_compared_with_
 
 
 @pytest.mark.slow
-def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("representation", ["embedder", "slm_hidden"])
+def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(tmp_path, monkeypatch,
+                                                                                 representation: str) -> None:
     """A workload where each article reaches ~3 clients: FedHLM through the edges' caches sends the LLM far fewer
-    tokens than FedHLM without P2P on the same deliveries, and every reused token is the LLM's token for that text."""
+    tokens than FedHLM without P2P on the same deliveries, and every reused token is the LLM's token for that text;
+    the context represented by the sentence embedder or by the SLM's own hidden state."""
     monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
     slm, llm = tiny_configs(tmp_path)
     cfg = load_config(overrides=[
@@ -259,7 +262,7 @@ def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(
         "federation.clients=4", "federation.edges=2", "federation.rounds=3", "federation.round_deadline_s=5",
         "routing.exploration=0.0", "routing.top_k=4", "routing.init_tau=-1", "federation.quorum=1.0",
         "methods=[llm_only,fedhlm_no_p2p,fedhlm]", "reference_shares=[]", "workload.deliveries=3",
-        "workload.locality=1.0", "p2p.audit=0.0"])
+        "workload.locality=1.0", "p2p.audit=0.0", f"p2p.representation={representation}"])
     report = sim.simulate(cfg, tmp_path / "run", show_progress=False)
     assert report["status"] == "complete"
     w = report["workload"]

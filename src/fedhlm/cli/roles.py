@@ -151,7 +151,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     from fedhlm.data.module import NewsDataModule
     from fedhlm.maths.route_features import feature_set
     from fedhlm.models.drafter import SLMDrafter
-    from fedhlm.models.embedder import ContextEmbedder
+    from fedhlm.models.embedder import context_representation
     from fedhlm.models.head_fit import TorchHead, routing_head
     from fedhlm.models.hybrid import load_slm
     from fedhlm.roles.client import Client
@@ -166,7 +166,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     test = test_items(cfg, dm.splits)  # the same articles, the same shares and rounds as a simulation
     part = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)[index]
     rounds = plan_rounds([part], [role_id], cfg.federation.rounds)
-    embedder = ContextEmbedder() if cfg.p2p.enabled else None
+    embedder = context_representation(cfg.p2p.representation, slm) if cfg.p2p.enabled else None
     settings = ClientSettings.from_config(cfg, client_id=role_id, edge_id=args.edge, policy="learned",
                                           embedder_name=embedder.name if embedder else "none")
     tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau

@@ -23,6 +23,8 @@ PeerScope = Literal["cluster", "neighbours"]
 # edge: the uncertain token goes through the client's edge, which answers from its cluster cache or forwards
 # it to the LLM (one message, no broadcast, no deadline); peers: a query broadcast to the cluster first
 PeerResolver = Literal["edge", "peers"]
+# what represents a context: a sentence embedder (all-MiniLM-L6-v2) on its text, or the SLM's own hidden state
+Representation = Literal["embedder", "slm_hidden"]
 PolicyName = Literal["learned", "static", "always", "never"]
 HeadModeName = Literal["scalar", "linear", "mlp"]  # maths.threshold.HEAD_MODES
 FeatureSetName = Literal["basic", "label", "hidden"]  # maths.route_features.FEATURE_SETS
@@ -182,6 +184,7 @@ class P2PSettings:
 
     enabled: bool = True
     resolver: PeerResolver = "edge"  # who answers: the edge's cluster cache, or every peer (broadcast)
+    representation: Representation = "embedder"  # slm_hidden: no second model on the device
     delta: float = 0.9  # cosine similarity a peer's cached context needs
     deadline_ms: float = 40.0  # how long a client waits for a peer answer (resolver peers)
     # neighbours: also the other clusters' (resolver edge: edges share their new entries; peers: the edge
@@ -202,6 +205,7 @@ class P2PSettings:
         check_range(s, "ttl_s", self.ttl_s, 0, lo_open=True)
         check_choice(s, "scope", self.scope, PeerScope)
         check_choice(s, "resolver", self.resolver, PeerResolver)
+        check_choice(s, "representation", self.representation, Representation)
         check_range(s, "edge_cache_entries", self.edge_cache_entries, 1)
         if self.sketch_bits <= 0 or self.sketch_bits % 8:
             raise SettingError(f"{s}.sketch_bits: must be a positive multiple of 8, got {self.sketch_bits}")

@@ -15,14 +15,15 @@ from collections.abc import Sequence
 
 from fedhlm.core.records import Drafted
 from fedhlm.data import NewsItem
-from fedhlm.models.embedder import ContextEmbedder
+from fedhlm.models.embedder import ContextEmbedder, SLMHiddenState
 from fedhlm.models.hybrid import DraftingSLM, context_texts
 
 
 class SLMDrafter:
-    """Drafts with the pair's SLM; embeds each context too when the client asks peers (`embedder`)."""
+    """Drafts with the pair's SLM; represents each context too when the client asks peers (`embedder`: a
+    sentence embedder run on the text, or the SLM's own hidden state)."""
 
-    def __init__(self, slm: DraftingSLM, embedder: ContextEmbedder | None = None) -> None:
+    def __init__(self, slm: DraftingSLM, embedder: ContextEmbedder | SLMHiddenState | None = None) -> None:
         self.slm = slm
         self.embedder = embedder
         self._lock = threading.Lock()
@@ -32,6 +33,9 @@ class SLMDrafter:
             return Drafted([], 0.0)
         with self._lock:
             start = time.perf_counter()
-            embeddings = self.embedder.encode(context_texts(items)) if self.embedder is not None else None
-            inputs = self.slm.draft(items, embeddings).inputs
+            if self.embedder is not None and self.embedder.from_slm:
+                inputs = self.slm.draft(items, hidden_embeddings=True).inputs
+            else:
+                embeddings = self.embedder.encode(context_texts(items)) if self.embedder is not None else None
+                inputs = self.slm.draft(items, embeddings).inputs
             return Drafted(inputs, time.perf_counter() - start)

@@ -23,6 +23,8 @@ def default_model_path() -> Path:
 class ContextEmbedder:
     """L2-normalised sentence embeddings (float32 here, float16 on the wire)."""
 
+    from_slm = False  # a second model beside the SLM
+
     def __init__(self, path: str | Path | None = None, *, name: str | None = None, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
@@ -40,3 +42,26 @@ class ContextEmbedder:
         emb = self._model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                                  show_progress_bar=False)
         return np.asarray(emb, dtype=np.float32)
+
+
+class SLMHiddenState:
+    """The SLM's own hidden state at the routed position as the context representation: a device needs no
+    second model and no second forward pass. Its name carries the SLM's folder, since only the same SLM's
+    states are comparable."""
+
+    from_slm = True
+
+    def __init__(self, slm) -> None:  # noqa: ANN001  (models.hybrid.DraftingSLM)
+        self.name = f"slm-hidden:{slm.folder.name}"
+        self.dim = slm.hidden_size
+
+
+def context_representation(name: str, slm):  # noqa: ANN001, ANN201
+    """The P2P representation named by `p2p.representation` (registry `REPRESENTATIONS`)."""
+    return REPRESENTATIONS[name](slm)
+
+
+REPRESENTATIONS = {
+    "embedder": lambda slm: ContextEmbedder(),
+    "slm_hidden": SLMHiddenState,
+}

@@ -81,19 +81,28 @@ class DraftingSLM:
         finally:
             handle.remove()
 
-    def _route(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The SLM's routing view of a batch, its features extended to this drafter's feature set."""
-        if self.features.name == FeatureSet.name:
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden state the LM head reads (the SLM's own context representation)."""
+        return int(self.slm.model.get_output_embeddings().weight.shape[1])
+
+    def _route(self, batch: dict[str, torch.Tensor], want_hidden: bool = False) -> dict[str, torch.Tensor]:
+        """The SLM's routing view of a batch, its features extended to this drafter's feature set
+        (`want_hidden`: also the routed position's hidden state, as "hidden")."""
+        basic = self.features.name == FeatureSet.name
+        if basic and not want_hidden:
             return self.slm.route_batch(batch)
         with self._lm_head_io() as seen:
             out = self.slm.route_batch(batch)
         hidden = seen["hidden"]
         if hidden.ndim == 3:  # a model whose LM head ran over every position
             hidden = hidden[torch.arange(hidden.shape[0]), batch["last_index"]]
+        out["hidden"] = hidden
+        if basic:
+            return out
         label_ids = torch.tensor(self.slm.verbaliser_ids, dtype=torch.long)
         logits = seen["logits"] if seen["logits"].ndim == 2 else self.slm.next_logits(batch)
         out["features"] = self.features.assemble(out["features"], logits, label_ids, hidden, self.pca)
-        out["hidden"] = hidden
         return out
 
     @torch.no_grad()
@@ -112,14 +121,18 @@ class DraftingSLM:
         self.pca = WhitenedPCA.fit(torch.cat(hidden), self.features.hidden_dim)
 
     @torch.no_grad()
-    def draft(self, items: Sequence[NewsItem], embeddings: np.ndarray | None = None, batch_size: int = 64) -> Drafted:
-        """TokenInputs for every item, in order (the SLM's batched forward passes, timed)."""
+    def draft(self, items: Sequence[NewsItem], embeddings: np.ndarray | None = None, batch_size: int = 64,
+              hidden_embeddings: bool = False) -> Drafted:
+        """TokenInputs for every item, in order (the SLM's batched forward passes, timed). Their P2P
+        `embedding`: the given `embeddings`, or with `hidden_embeddings` the SLM's own hidden state at the
+        routed position (L2-normalised), or none."""
         inputs: list[TokenInput] = []
         start = time.perf_counter()
         for lo in range(0, len(items), batch_size):
             chunk = list(items[lo : lo + batch_size])
             batch = encode_prompts(self.tokenizer, chunk, max_length=self.max_length, suffix=self.slm.task.prompt_suffix)
-            out = self._route(batch)
+            out = self._route(batch, want_hidden=hidden_embeddings)
+            own = torch.nn.functional.normalize(out["hidden"].float(), dim=-1).numpy() if hidden_embeddings else None
             for i, item in enumerate(chunk):
                 last = int(batch["last_index"][i])
                 inputs.append(TokenInput(
@@ -130,7 +143,7 @@ class DraftingSLM:
                     topk_probs=out["topk_probs"][i].float().numpy(),
                     tail_mass=float(out["tail_mass"][i]),
                     features=out["features"][i].float().numpy(),
-                    embedding=None if embeddings is None else embeddings[lo + i],
+                    embedding=own[i] if own is not None else None if embeddings is None else embeddings[lo + i],
                 ))
         return Drafted(inputs, time.perf_counter() - start)
 

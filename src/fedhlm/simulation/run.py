@@ -67,7 +67,7 @@ class Prepared:
     items: list[Any]  # the test NewsItems, in plan order
     calib: list[TokenInput]  # the calibration split drafted centrally (U-HLM's fit)
     split_sizes: dict[str, int]
-    embedder: Any | None  # models.embedder.ContextEmbedder for the P2P methods
+    embedder: Any | None  # the P2P methods' context representation (models.embedder.REPRESENTATIONS)
     plan: ClientPlan | None = None
     workload: dict[str, Any] = field(default_factory=dict)  # the report's workload section
     init_tau: float = UNCALIBRATED_TAU
@@ -334,7 +334,7 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     """The models, the test items (each client drafts its own later) and the calibration split's drafts."""
     from fedhlm.data.module import NewsDataModule
     from fedhlm.maths.route_features import feature_set
-    from fedhlm.models.embedder import ContextEmbedder
+    from fedhlm.models.embedder import context_representation
     from fedhlm.models.hybrid import HybridModels
 
     models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
@@ -349,7 +349,7 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     corpus = datamodule.corpus
     return Prepared(source=datamodule.source_name, task=datamodule.task, models=models, items=test,
                     calib=models.draft(list(splits.calib)).inputs, split_sizes=splits.sizes(),
-                    embedder=ContextEmbedder() if wants_peers else None,
+                    embedder=context_representation(cfg.p2p.representation, models.drafting) if wants_peers else None,
                     files={"train": corpus.train_file, "eval": corpus.eval_file,
                            "dropped_overlap": corpus.dropped_overlap})
 
