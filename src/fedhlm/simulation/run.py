@@ -673,6 +673,19 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:15s} {100 * m['accuracy']:6.2f} {100 * m['llm_share']:6.2f} {t['local']:6d} {t['peer']:5d} "
               f"{t['llm']:5d} {t['exploration']:5d} {b['uplink'] / 1024:8.1f} {b['downlink'] / 1024:8.1f} "
               f"{lat['p50']:7.2f} {lat['p99']:7.2f}")
+    w = report.get("workload") or {}
+    if w.get("repeat_deliveries"):
+        print(f"workload: {w['articles']} articles, {w['total_deliveries']} deliveries (mean {w['deliveries']:g}, Zipf s "
+              f"{w['zipf_s']:g}, {100 * w['repeats_same_cluster']:.0f} % of repeats in the first recipient's cluster)")
+    for name, m in methods.items():
+        peer = m.get("peer", {})
+        cache = peer.get("edge_cache")
+        if cache and cache["requests"]:
+            ci = peer.get("label_error_ci95")
+            err = (f"reused tokens wrong {100 * peer['label_error']:.1f} % (95 % CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}; "
+                   f"the SLM on the same tokens {100 * peer['slm_error_same_tokens']:.1f} %)" if ci else "nothing reused")
+            print(f"  {name}: edge caches answered {cache['hits']} of {cache['requests']} uncertain tokens "
+                  f"({100 * cache['hit_rate']:.1f} %), {cache['entries']} entries; {err}")
     ref = report.get("reference")
     if ref:
         shares = "  ".join(f"{100 * p['share']:g}%: {100 * p['uncertainty']:.2f} / {100 * p['oracle']:.2f}"
