@@ -95,3 +95,22 @@ def test_model_limits_name_what_a_request_breaks() -> None:
     assert LIMITS.problem(np.array([5, 2000]), ids, 0)[0] == "context_id"
     assert LIMITS.problem(np.array([5]), np.array([0, 5000]), 0)[0] == "topk_id"
     assert LIMITS.problem(np.array([5]), ids, 3)[0] == "draft_not_in_topk"
+
+
+def test_a_request_whose_response_topic_is_not_its_clients_own_gets_no_verdict() -> None:
+    """c01 asks with c00's reply topic: the LLM would publish into c00's stream (and c00's edge cache would learn
+    from it). It is dropped with a counted reason; the same request with c01's own topic is answered."""
+    with LocalBroker(users(assignment(2, 1))) as broker:
+        worker = LLMService(broker.address("llm"), q_fn, mode="greedy").start()
+        try:
+            with Endpoint(broker.address("c01")) as ep:
+                ep.wait_connected()
+                good = bad_request(0)
+                good = TokenRequest(**{**{f.name: getattr(good, f.name) for f in TokenRequest.field_specs()},
+                                       "context_ids": np.array([1, 2, 3], np.int32)})
+                with pytest.raises(TimeoutError):
+                    ep.request(topics.llm_request(), good, topics.client_llm_reply("c00"), timeout_s=1.0)
+                assert worker.stats.rejected.get("response_topic") == 1
+                assert ep.request(topics.llm_request(), good, topics.client_llm_reply("c01"), timeout_s=5.0).seq == 0
+        finally:
+            worker.stop()

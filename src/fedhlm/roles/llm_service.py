@@ -93,6 +93,12 @@ class LLMService:
             log.warning("llm: dropped a request from %s: no response topic", inbound.message.client_id)
             return
         r = inbound.message
+        if inbound.response_topic != topics.client_llm_reply(r.client_id):
+            # the verdict would land on another client's (or any) topic the LLM may write to: a client could
+            # make the LLM publish into a peer's reply stream, or the edge's cache learn from a verdict it forged
+            self._reject(r.client_id, "response_topic", f"response topic {inbound.response_topic!r} is not "
+                         f"{r.client_id}'s reply topic")
+            return
         problem = self.limits.problem(r.context_ids, r.topk_ids, r.draft_token) if self.limits else None
         if problem is not None:
             self._reject(r.client_id, *problem)
