@@ -107,3 +107,30 @@ def test_agreement_threshold_keeps_the_confident_tokens_while_the_risk_allows() 
     assert operating_point(RoutingSettings()).tau(u, beta, w, 0.05) is None  # the price alone: head untouched
     with pytest.raises(SettingError, match="not both"):
         RoutingSettings(target_share=0.1, target_agreement=0.98)
+
+
+def test_pooled_share_and_risk_curves_give_the_pooled_quantiles() -> None:
+    """FedAvg of the clients' curves, weighted by their token weights, is the curve of their pooled tokens, so tau
+    read off it is the pooled quantile (within the grid's spacing), which the mean of the clients' own is not."""
+    from fedhlm.core.operating_point import (TAU_GRID, risk_curve, share_curve, tau_where_curve_reaches,
+                                             threshold_for_agreement, threshold_for_share)
+
+    rng = np.random.default_rng(0)
+    parts = [rng.exponential(scale, 400) for scale in (0.05, 0.5, 2.0)]
+    weights = [rng.uniform(0.5, 3.0, 400) for _ in parts]
+    betas = [(rng.uniform(size=400) < np.minimum(1, u)).astype(float) for u in parts]
+    u, w, b = np.concatenate(parts), np.concatenate(weights), np.concatenate(betas)
+    mass = np.array([x.sum() for x in weights])
+    pooled = sum(m * share_curve(x, y) for m, x, y in zip(mass, parts, weights)) / mass.sum()
+    assert np.allclose(pooled, share_curve(u, w), atol=1e-5)
+    tau = tau_where_curve_reaches(pooled, 0.1, rising=False)
+    exact = threshold_for_share(u, 0.1, w)
+    assert abs(tau - exact) <= 0.04 * exact
+    assert abs((w * (u > tau)).sum() / w.sum() - 0.1) < 0.005
+    naive = np.mean([threshold_for_share(x, 0.1, y) for x, y in zip(parts, weights)])
+    assert abs((w * (u > naive)).sum() / w.sum() - 0.1) > 0.03  # averaging the quantiles misses
+    risk = sum(m * risk_curve(x, bb, y) for m, x, bb, y in zip(mass, parts, betas, weights)) / mass.sum()
+    assert np.allclose(risk, risk_curve(u, b, w), atol=1e-5) and np.all(np.diff(risk) >= -1e-7)
+    ta = tau_where_curve_reaches(risk, 0.05, rising=True)
+    assert abs(ta - threshold_for_agreement(u, b, 0.95, w)) <= 0.04 * ta + 1e-3
+    assert TAU_GRID[0] == 0 and np.all(np.diff(TAU_GRID) > 0)

@@ -97,11 +97,12 @@ def main(argv: list[str]) -> int:
 def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
     """The head every role of a process deployment starts from: `routing.init_tau`, else the uncalibrated
     default (processes have no calibration split to fit U-HLM's threshold on; a simulation does)."""
+    from fedhlm.core.operating_point import with_curve
     from fedhlm.models.head_fit import routing_head
 
     tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
     head = routing_head(cfg.routing, tau, cfg.seed)
-    return {k: v.detach().numpy() for k, v in head.state_dict().items()}
+    return with_curve({k: v.detach().numpy() for k, v in head.state_dict().items()}, cfg.routing)
 
 
 def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001

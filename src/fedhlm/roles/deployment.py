@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhlm.core.aggregation import Params
+from fedhlm.core.operating_point import with_curve
 from fedhlm.core.policies import policy_class
 from fedhlm.core.records import ByteCounts, Drafter, ModelLimits, RoutedToken
 from fedhlm.core.settings import ClientSettings
@@ -78,7 +79,7 @@ class Deployment:
         self._network: Network | None = None
 
     def initial_params(self) -> Params:
-        return self.spec.head_factory().params()
+        return with_curve(self.spec.head_factory().params(), self.spec.client.routing)
 
     def start(self) -> "Deployment":
         """Start every role; if one fails, stop the ones already running and re-raise."""

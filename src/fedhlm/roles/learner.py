@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from fedhlm.core.aggregation import check_params, personalise
-from fedhlm.core.operating_point import operating_point
+from fedhlm.core.operating_point import CURVE_PARAM, operating_point, with_curve
 from fedhlm.core.policies import ENTROPY_INDEX
 from fedhlm.core.settings import ClientSettings
 from fedhlm.transport.endpoint import Inbound
@@ -36,6 +36,7 @@ class Learner:
         self._weights: list[float] = []  # inverse probability that the pair was labelled at all
         self._model_lock = threading.Condition()
         self._model: ThresholdModel | None = None
+        self._curve: np.ndarray | None = None  # this client's share (or risk) curve for a target operating point
         self.counters = counters
 
     # -- labels ----------------------------------------------------------------------
@@ -73,10 +74,20 @@ class Learner:
         lr = r.lr / (1.0 + r.lr_decay * round_)
         stats = self.head.fit(features, beta, lam=r.lam, steps=r.local_steps, lr=lr, optimizer=r.optimizer,
                               weights=weights)
-        tau = operating_point(r).tau(features[:, ENTROPY_INDEX], beta, weights, r.exploration_rate(round_ + 1))
+        point = operating_point(r)
+        u = features[:, ENTROPY_INDEX]
+        tau = point.tau(u, beta, weights, r.exploration_rate(round_ + 1))
         if tau is not None:
             stats = {**(stats or {}), "tau": self.set_tau(tau)}
+        self._curve = point.curve(u, beta, weights)
         return stats
+
+    def model_params(self) -> dict[str, np.ndarray]:
+        """The head's parameters as the federation trades them (with the target's curve, if any)."""
+        params = with_curve(self.head.params(), self.s.routing)
+        if CURVE_PARAM in params and self._curve is not None:
+            params[CURVE_PARAM] = self._curve.astype(np.float32)
+        return params
 
     def set_tau(self, tau: float) -> float:
         """Put the head's entropy threshold where the operating point says (target share or agreement); the edge
@@ -98,7 +109,7 @@ class Learner:
         The noise blurs what one update says about the client's data; the local head keeps
         its exact values, and FedAvg over n clients shrinks the noise by sqrt(n).
         """
-        params = self.head.params()
+        params = self.model_params()
         noise_std = self.s.routing.noise_std
         if noise_std > 0:
             for name in self.head.trainable():
@@ -116,7 +127,7 @@ class Learner:
         model = inbound.message
         if not isinstance(model, ThresholdModel):
             return
-        reason = check_params(model.params, self.head.params())
+        reason = check_params(model.params, self.model_params())
         if reason:
             log.warning("%s: rejected model from %s: %s", client_id, model.source_id, reason)
             return
@@ -137,4 +148,13 @@ class Learner:
             return self._model
 
     def adopt(self, model: ThresholdModel) -> None:
-        self.head.load(personalise(self.head.params(), model.params, self.s.federation.personalise))
+        """Load the edge's model; for a target operating point, tau is read off the pooled curve (the curve of
+        every token the federation labelled, not the mean of the clients' own quantiles)."""
+        mixed = personalise(self.model_params(), model.params, self.s.federation.personalise)
+        curve = mixed.pop(CURVE_PARAM, None)
+        self.head.load(mixed)
+        if curve is not None and model.num_samples > 0:
+            r = self.s.routing
+            tau = operating_point(r).tau_from_curve(curve, r.exploration_rate(model.round + 1))
+            if tau is not None:
+                self.set_tau(tau)
