@@ -118,10 +118,10 @@ def test_with_the_neighbour_scope_a_repeat_in_another_cluster_is_answered_at_its
 
 
 def _resolve_request(client_id: str, seq: int = 1) -> ResolveRequest:
-    sketch = SimHash(256, DIM)
+    family = SimHash(128, DIM)
     return ResolveRequest(client_id=client_id, session_id="s", seq=seq, round=0, context_ids=[1, 2], draft_token=0,
                           topk_ids=[0, 1], topk_probs=[0.5, 0.5], tail_mass=0.0, features=[1.0], reason="uncertain",
-                          sketch_name=sketch.name, sketch=sketch.sketch(_unit(3)), delta=0.9)
+                          family=family.fingerprint("embedder"), sketch=family.sketch(_unit(3)))
 
 
 def test_a_client_cannot_post_into_another_clusters_cache(broker) -> None:
@@ -153,7 +153,7 @@ def test_the_edge_refuses_a_request_of_a_client_that_is_not_its_member() -> None
 
 def test_the_peer_step_through_the_edge_costs_only_the_sketch_on_the_uplink(broker) -> None:
     """Where nothing can hit, going through the edge sends the same one message per token as the LLM path,
-    larger by the sketch and its name; no query, no reply, no deadline."""
+    larger by the sketch and its family's fingerprint; no query, no reply, no deadline."""
     sent = {}
     for enabled in (False, True):
         dep = deployment(broker, enabled=enabled)
@@ -165,4 +165,4 @@ def test_the_peer_step_through_the_edge_costs_only_the_sketch_on_the_uplink(brok
             dep.stop()
     assert sent[False][0] == sent[True][0] == 20 and sent[True][2] == 0
     extra = (sent[True][1] - sent[False][1]) / 20
-    assert 32 <= extra <= 120, extra  # 32 bytes of SimHash-256 in its array map, the family's name and delta
+    assert 16 <= extra <= 40, extra  # 16 bytes of SimHash-128 as bin, the family's 32-bit fingerprint, two keys

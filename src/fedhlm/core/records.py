@@ -64,9 +64,12 @@ class Drafted:
 
 
 class Drafter(Protocol):
-    """A client's SLM: raw inputs (articles, prompts) to drafted tokens, timed."""
+    """A client's SLM: raw inputs (articles, prompts) to drafted tokens, timed; and, on demand, the P2P
+    representation of a drafted token's context (None: it has none)."""
 
     def draft(self, items: Sequence[Any]) -> Drafted: ...
+
+    def represent(self, uid: int) -> Any: ...
 
 
 @dataclass

@@ -193,7 +193,7 @@ class P2PSettings:
     audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
     cache_entries: int = 2000  # a client's own cache (resolver peers)
     ttl_s: float = 3600.0
-    sketch_bits: int = 256  # SimHash bits a client sends its edge per uncertain token (resolver edge)
+    sketch_bits: int = 128  # SimHash bits a client sends its edge per uncertain token (resolver edge)
     edge_cache_entries: int = 20_000  # the edge's cluster cache (resolver edge)
 
     def __post_init__(self) -> None:

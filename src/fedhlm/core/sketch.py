@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,10 @@ class SimHash:
     @property
     def nbytes(self) -> int:
         return self.bits // 8
+
+    def fingerprint(self, representation: str) -> int:
+        """32 bits naming this family and what it sketches (`p2p.representation`), carried by every sketch."""
+        return zlib.crc32(f"{self.name}/{representation}".encode())
 
     @classmethod
     def from_name(cls, name: str) -> SimHash:

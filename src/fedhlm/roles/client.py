@@ -183,19 +183,27 @@ class Client:
                 return self._ask_llm(inp, "exploration", base, start, slm_ms)
             return RoutedToken(**base, final=draft_class, route="local", latency_ms=slm_ms)
         request = self._token_request(inp, "uncertain", round_)
-        if self.s.p2p.enabled and inp.embedding is not None:
-            answer = self.peers.resolve(inp.embedding, request)
+        embedding = self._representation(inp) if self.s.p2p.enabled else None
+        if embedding is not None:
+            answer = self.peers.resolve(embedding, request)
             if isinstance(answer, PeerReply):
                 peer_class = self.class_of(answer.token)
                 if self.rng.random() < self.s.p2p.audit:
-                    return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class)
-                self.peers.remember(inp.embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
+                    return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding)
+                self.peers.remember(embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
                 latency = slm_ms + (time.perf_counter() - start) * 1000.0
                 return RoutedToken(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)
             if isinstance(answer, LLMVerdict):  # the edge had no entry and forwarded the request
                 self._llm_down = False
-                return self._settle(inp, "uncertain", base, start, slm_ms, answer)
-        return self._settle(inp, "uncertain", base, start, slm_ms, self._request_verdict(request))
+                return self._settle(inp, "uncertain", base, start, slm_ms, answer, embedding=embedding)
+        return self._settle(inp, "uncertain", base, start, slm_ms, self._request_verdict(request), embedding=embedding)
+
+    def _representation(self, inp: TokenInput) -> np.ndarray | None:
+        """The token's context representation for the peer step: drafted with it, or computed now by the
+        client's own drafter (a sentence embedder runs only for uncertain tokens); None: no peer step."""
+        if inp.embedding is not None:
+            return inp.embedding
+        return self.drafter.represent(inp.uid) if self.drafter is not None else None
 
     def _token_request(self, inp: TokenInput, reason: str, round_: int) -> TokenRequest:
         return TokenRequest(
@@ -206,20 +214,21 @@ class Client:
         )
 
     def _ask_llm(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
-                 peer_class: int | None = None) -> RoutedToken:
+                 peer_class: int | None = None, embedding: np.ndarray | None = None) -> RoutedToken:
         verdict = self._request_verdict(self._token_request(inp, reason, base["round"]))
-        return self._settle(inp, reason, base, start, slm_ms, verdict, peer_class)
+        return self._settle(inp, reason, base, start, slm_ms, verdict, peer_class, embedding)
 
     def _settle(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
-                verdict: LLMVerdict | None, peer_class: int | None = None) -> RoutedToken:
+                verdict: LLMVerdict | None, peer_class: int | None = None,
+                embedding: np.ndarray | None = None) -> RoutedToken:
         """The routed token for an LLM verdict (None: none came, the SLM's token stays); the verdict is a label."""
         if verdict is None:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0
             return RoutedToken(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
         self.learner.add_label(inp.features, verdict.beta, reason, base["round"])
-        if self.s.p2p.enabled and inp.embedding is not None:
-            self.peers.remember(inp.embedding, verdict.final_token, "llm")
+        if embedding is not None:
+            self.peers.remember(embedding, verdict.final_token, "llm")
         final = self.class_of(verdict.final_token)
         latency = slm_ms + (time.perf_counter() - start) * 1000.0
         return RoutedToken(**base, final=final, route="llm", reason=reason, latency_ms=latency, llm_final=final,

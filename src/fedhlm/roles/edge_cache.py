@@ -62,10 +62,15 @@ class EdgeCacheStats:
 class EdgeResolver:
     """The cache and the request path of one edge (`attach` it to the edge's endpoint)."""
 
-    def __init__(self, edge_id: str, members: list[str], family: SimHash, *, max_entries: int = 20_000,
-                 ttl_s: float = 3600.0, pending_ttl_s: float = 60.0, share: bool = False) -> None:
-        """`share`: publish each learned entry for the other edges and take theirs (p2p scope neighbours)."""
+    def __init__(self, edge_id: str, members: list[str], family: SimHash, *, delta: float = 0.9,
+                 representation: str = "embedder", max_entries: int = 20_000, ttl_s: float = 3600.0,
+                 pending_ttl_s: float = 60.0, share: bool = False) -> None:
+        """`delta`: the estimated cosine a cached context needs; `representation`: what the clients sketch (with
+        the family, the fingerprint their sketches must carry); `share`: publish each learned entry for the other
+        edges and take theirs (p2p scope neighbours)."""
         self.id = edge_id
+        self.delta = delta
+        self.fingerprint = family.fingerprint(representation)
         self.share = share
         self.members = set(members)
         self.family = family
@@ -83,8 +88,9 @@ class EdgeResolver:
         """The resolver the p2p section asks for (None: clients do not go through the edge)."""
         if not p2p.through_edge:
             return None
-        return cls(edge_id, members, SimHash(p2p.sketch_bits, embedding_dim), max_entries=p2p.edge_cache_entries,
-                   ttl_s=p2p.ttl_s, share=p2p.asks_neighbours)
+        return cls(edge_id, members, SimHash(p2p.sketch_bits, embedding_dim), delta=p2p.delta,
+                   representation=p2p.representation, max_entries=p2p.edge_cache_entries, ttl_s=p2p.ttl_s,
+                   share=p2p.asks_neighbours)
 
     def attach(self, endpoint) -> None:  # noqa: ANN001
         """Subscribe to the cluster's resolve topic and to each member's verdicts."""
@@ -101,17 +107,19 @@ class EdgeResolver:
             return self._refuse("not a resolve request with a response topic")
         if req.client_id not in self.members:
             return self._refuse(f"{req.client_id} is not a member of {self.id}")
-        if req.sketch_name != self.family.name or req.sketch.size != self.family.nbytes:
-            return self._refuse(f"sketch {req.sketch_name}/{req.sketch.size} B, this edge keeps {self.family.name}")
+        if req.family != self.fingerprint or len(req.sketch) != self.family.nbytes:
+            return self._refuse(f"sketch family {req.family:#010x} ({len(req.sketch)} B), this edge keeps "
+                                f"{self.family.name} ({self.fingerprint:#010x})")
         self.stats.requests += 1
-        hit = self.cache.lookup(req.sketch, req.delta)
+        sketch = np.frombuffer(req.sketch, dtype=np.uint8)
+        hit = self.cache.lookup(sketch, self.delta)
         if hit is not None:
             self.stats.hits += 1
             self.endpoint.answer_on(topics.client_p2p_reply(req.client_id), inbound,
                                     PeerReply(self.id, req.seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
             return None
         with self._lock:
-            self._pending[(req.client_id, req.seq)] = (np.array(req.sketch, dtype=np.uint8), time.monotonic())
+            self._pending[(req.client_id, req.seq)] = (sketch, time.monotonic())
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
         self.stats.forwarded += 1
@@ -134,7 +142,7 @@ class EdgeResolver:
         self.stats.learned += 1
         if self.share:
             self.endpoint.publish(topics.edge_p2p_entry(self.id),
-                                  CacheEntry(self.id, self.family.name, entry[0], verdict.final_token), qos=0)
+                                  CacheEntry(self.id, self.fingerprint, entry[0].tobytes(), verdict.final_token), qos=0)
             self.stats.shared += 1
 
     def on_entry(self, inbound: Inbound) -> None:
@@ -143,10 +151,10 @@ class EdgeResolver:
         topic_edge = topics.parse(inbound.topic).ids.get("edge_id")
         if not isinstance(entry, CacheEntry) or entry.edge_id != topic_edge or entry.edge_id == self.id:
             return None
-        if entry.sketch_name != self.family.name or entry.sketch.size != self.family.nbytes:
-            return self._refuse(f"entry of {entry.edge_id} with sketch {entry.sketch_name}, this edge keeps "
-                                f"{self.family.name}")
-        self.cache.add(entry.sketch, entry.token, "neighbour")
+        if entry.family != self.fingerprint or len(entry.sketch) != self.family.nbytes:
+            return self._refuse(f"entry of {entry.edge_id} with sketch family {entry.family:#010x}, this edge keeps "
+                                f"{self.fingerprint:#010x}")
+        self.cache.add(np.frombuffer(entry.sketch, dtype=np.uint8), entry.token, "neighbour")
         self.stats.from_neighbours += 1
         return None
 

@@ -105,6 +105,7 @@ class EdgeStep:
                  counters, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.id, self.edge_id, self.s = client_id, edge_id, settings
         self.family = SimHash(settings.sketch_bits, embedding_dim)
+        self.fingerprint = self.family.fingerprint(settings.representation)
         self.endpoint = endpoint
         self.counters = counters
         self.timeout_s = timeout_s
@@ -125,8 +126,7 @@ class EdgeStep:
         if self._clock() < self._edge_down_until:
             return None
         fields = {f.name: getattr(request, f.name) for f in TokenRequest.field_specs()}
-        through = ResolveRequest(**fields, sketch_name=self.family.name, sketch=self.family.sketch(embedding),
-                                 delta=float(self.s.delta))
+        through = ResolveRequest(**fields, family=self.fingerprint, sketch=self.family.sketch(embedding).tobytes())
         self.counters.peer_queries += 1
         start = time.perf_counter()
         try:

@@ -178,7 +178,7 @@ def _build(cls: type[Message], body: dict[str, Any]) -> Message:
 
 # a float field takes a msgpack integer too: the schema says `number`, and JavaScript encoders write 0 and 1 as ints
 _WIRE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "str": (str,), "choice": (str,), "int": (int,),
-                                            "float": (float, int), "bool": (bool,)}
+                                            "float": (float, int), "bool": (bool,), "bytes": (bytes,)}
 
 
 def _unpack_field(spec: FieldSpec, value: Any, where: str) -> Any:
@@ -235,6 +235,8 @@ def to_json(message: Message) -> dict[str, Any]:
         value = getattr(message, spec.name)
         if spec.kind in ("array", "tokens"):
             value = value.tolist()
+        elif spec.kind == "bytes":
+            value = value.hex()
         elif spec.kind == "params":
             value = {name: value[name].tolist() for name in sorted(value)}
         body[spec.name] = value

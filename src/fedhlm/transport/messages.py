@@ -26,7 +26,8 @@ Id = Annotated[str, "id"]  # a role id, safe as a topic level
 TokenIds = Annotated[np.ndarray, "tokens"]
 Float32Array = Annotated[np.ndarray, "<f4"]
 Float16Array = Annotated[np.ndarray, "<f2"]
-Uint8Array = Annotated[np.ndarray, "|u1"]  # packed bits (a SimHash sketch)
+Blob = Annotated[bytes, "bytes"]  # raw bytes, MessagePack bin (a packed SimHash sketch)
+MAX_BLOB_BYTES = 1024
 Params = Annotated[dict, "params<f4"]  # parameter name -> float32 array of any shape
 
 MAX_STR_LENGTH = 256
@@ -51,6 +52,8 @@ def _spec(name: str, hint: Any) -> FieldSpec:
         base, meta = typing.get_args(hint)[0], hint.__metadata__[0]
         if base is str and meta == "id":
             return FieldSpec(name, "id")
+        if base is bytes and meta == "bytes":
+            return FieldSpec(name, "bytes")
         if base is np.ndarray and meta == "tokens":
             return FieldSpec(name, "tokens", dtype="<i4")
         if base is np.ndarray:
@@ -134,6 +137,19 @@ def _coerce(spec: FieldSpec, value: Any, where: str) -> Any:
         if not math.isfinite(float(value)):
             raise ValueError(f"{where}: must be finite, got {float(value)}")
         return float(value)
+    if kind == "bytes":
+        if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1:
+            value = value.tobytes()
+        if isinstance(value, str):  # the JSON mirror writes bytes as hex
+            try:
+                value = bytes.fromhex(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected bytes or their hex, got {value[:16]!r}") from None
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"{where}: expected bytes, got {type(value).__name__}")
+        if not 1 <= len(value) <= MAX_BLOB_BYTES:
+            raise ValueError(f"{where}: must be 1-{MAX_BLOB_BYTES} bytes, got {len(value)}")
+        return bytes(value)
     if kind in ("array", "tokens"):
         array = _array(value, spec.dtype, where)
         if array.ndim != 1:
@@ -228,20 +244,20 @@ class ResolveRequest(TokenRequest):
     """An uncertain token sent through the client's edge: the TokenRequest plus a sketch of its context.
 
     The edge answers from its cluster's cache (a PeerReply on the client's p2p reply topic) when a
-    cached context's estimated cosine reaches `delta`, and forwards the TokenRequest to the LLM otherwise.
+    cached context's estimated cosine reaches the deployment's `p2p.delta`, and forwards the
+    TokenRequest to the LLM otherwise. What the sketch adds is all the peer step costs on the wire
+    where nothing can hit, so it carries the sketch's family as a 32-bit fingerprint, not its name.
     """
 
     TYPE: ClassVar[str] = "resolve_request"
 
-    sketch_name: str  # core.sketch.SimHash name: edges compare only sketches of the same family
-    sketch: Uint8Array  # packed SimHash bits of the context embedding
-    delta: float  # estimated cosine similarity a cached context needs
+    family: int  # core.sketch.SimHash.fingerprint: edges compare only sketches of the same family
+    sketch: Blob  # packed SimHash bits of the context representation
 
     def _check(self) -> None:
         super()._check()
-        if self.sketch.size == 0:
-            self._fail("sketch", "sketch is empty")
-        _check_unit(self, "delta", self.delta, -1.0, 1.0)
+        if self.family > 2**32 - 1:
+            self._fail("family", f"must be a 32-bit fingerprint, got {self.family}")
 
     def token_request(self) -> TokenRequest:
         """What the LLM receives when the edge has no answer."""
@@ -301,13 +317,13 @@ class CacheEntry(Message):
     TYPE: ClassVar[str] = "cache_entry"
 
     edge_id: Id
-    sketch_name: str
-    sketch: Uint8Array
+    family: int
+    sketch: Blob
     token: int
 
     def _check(self) -> None:
-        if self.sketch.size == 0:
-            self._fail("sketch", "sketch is empty")
+        if self.family > 2**32 - 1:
+            self._fail("family", f"must be a 32-bit fingerprint, got {self.family}")
         _check_token(self, "token", self.token)
 
 

@@ -59,10 +59,10 @@ def golden_messages() -> dict[str, Message]:
             client_id="c0", session_id="s-0003", seq=9, round=3,
             context_ids=[101, 2054, 2003, 102], draft_token=3000, topk_ids=[3000, 3001],
             topk_probs=[0.5, 0.375], tail_mass=0.125, features=[1.25], reason="uncertain",
-            sketch_name="simhash64-s0-d384", sketch=[0, 1, 2, 4, 8, 16, 128, 255], delta=0.875,
+            family=4217640349, sketch=bytes([0, 1, 2, 4, 8, 16, 128, 255]),
         ),
-        "cache_entry_simhash": CacheEntry(edge_id="e1", sketch_name="simhash64-s0-d384",
-                                          sketch=[255, 128, 16, 8, 4, 2, 1, 0], token=3001),
+        "cache_entry_simhash": CacheEntry(edge_id="e1", family=4217640349, sketch=bytes([255, 128, 16, 8, 4, 2, 1, 0]),
+                                          token=3001),
         "llm_verdict_accepted": LLMVerdict(
             client_id="c0", session_id="s-0001", seq=7, accepted=True, final_token=3000,
             beta=1.0, q_draft=0.625, llm_ms=12.5,
