@@ -38,13 +38,16 @@ class SLMDrafter:
         self._lock = threading.Lock()
         self._texts: OrderedDict[int, str] = OrderedDict()
 
-    def represent(self, uid: int) -> np.ndarray | None:
-        """The sentence embedding of a drafted token's context, computed now (None without an embedder)."""
+    def represent(self, uids: Sequence[int]) -> list[np.ndarray | None]:
+        """The sentence embeddings of drafted tokens' contexts, computed now in one batch (None for a uid it did
+        not draft, or without an embedder)."""
         if self.embedder is None or self.embedder.from_slm:
-            return None
+            return [None] * len(uids)
         with self._lock:
-            text = self._texts.pop(uid, None)
-            return None if text is None else self.embedder.encode([text])[0]
+            texts = [self._texts.pop(uid, None) for uid in uids]
+            known = [t for t in texts if t is not None]
+            vectors = iter(self.embedder.encode(known)) if known else iter(())
+            return [None if t is None else next(vectors) for t in texts]
 
     def draft(self, items: Sequence[NewsItem]) -> Drafted:
         if not items:

@@ -10,6 +10,7 @@ it never sees ground truth: it routes drafts and returns `RoutedToken`s.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import zlib
@@ -168,7 +169,26 @@ class Client:
         if self.drafter is None:
             raise RuntimeError(f"{self.id}: serve_round needs a drafter (the client's SLM)")
         drafted = self.drafter.draft(items)
-        return self.run_round(round_, drafted.inputs, drafted.ms_per_token)
+        inputs, waited_ms = self._represent_uncertain(drafted.inputs)
+        return [self._route(round_, inp, drafted.ms_per_token + waited_ms.get(inp.uid, 0.0)) for inp in inputs]
+
+    def _represent_uncertain(self, inputs: list[TokenInput]) -> tuple[list[TokenInput], dict[int, float]]:
+        """The peer step's context representations, in one batch, for the tokens the head will send (the head
+        does not change within a round; exploration needs none): a confident token pays nothing for P2P, an
+        uncertain one waits for the batch (uid -> that wait in ms, added to its latency)."""
+        if not self.s.p2p.enabled or self.drafter is None:
+            return inputs, {}
+        todo = [i for i, inp in enumerate(inputs) if inp.embedding is None and self.offload(inp.features)]
+        if not todo:
+            return inputs, {}
+        start = time.perf_counter()
+        vectors = self.drafter.represent([inputs[i].uid for i in todo])
+        waited = (time.perf_counter() - start) * 1000.0
+        out = list(inputs)
+        for i, vec in zip(todo, vectors):
+            if vec is not None:
+                out[i] = dataclasses.replace(inputs[i], embedding=vec)
+        return out, {inputs[i].uid: waited for i in todo}
 
     def run_round(self, round_: int, inputs: Sequence[TokenInput], slm_ms: float = 0.0) -> list[RoutedToken]:
         """Route every input of this round; `slm_ms` is the SLM's per-token compute time, added to latency."""
@@ -203,7 +223,7 @@ class Client:
         client's own drafter (a sentence embedder runs only for uncertain tokens); None: no peer step."""
         if inp.embedding is not None:
             return inp.embedding
-        return self.drafter.represent(inp.uid) if self.drafter is not None else None
+        return self.drafter.represent([inp.uid])[0] if self.drafter is not None else None
 
     def _token_request(self, inp: TokenInput, reason: str, round_: int) -> TokenRequest:
         return TokenRequest(
