@@ -69,7 +69,7 @@ class Drafter(Protocol):
 
     def draft(self, items: Sequence[Any]) -> Drafted: ...
 
-    def represent(self, uids: Sequence[int]) -> list[Any]: ...
+    def represent(self, uids: Sequence[int]) -> tuple[list[Any], float]: ...  # vectors, compute seconds
 
 
 @dataclass

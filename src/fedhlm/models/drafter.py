@@ -38,16 +38,18 @@ class SLMDrafter:
         self._lock = threading.Lock()
         self._texts: OrderedDict[int, str] = OrderedDict()
 
-    def represent(self, uids: Sequence[int]) -> list[np.ndarray | None]:
+    def represent(self, uids: Sequence[int]) -> tuple[list[np.ndarray | None], float]:
         """The sentence embeddings of drafted tokens' contexts, computed now in one batch (None for a uid it did
-        not draft, or without an embedder)."""
+        not draft, or without an embedder), and the seconds the embedder took (not the wait for the shared
+        model's lock: a device has its own)."""
         if self.embedder is None or self.embedder.from_slm:
-            return [None] * len(uids)
+            return [None] * len(uids), 0.0
         with self._lock:
+            start = time.perf_counter()
             texts = [self._texts.pop(uid, None) for uid in uids]
             known = [t for t in texts if t is not None]
             vectors = iter(self.embedder.encode(known)) if known else iter(())
-            return [None if t is None else next(vectors) for t in texts]
+            return [None if t is None else next(vectors) for t in texts], time.perf_counter() - start
 
     def draft(self, items: Sequence[NewsItem]) -> Drafted:
         if not items:
