@@ -64,11 +64,16 @@ class Counters:
             self._received_messages[kind] += 1
             self._received_bytes[kind] += size
 
+    # reasons that are part of normal operation: every answer after the first to a query broadcast to a
+    # cluster is a late reply; they are counted, and logged at INFO (a run with broadcast peers has hundreds)
+    ROUTINE = frozenset({"late_reply"})
+
     def drop(self, topic: str, reason: str, detail: str) -> None:
         """Count a payload that was not delivered (or not sent), and say why in the log."""
         with self._lock:
             self._dropped[reason] += 1
-        self._log.warning("%s: dropped payload on %s: %s (%s)", self._owner, topic, reason, detail)
+        level = logging.INFO if reason in self.ROUTINE else logging.WARNING
+        self._log.log(level, "%s: dropped payload on %s: %s (%s)", self._owner, topic, reason, detail)
 
     def handler_error(self) -> None:
         with self._lock:
