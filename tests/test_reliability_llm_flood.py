@@ -48,9 +48,10 @@ def flood(broker: LocalBroker, sent: list[float]) -> None:
 
 
 def test_a_flooding_client_does_not_starve_a_victim() -> None:
-    assign = assignment(2, 1)
-    with LocalBroker(users(assign)) as broker:
-        spec = federated_spec(assign, policy="always", deployment=dict(llm_workers=0),
+    accounts = assignment(2, 1)  # c00, the victim, runs in the deployment; c01, the attacker, only floods:
+    # with client ids bound to usernames, a second c01 connection would take the first one's session
+    with LocalBroker(users(accounts)) as broker:
+        spec = federated_spec({"c00": accounts["c00"]}, policy="always", deployment=dict(llm_workers=0),
                               routing=dict(llm_timeout_s=TIMEOUT_S, llm_retries=0))
         dep = Deployment(spec, broker.address).start()
         worker = LLMService(broker.address("llm"), costly_q, mode="greedy", max_age_s=TIMEOUT_S).start()

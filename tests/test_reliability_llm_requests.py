@@ -62,9 +62,10 @@ def flood(broker: LocalBroker, stop: threading.Event, sent: list[int]) -> None:
 @pytest.mark.parametrize("limits", [LIMITS])
 def test_a_flood_of_bad_requests_costs_a_victim_no_verdict(limits, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="fedhlm.roles.llm_service")
-    assign = assignment(2, 1)
-    with LocalBroker(users(assign)) as broker:
-        spec = federated_spec(assign, policy="always", deployment=dict(llm_workers=0), routing=dict(llm_timeout_s=3.0))
+    accounts = assignment(2, 1)  # c00 (victim) in the deployment; c01 (attacker) floods with its own session
+    with LocalBroker(users(accounts)) as broker:
+        spec = federated_spec({"c00": accounts["c00"]}, policy="always", deployment=dict(llm_workers=0),
+                              routing=dict(llm_timeout_s=3.0))
         dep = Deployment(spec, broker.address).start()
         worker = LLMService(broker.address("llm"), strict_q, mode="greedy", limits=limits).start()
         stop, sent = threading.Event(), []
