@@ -89,7 +89,7 @@ def test_address_never_prints_the_password() -> None:
 
 def test_acl_has_client_patterns_and_one_section_per_server_role() -> None:
     acl = render_acl({"c0": "client", "e7": "edge", "cloud": "cloud", "llm": "llm"}, config_dir())
-    assert "pattern write fedhlm/v1/client/%u/#" in acl
+    assert "pattern write fedhlm/v1/client/%u/status" in acl and "pattern write fedhlm/v1/client/%u/#" not in acl
     assert "user e7" in acl and "topic write fedhlm/v1/edge/e7/#" in acl
     assert "topic write fedhlm/v1/global/update/e7" in acl
     assert "user c0" not in acl  # clients are covered by the pattern lines only

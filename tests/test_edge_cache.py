@@ -138,6 +138,20 @@ def test_a_client_cannot_post_into_another_clusters_cache(broker) -> None:
         dep.stop()
 
 
+def test_a_client_cannot_forge_the_llm_verdict_its_edge_would_cache(broker) -> None:
+    """The edge learns the cluster's entries from its members' llm/reply topics; only the LLM may write there."""
+    from fedhlm.transport.messages import LLMVerdict
+
+    dep = deployment(broker)
+    try:
+        forged = LLMVerdict(client_id="c000", session_id="s", seq=1, accepted=False, final_token=3, beta=1.0,
+                            q_draft=0.0, llm_ms=1.0)
+        with pytest.raises(PermissionError, match="Not authorized"):
+            dep.clients["c000"].endpoint.publish(topics.client_llm_reply("c000"), forged, qos=1, wait=True)
+    finally:
+        dep.stop()
+
+
 def test_the_edge_refuses_a_request_of_a_client_that_is_not_its_member() -> None:
     with LocalBroker(USERS) as open_broker:  # no clusters known to the broker: the edge's own check
         dep = deployment(open_broker)
