@@ -158,3 +158,27 @@ def test_a_bad_shard_is_a_one_line_usage_error(bad: str) -> None:
     done = subprocess.run([*FEDHLM, "client", "--broker", "mqtt://a:b@127.0.0.1:1", "--shard", bad],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--shard" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_role_pointed_at_no_broker_fails_in_one_line_before_loading_a_model() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    done = subprocess.run([*FEDHLM, "client", "--broker", f"mqtt://c000:pw@127.0.0.1:{port}", "--edge", "e0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot reach the broker" in done.stderr and "Traceback" not in done.stderr
+    assert "pw" not in done.stderr  # the password stays out of the message
+    assert time.monotonic() - started < 30  # no SLM was loaded first
+
+
+def test_a_role_with_wrong_credentials_fails_in_one_line() -> None:
+    from fedhlm.transport.broker import LocalBroker
+
+    with LocalBroker({"e0": "edge", "c000": "client"}) as broker:
+        addr = broker.address("e0")
+        url = f"mqtt://e0:wrong@{addr.host}:{addr.port}"
+        done = subprocess.run([*FEDHLM, "edge", "--broker", url, "--clients", "c000"], capture_output=True, text=True,
+                              timeout=90)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "wrong" not in done.stderr.splitlines()[-1]
