@@ -182,3 +182,13 @@ def test_a_role_with_wrong_credentials_fails_in_one_line() -> None:
                               timeout=90)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "wrong" not in done.stderr.splitlines()[-1]
+
+
+def test_a_simulation_pointed_at_no_broker_fails_before_preparing_anything(tmp_path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run([*FEDHLM, "simulate", "--broker", f"mqtt://a:pw@127.0.0.1:{port}", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot reach the broker" in done.stderr and "Traceback" not in done.stderr
+    assert "preparing" not in done.stdout and not (tmp_path / "r").exists()

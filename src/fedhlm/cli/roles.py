@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -92,7 +91,7 @@ def main(argv: list[str]) -> int:
     if not role_id:
         print(f"fedhlm {role}: give --id or a username in the broker URL", file=sys.stderr)
         return 2
-    unreachable = broker_unreachable(address)
+    unreachable = address.unreachable()
     if unreachable:  # before loading any model: a typo in the URL should not cost minutes
         print(f"fedhlm {role}: cannot reach the broker at {address.public_url}: {unreachable}", file=sys.stderr)
         return 1
@@ -102,15 +101,6 @@ def main(argv: list[str]) -> int:
     except (TimeoutError, ConnectionError, PermissionError) as exc:  # the broker refused or dropped us
         print(f"fedhlm {role}: {exc}", file=sys.stderr)
         return 1
-
-
-def broker_unreachable(address: BrokerAddress, timeout_s: float = 3.0) -> str:
-    """Why nothing accepts a TCP connection at the broker's host and port ('' when something does)."""
-    try:
-        with socket.create_connection((address.host, address.port), timeout=timeout_s):
-            return ""
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
 
 
 def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         print(f"fedhlm simulate: --out {out} is a file, not a folder", file=sys.stderr)
         return 2
+    if cfg.broker:  # before minutes of data and model preparation
+        from fedhlm.transport.address import BrokerAddress
+
+        address = BrokerAddress.from_url(cfg.broker)
+        unreachable = address.unreachable()
+        if unreachable:
+            print(f"fedhlm simulate: cannot reach the broker at {address.public_url}: {unreachable}", file=sys.stderr)
+            return 1
     report = simulate(cfg, out, show_progress=not args.no_progress)
     status = report["status"]
     if status == "degraded":

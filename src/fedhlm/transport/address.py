@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, urlsplit
 
@@ -53,6 +54,15 @@ class BrokerAddress:
                 auth += ":" + quote(self.password, safe="")
             auth += "@"
         return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+    def unreachable(self, timeout_s: float = 3.0) -> str:
+        """Why nothing accepts a TCP connection at this host and port ('' when something does): a check worth
+        making before minutes of model loading, not a proof that the broker will take these credentials."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout_s):
+                return ""
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
 
     @property
     def public_url(self) -> str:
