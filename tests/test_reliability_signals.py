@@ -192,3 +192,20 @@ def test_a_simulation_pointed_at_no_broker_fails_before_preparing_anything(tmp_p
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "cannot reach the broker" in done.stderr and "Traceback" not in done.stderr
     assert "preparing" not in done.stdout and not (tmp_path / "r").exists()
+
+
+def test_a_missing_data_file_is_a_config_error_and_a_malformed_one_a_single_line(tmp_path) -> None:
+    from test_simulate import tiny_configs
+
+    done = subprocess.run([*FEDHLM, "simulate", "--set", f"data.eval_path={tmp_path / 'missing.csv'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "data.eval_path: no such file" in done.stderr and "Traceback" not in done.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,a title,a text\nx,another title,another text\n")
+    slm, llm = tiny_configs(tmp_path)
+    env = {**os.environ, "FEDHLM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*FEDHLM, "simulate", "--set", f"models.slm={slm}", "--set", f"models.llm={llm}",
+                           "--set", f"data.eval_path={bad}", "--set", "data.source=files", "--no-progress",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{bad}: line 2: label 'x' is not an integer" in done.stderr

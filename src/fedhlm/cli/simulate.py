@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         if unreachable:
             print(f"fedhlm simulate: cannot reach the broker at {address.public_url}: {unreachable}", file=sys.stderr)
             return 1
-    report = simulate(cfg, out, show_progress=not args.no_progress)
+    from fedhlm.data.reader import DataFileError
+
+    try:
+        report = simulate(cfg, out, show_progress=not args.no_progress)
+    except (DataFileError, FileNotFoundError) as exc:  # the report says "failed" too; no traceback for a bad file
+        print(f"fedhlm simulate: {exc}", file=sys.stderr)
+        return 1
     status = report["status"]
     if status == "degraded":
         print("fedhlm simulate: DEGRADED run (see the table and report.json 'degraded')", file=sys.stderr)

@@ -29,6 +29,10 @@ _SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
 _HEADER_WORDS = {"label", "class", "class index", "class_index", "category", "target"}
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as the task's CSV; the message names the file and the line."""
+
+
 def _entity(match: re.Match[str]) -> str:
     name = match.group(1)
     if not name.startswith("#"):
@@ -66,7 +70,7 @@ def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
             except StopIteration:
                 return
             except csv.Error as err:
-                raise ValueError(f"{path}: line {start}: malformed CSV: {err}") from err
+                raise DataFileError(f"{path}: line {start}: malformed CSV: {err}") from err
             if row and any(field.strip() for field in row):
                 yield start, row
             start = reader.line_num + 1
@@ -101,24 +105,24 @@ def read_news_csv(
                 continue
             width = width or len(row)
             if width not in (2, 3):
-                raise ValueError(f"{path}: line {line}: expected 3 columns (class,title,description) "
+                raise DataFileError(f"{path}: line {line}: expected 3 columns (class,title,description) "
                                  f"or 2 (label,text), got {len(row)}")
             if len(row) != width:
-                raise ValueError(f"{path}: line {line}: expected {width} columns, got {len(row)}")
+                raise DataFileError(f"{path}: line {line}: expected {width} columns, got {len(row)}")
             try:
                 label = int(row[0].strip()) - label_base
             except ValueError:
-                raise ValueError(f"{path}: line {line}: label {row[0]!r} is not an integer") from None
+                raise DataFileError(f"{path}: line {line}: label {row[0]!r} is not an integer") from None
             if not 0 <= label < num_classes:
-                raise ValueError(f"{path}: line {line}: label {row[0].strip()} is outside "
+                raise DataFileError(f"{path}: line {line}: label {row[0].strip()} is outside "
                                  f"{label_base}..{label_base + num_classes - 1}")
             title, description = ("", row[1]) if width == 2 else (row[1], row[2])
             title, description = clean_text(title), clean_text(description)
             if not title and not description:
-                raise ValueError(f"{path}: line {line}: empty text")
+                raise DataFileError(f"{path}: line {line}: empty text")
             items.append(NewsItem(uid=len(items), label=label, title=title, description=description))
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+        raise DataFileError(f"{path}: not UTF-8 text ({err})") from err
     if not items:
-        raise ValueError(f"{path}: line 1: empty file (no data rows)")
+        raise DataFileError(f"{path}: line 1: empty file (no data rows)")
     return items

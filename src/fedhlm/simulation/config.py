@@ -49,6 +49,10 @@ class DataConfig:
         check_choice("data", "source", self.source, DataSource)
         check_range("data", "inputs", self.inputs, 0)
         check_range("data", "alpha", self.alpha, 0, lo_open=True)
+        for name in ("train_path", "eval_path"):
+            given = getattr(self, name)
+            if given is not None and not Path(given).expanduser().is_file():
+                raise ConfigError(f"data.{name}: no such file: {given}")
         if self.task is not None:
             from fedhlm.data.task import TaskError, load_task
 
