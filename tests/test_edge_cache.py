@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.maths.threshold import ThresholdHead
 from fedhlm.models.head_fit import TorchHead
@@ -21,8 +21,10 @@ USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud
          "admin": "admin"}
 
 
-def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster") -> Deployment:
+def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster",
+               llm_timeout_s: float = 5.0) -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
+                              routing=RoutingSettings(llm_timeout_s=llm_timeout_s),
                               p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
@@ -180,3 +182,17 @@ def test_the_peer_step_through_the_edge_costs_only_the_sketch_on_the_uplink(brok
     assert sent[False][0] == sent[True][0] == 20 and sent[True][2] == 0
     extra = (sent[True][1] - sent[False][1]) / 20
     assert 16 <= extra <= 40, extra  # 16 bytes of SimHash-128 as bin, the family's 32-bit fingerprint, two keys
+
+
+def test_with_its_edge_down_a_client_asks_the_llm_directly_and_loses_no_token(broker) -> None:
+    dep = deployment(broker, llm_timeout_s=1.0)
+    try:
+        dep.edges["e0"].stop()
+        client = dep.clients["c000"]
+        first, second = client.run_round(0, [token(1, _unit(5)), token(2, _unit(6))])
+        assert first.route == second.route == "llm" and first.final == second.final == 2
+        assert client.counters.fallbacks == 0
+        assert dep.llm[0].stats.requests == 2
+        assert second.latency_ms < 1000  # after one timeout the client stops trying its edge for a while
+    finally:
+        dep.stop()
