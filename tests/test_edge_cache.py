@@ -134,7 +134,7 @@ def test_a_client_cannot_post_into_another_clusters_cache(broker) -> None:
             c000.publish(topics.edge_resolve("e1"), _resolve_request("c000"), qos=1, wait=True)
         c000.publish(topics.edge_resolve("e0"), _resolve_request("c000"), qos=1, wait=True)  # its own edge: allowed
         time.sleep(0.3)
-        assert dep.edges["e0"].resolver.stats.refused == 1  # it arrived (and, with no response topic, was refused)
+        assert dep.edges["e0"].resolver.refused == {"not_request": 1}  # it arrived; without a response topic it is refused
         assert dep.edges["e1"].resolver.stats.requests == 0 and dep.edges["e1"].resolver.stats.refused == 0
     finally:
         dep.stop()
@@ -161,7 +161,7 @@ def test_the_edge_refuses_a_request_of_a_client_that_is_not_its_member() -> None
             with pytest.raises(TimeoutError):  # c002 belongs to e1
                 dep.clients["c002"].endpoint.request(topics.edge_resolve("e0"), _resolve_request("c002"),
                                                      topics.client_llm_reply("c002"), timeout_s=0.5)
-            assert dep.edges["e0"].resolver.stats.refused == 1 and dep.edges["e0"].resolver.stats.requests == 0
+            assert dep.edges["e0"].resolver.refused == {"not_member": 1} and dep.edges["e0"].resolver.stats.requests == 0
             assert dep.llm[0].stats.requests == 0
         finally:
             dep.stop()

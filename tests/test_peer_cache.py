@@ -97,7 +97,9 @@ def test_simhash_distance_estimates_the_cosine() -> None:
         d = hamming(family.sketch(a), family.sketch(b)[None, :])[0]
         assert abs(float(family.cosine(d)) - cos) < 0.12, (cos, d)
     assert hamming(family.sketch(a), family.sketch(a)[None, :])[0] == 0
-    assert family.sketch(a).nbytes == 64 and SimHash.from_name(family.name) == family
+    assert family.sketch(a).nbytes == 64 and family.name == "simhash512-s3-d32"
+    assert family.fingerprint("embedder") != SimHash(512, 32, seed=4).fingerprint("embedder")
+    assert family.fingerprint("embedder") != family.fingerprint("slm_hidden")
     assert family.cosine(family.max_distance(0.9)) >= 0.9 > family.cosine(family.max_distance(0.9) + 1)
     with pytest.raises(ValueError, match="multiple of 8"):
         SimHash(100, 32)

@@ -11,13 +11,11 @@ never compared.
 from __future__ import annotations
 
 import functools
-import re
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-_NAME = re.compile(r"^simhash(?P<bits>\d+)-s(?P<seed>\d+)-d(?P<dim>\d+)$")
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
@@ -46,13 +44,6 @@ class SimHash:
     def fingerprint(self, representation: str) -> int:
         """32 bits naming this family and what it sketches (`p2p.representation`), carried by every sketch."""
         return zlib.crc32(f"{self.name}/{representation}".encode())
-
-    @classmethod
-    def from_name(cls, name: str) -> SimHash:
-        m = _NAME.match(name)
-        if m is None:
-            raise ValueError(f"not a sketch name: {name!r} (expected simhash<bits>-s<seed>-d<dim>)")
-        return cls(int(m["bits"]), int(m["dim"]), int(m["seed"]))
 
     def sketch(self, embedding: np.ndarray) -> np.ndarray:
         """The packed sign bits (uint8, `bits / 8` bytes) of one embedding."""

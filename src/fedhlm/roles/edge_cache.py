@@ -48,7 +48,7 @@ class EdgeCacheStats:
     hits: int = 0
     forwarded: int = 0
     learned: int = 0  # verdicts put into the cache
-    refused: int = 0  # requests not from a member, or with another sketch family
+    refused: int = 0  # requests or entries dropped: see EdgeResolver.refused for why
     shared: int = 0  # entries published for the other edges
     from_neighbours: int = 0  # other edges' entries added here
 
@@ -79,7 +79,7 @@ class EdgeResolver:
         self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = EdgeCacheStats()
-        self.refused: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # reason -> count: not_request, not_member, family
         self.endpoint = None
 
     @classmethod
@@ -104,11 +104,11 @@ class EdgeResolver:
     def on_request(self, inbound: Inbound) -> None:
         req = inbound.message
         if not isinstance(req, ResolveRequest) or not inbound.response_topic:
-            return self._refuse("not a resolve request with a response topic")
+            return self._refuse("not_request", "not a resolve request with a response topic")
         if req.client_id not in self.members:
-            return self._refuse(f"{req.client_id} is not a member of {self.id}")
+            return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
         if req.family != self.fingerprint or len(req.sketch) != self.family.nbytes:
-            return self._refuse(f"sketch family {req.family:#010x} ({len(req.sketch)} B), this edge keeps "
+            return self._refuse("family", f"sketch family {req.family:#010x} ({len(req.sketch)} B), this edge keeps "
                                 f"{self.family.name} ({self.fingerprint:#010x})")
         self.stats.requests += 1
         sketch = np.frombuffer(req.sketch, dtype=np.uint8)
@@ -152,16 +152,16 @@ class EdgeResolver:
         if not isinstance(entry, CacheEntry) or entry.edge_id != topic_edge or entry.edge_id == self.id:
             return None
         if entry.family != self.fingerprint or len(entry.sketch) != self.family.nbytes:
-            return self._refuse(f"entry of {entry.edge_id} with sketch family {entry.family:#010x}, this edge keeps "
+            return self._refuse("family", f"entry of {entry.edge_id} with sketch family {entry.family:#010x}, this edge keeps "
                                 f"{self.fingerprint:#010x}")
         self.cache.add(np.frombuffer(entry.sketch, dtype=np.uint8), entry.token, "neighbour")
         self.stats.from_neighbours += 1
         return None
 
-    def report(self) -> dict[str, float | int]:
-        return self.stats.as_dict(self.cache)
+    def report(self) -> dict[str, float | int | dict[str, int]]:
+        return {**self.stats.as_dict(self.cache), "refused_by_reason": dict(self.refused)}
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, reason: str, why: str) -> None:
         self.stats.refused += 1
-        self.refused[why.split(" ")[0]] += 1
-        log.info("%s: refused a resolve request: %s", self.id, why)
+        self.refused[reason] += 1
+        log.info("%s: refused %s: %s", self.id, reason, why)

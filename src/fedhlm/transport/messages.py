@@ -188,6 +188,11 @@ def _array(value: Any, dtype: str | None, where: str) -> np.ndarray:
     return array
 
 
+def _check_fingerprint(message: Message, field: str, value: int) -> None:
+    if value > 2**32 - 1:
+        message._fail(field, f"must be a 32-bit fingerprint, got {value}")
+
+
 def _check_token(message: Message, field: str, token: int) -> None:
     if token > MAX_TOKEN_ID:
         message._fail(field, f"token id {token} exceeds int32")
@@ -256,8 +261,7 @@ class ResolveRequest(TokenRequest):
 
     def _check(self) -> None:
         super()._check()
-        if self.family > 2**32 - 1:
-            self._fail("family", f"must be a 32-bit fingerprint, got {self.family}")
+        _check_fingerprint(self, "family", self.family)
 
     def token_request(self) -> TokenRequest:
         """What the LLM receives when the edge has no answer."""
@@ -322,8 +326,7 @@ class CacheEntry(Message):
     token: int
 
     def _check(self) -> None:
-        if self.family > 2**32 - 1:
-            self._fail("family", f"must be a 32-bit fingerprint, got {self.family}")
+        _check_fingerprint(self, "family", self.family)
         _check_token(self, "token", self.token)
 
 
