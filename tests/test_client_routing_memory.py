@@ -69,9 +69,11 @@ class FakePeer:
     asker refuses at once instead of waiting out its deadline.
     """
 
-    def __init__(self, net: MemoryNetwork, edge: str = "e0", peer_id: str = "c9", answer_misses: bool = True) -> None:
+    def __init__(self, net: MemoryNetwork, edge: str = "e0", peer_id: str = "c9", answer_misses: bool = True,
+                 claims: str | None = None) -> None:
         self.queries = 0
         self.answer_misses = answer_misses
+        self.claims = claims or peer_id  # the responder id it writes into its replies
         self.endpoint = net.endpoint(net.address(peer_id))
         self.endpoint.subscribe(topics.edge_p2p_query(edge), self._answer, qos=0, no_local=True)
         self.endpoint.start()
@@ -83,7 +85,8 @@ class FakePeer:
         self.queries += 1
         similarity = float(np.dot(q.embedding.astype(np.float32), ANSWERED))
         if similarity >= q.delta or self.answer_misses:
-            self.endpoint.reply(inbound, PeerReply(self.id, q.seq, PEER_TOKEN, min(1.0, similarity)))
+            self.endpoint.reply(inbound, PeerReply(self.claims, q.seq, PEER_TOKEN, min(1.0, similarity)),
+                                per_responder=True)
 
 
 @dataclass
@@ -145,7 +148,8 @@ def test_a_policy_that_does_not_explore_sends_no_confident_token(cluster: Cluste
 def test_peer_hits_are_audited_at_the_audit_rate(cluster: Cluster) -> None:
     llm = FakeLLM(cluster.net)
     peer = FakePeer(cluster.net)
-    client = cluster.client(tau=-1.0, p2p={"enabled": True, "audit": 0.25})  # everything is uncertain
+    # everything is uncertain; the peer's token differs from the LLM's, so it must not be excluded here
+    client = cluster.client(tau=-1.0, p2p={"enabled": True, "audit": 0.25, "exclude_after": 0})
     records = client.run_round(0, [token(i, 0.8, ANSWERED) for i in range(200)])
 
     audits = [r for r in records if r.route == "llm"]
@@ -156,6 +160,25 @@ def test_peer_hits_are_audited_at_the_audit_rate(cluster: Cluster) -> None:
     assert all(r.peer_token == PEER_TOKEN for r in records)
     assert all(r.final == PEER_TOKEN for r in hits) and all(r.final == r.llm_final == LLM_TOKEN for r in audits)
     assert client.counters.peer_queries == client.counters.peer_hits == 200
+
+
+def test_a_peer_whose_audited_answers_disagree_with_the_llm_is_excluded(cluster: Cluster) -> None:
+    llm = FakeLLM(cluster.net)
+    FakePeer(cluster.net)  # answers PEER_TOKEN, the LLM says LLM_TOKEN: every audit disagrees
+    client = cluster.client(tau=-1.0, p2p={"enabled": True, "audit": 1.0, "exclude_after": 3, "deadline_ms": 50.0})
+    records = client.run_round(0, [token(i, 0.8, ANSWERED) for i in range(6)])
+    assert [r.reason for r in records] == ["audit"] * 3 + ["uncertain"] * 3  # its answers are no longer taken
+    assert all(r.final == LLM_TOKEN for r in records) and llm.reasons == {"audit": 3, "uncertain": 3}
+    assert client.counters.peers_excluded == 1 and client.endpoint.stats().dropped["excluded_peer"] == 3
+
+
+def test_a_reply_whose_responder_id_is_not_its_topics_is_dropped(cluster: Cluster) -> None:
+    FakeLLM(cluster.net)
+    FakePeer(cluster.net, peer_id="c9", claims="c1")  # answers at its own id, claiming to be c1
+    client = cluster.client(tau=-1.0, p2p={"enabled": True, "audit": 0.0, "deadline_ms": 50.0})
+    records = client.run_round(0, [token(0, 0.8, ANSWERED)])
+    assert records[0].route == "llm" and records[0].reason == "uncertain" and client.counters.peer_hits == 0
+    assert client.endpoint.stats().dropped["responder_mismatch"] == 1
 
 
 def test_an_unanswered_peer_query_goes_on_to_the_llm_as_uncertain(cluster: Cluster) -> None:
@@ -173,7 +196,7 @@ def test_each_label_weighs_one_over_the_chance_it_was_sent(cluster: Cluster,
     FakeLLM(cluster.net)
     FakePeer(cluster.net)
     client = cluster.client(tau=0.5, routing={"exploration": 0.25, "importance_weights": weighted},
-                         p2p={"enabled": True, "audit": 0.5})
+                         p2p={"enabled": True, "audit": 0.5, "exclude_after": 0})
     inputs = ([token(i, 0.1) for i in range(80)]  # confident: some explored
               + [token(100 + i, 0.9, ANSWERED) for i in range(20)]  # peer hits: some audited
               + [token(200 + i, 0.7, UNKNOWN) for i in range(5)])  # uncertain, no peer knows them

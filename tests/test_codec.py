@@ -228,7 +228,7 @@ def test_decode_refuses_a_valid_message_on_the_wrong_topic() -> None:
 def test_payload_type_of_every_topic() -> None:
     assert payload_type(topics.client_status("c0")) is ClientStatus
     assert payload_type(topics.edge_p2p_query("e0")) is PeerQuery
-    assert payload_type(topics.client_p2p_reply("c0")) is PeerReply
+    assert payload_type(topics.client_p2p_reply("c0", "c1")) is PeerReply
     assert payload_type(topics.llm_request()) is TokenRequest
     assert payload_type(topics.client_llm_reply("c0")) is LLMVerdict
     assert payload_type(topics.edge_update("e0", "c0")) is ThresholdUpdate

@@ -172,13 +172,14 @@ def test_peer_query_forwarded_by_an_edge_is_answered_straight_to_the_asker(conne
                                                           q.hops + 1, q.delta), inbound)
 
     def answer(inbound: Inbound) -> None:  # a peer of cluster e1 with a cache hit
-        c2.reply(inbound, PeerReply("c2", inbound.message.seq, token=4242, similarity=0.96875))
+        c2.reply(inbound, PeerReply("c2", inbound.message.seq, token=4242, similarity=0.96875), per_responder=True)
 
     e0 = connect("e0", {topics.edge_p2p_query("e0"): forward})
     c2 = connect("c2", {topics.edge_p2p_query("e1"): answer})
     c0 = connect("c0")
     query = PeerQuery("c0", "e0", 9, "minilm", [0.6, 0.8], hops=1, delta=0.9)
-    reply = c0.request(topics.edge_p2p_query("e0"), query, topics.client_p2p_reply("c0"), timeout_s=5)
+    reply = c0.request(topics.edge_p2p_query("e0"), query, topics.client_p2p_replies("c0"), timeout_s=5,
+                       per_responder=True)
     assert reply == PeerReply("c2", 9, token=4242, similarity=0.96875)
     assert c0.stats().sent_messages["p2p"] == 1 and c0.stats().received_bytes["p2p"] == len(encode(reply))
     assert e0.stats().sent_messages["p2p"] == 1 and c2.stats().received_messages["p2p"] == 1
@@ -415,3 +416,19 @@ def test_client_cannot_publish_on_another_clients_topics(connect: Connect) -> No
     time.sleep(1.0)
     assert [i.topic for i in inbox.items] == [topics.edge_update("e0", "c0")] and got.message == update("c0", "e0", 1)
     assert c0.stats().publish_refused == 4
+
+
+def test_a_flood_of_junk_is_counted_in_full_and_logged_a_few_times(
+    broker: LocalBroker, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19, minor: 3,000 junk payloads on one topic were 3,000 WARNING lines; now the first few of each
+    reason and then every 1000th, with the count so far."""
+    e0 = connect("e0", {topics.edge_update_filter("e0"): Inbox()})
+    caplog.set_level(logging.WARNING, logger="fedhlm.transport.endpoint")
+    raw_publish(broker, topics.edge_update("e0", "c0"), [b"\xc1 junk"] * 3000)
+    deadline = time.monotonic() + 10
+    while e0.stats().dropped["not_msgpack"] < 3000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert e0.stats().dropped["not_msgpack"] == 3000
+    drops = [r.getMessage() for r in caplog.records if "dropped payload" in r.getMessage()]
+    assert len(drops) == 5 + 3 and drops[-1].endswith("3000 dropped for this reason so far)")

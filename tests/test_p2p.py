@@ -36,10 +36,11 @@ def token(uid: int, embedding: np.ndarray) -> TokenInput:
                       tail_mass=0.0, features=f, embedding=(embedding / np.linalg.norm(embedding)).astype(np.float32))
 
 
-def deployment(broker: LocalBroker, scope: str = "cluster", deadline_s: float = 0.1, **overrides) -> Deployment:
+def deployment(broker: LocalBroker, scope: str = "cluster", deadline_s: float = 0.1, audit: float = 0.0,
+               **overrides) -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
-                              p2p=P2PSettings(enabled=True, resolver="peers", delta=0.9, deadline_ms=1000 * deadline_s, scope=scope,
-                                              audit=0.0),
+                              p2p=P2PSettings(enabled=True, resolver="peers", delta=0.9, deadline_ms=1000 * deadline_s,
+                                              scope=scope, audit=audit),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings,
                           head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),

@@ -18,8 +18,9 @@ from fedhlm.roles.edge import EdgeServer
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
-from fedhlm.transport.messages import ClientStatus, LLMVerdict, PeerQuery, ThresholdModel, ThresholdUpdate
+from fedhlm.transport.messages import ClientStatus, LLMVerdict, PeerQuery, PeerReply, ThresholdModel, ThresholdUpdate
 from fedhlm.transport.netloop import NetworkLoop
+import test_p2p
 from test_endpoint import Inbox
 from test_reliability_support import T, assignment, federated_spec, round_inputs, users, wait_until
 
@@ -195,3 +196,33 @@ def test_with_known_clusters_a_client_cannot_read_or_write_another_clusters_peer
         for ep in (spy, member, asker):
             ep.close()
         broker.stop()
+
+
+def test_a_peer_answers_only_under_its_own_login_and_a_lying_peer_is_excluded() -> None:
+    """Issue 19, item 5: c003, a member of e0, answers every peer query with class 3 at similarity 1.0 (the LLM
+    says 2). The broker refuses its reply written under c001's name; the asker reads the responder from the
+    reply topic, and after three audited disagreements takes nothing from c003 any more."""
+    members = {**test_p2p.ASSIGNMENT, "c003": "e0"}
+    roles = {**dict.fromkeys(members, "client"), "e0": "edge", "e1": "edge", "cloud": "cloud", "llm": "llm"}
+    with LocalBroker(roles, clusters=members) as broker:
+        liar = Endpoint(broker.address("c003"))
+        liar.subscribe(topics.edge_p2p_query("e0"), lambda inbound: liar.reply(
+            inbound, PeerReply("c003", inbound.message.seq, token=3, similarity=1.0), per_responder=True), qos=0,
+            no_local=True)
+        liar.start().wait_connected(5)
+        with pytest.raises(PermissionError):  # a reply at another member's id: that level is c001's login
+            liar.publish(topics.client_p2p_reply("c000", "c001"), PeerReply("c001", 1, 3, 1.0), qos=1, wait=True)
+        dep = test_p2p.deployment(broker, audit=0.25)
+        try:
+            rng = np.random.default_rng(7)
+            records = dep.clients["c000"].run_round(0, [test_p2p.token(i, rng.normal(size=test_p2p.DIM))
+                                                        for i in range(60)])
+        finally:
+            dep.stop()
+            liar.close()
+    victim = dep.clients["c000"]
+    lied = [i for i, r in enumerate(records) if r.final == 3]
+    assert victim.counters.peers_excluded == 1
+    assert lied and max(lied) < 40 and len(lied) < 20, lied  # without exclusion: 48 of 60 wrong, to the end
+    assert all(r.final == 2 for r in records[max(lied) + 1:])
+    assert victim.endpoint.stats().dropped["excluded_peer"] >= 10

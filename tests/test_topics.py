@@ -11,7 +11,8 @@ from fedhlm.transport import topics
 def test_builders_give_the_design_topic_tree() -> None:
     assert topics.client_status("c0") == "fedhlm/v1/client/c0/status"
     assert topics.edge_p2p_query("e1") == "fedhlm/v1/edge/e1/p2p/query"
-    assert topics.client_p2p_reply("c2") == "fedhlm/v1/client/c2/p2p/reply"
+    assert topics.client_p2p_replies("c2") == "fedhlm/v1/client/c2/p2p/reply"  # a query's Response Topic
+    assert topics.client_p2p_reply("c2", "c5") == "fedhlm/v1/client/c2/p2p/reply/c5"  # c5 answers it there
     assert topics.llm_request() == "fedhlm/v1/llm/request"
     assert topics.llm_request_shared("workers") == "$share/workers/fedhlm/v1/llm/request"
     assert topics.client_llm_reply("c3") == "fedhlm/v1/client/c3/llm/reply"
@@ -28,7 +29,7 @@ def test_builders_give_the_design_topic_tree() -> None:
     [
         (topics.client_status("c0"), "client_status", {"client_id": "c0"}, "status"),
         (topics.edge_p2p_query("e1"), "edge_p2p_query", {"edge_id": "e1"}, "p2p"),
-        (topics.client_p2p_reply("c2"), "client_p2p_reply", {"client_id": "c2"}, "p2p"),
+        (topics.client_p2p_reply("c2", "e0"), "client_p2p_reply", {"client_id": "c2", "responder_id": "e0"}, "p2p"),
         (topics.llm_request(), "llm_request", {}, "llm"),
         (topics.client_llm_reply("c3"), "client_llm_reply", {"client_id": "c3"}, "llm"),
         (topics.edge_update("e0", "c1"), "edge_update", {"edge_id": "e0", "client_id": "c1"}, "fl"),

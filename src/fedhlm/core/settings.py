@@ -191,6 +191,8 @@ class P2PSettings:
     # forwards a query its cluster missed)
     scope: PeerScope = "cluster"
     audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
+    # audited disagreements with the LLM (also a majority of its audits) that exclude a peer; 0: never
+    exclude_after: int = 3
     cache_entries: int = 2000  # a client's own cache (resolver peers)
     ttl_s: float = 3600.0
     sketch_bits: int = 128  # SimHash bits a client sends its edge per uncertain token (resolver edge)
@@ -201,6 +203,7 @@ class P2PSettings:
         check_range(s, "delta", self.delta, -1, 1)
         check_range(s, "deadline_ms", self.deadline_ms, 0, lo_open=True)
         check_range(s, "audit", self.audit, 0, 1)
+        check_range(s, "exclude_after", self.exclude_after, 0)
         check_range(s, "cache_entries", self.cache_entries, 1)
         check_range(s, "ttl_s", self.ttl_s, 0, lo_open=True)
         check_choice(s, "scope", self.scope, PeerScope)

@@ -40,7 +40,8 @@ class ClientCounters:
     peer_queries: int = 0
     peer_hits: int = 0
     peer_answers: int = 0  # queries of others this client answered
-    peer_refused: int = 0  # queries ignored (other embedder, own query)
+    peer_refused: int = 0  # queries ignored (other embedder, own query, a response topic not the asker's)
+    peers_excluded: int = 0  # peers whose audited answers disagreed with the LLM (no answer taken from them since)
     peer_ms: list[float] = field(default_factory=list)  # time spent in the peer step
     fallbacks: int = 0
     llm_retries: int = 0  # requests sent again after a timeout
@@ -208,7 +209,10 @@ class Client:
             if isinstance(answer, PeerReply):
                 peer_class = self.class_of(answer.token)
                 if self.rng.random() < self.s.p2p.audit:
-                    return self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding)
+                    routed = self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding)
+                    if routed.llm_final is not None:
+                        self.peers.audited(answer.responder_id, routed.llm_final == peer_class)
+                    return routed
                 self.peers.remember(embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
                 latency = slm_ms + (time.perf_counter() - start) * 1000.0
                 return RoutedToken(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)

@@ -115,7 +115,7 @@ class EdgeResolver:
         hit = self.cache.lookup(sketch, self.delta)
         if hit is not None:
             self.stats.hits += 1
-            self.endpoint.answer_on(topics.client_p2p_reply(req.client_id), inbound,
+            self.endpoint.answer_on(topics.client_p2p_reply(req.client_id, self.id), inbound,
                                     PeerReply(self.id, req.seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
             return None
         with self._lock:

@@ -7,7 +7,9 @@ Two resolvers (`p2p.resolver`, registry `RESOLVERS`):
   (`roles.edge_cache`). One message, no broadcast, no deadline to wait out.
 - `peers` (`PeerStep`): every token the client resolves goes into its own `PeerCache`; an
   uncertain one is first broadcast to the cluster, and any peer with a context at least
-  `delta` similar answers within `deadline_ms`.
+  `delta` similar answers within `deadline_ms`. A peer answers on the asker's reply topic at its own
+  id, which the broker binds to its login; audits that show a peer's answers disagree with the LLM
+  exclude it (`core.peer_trust`).
 
 Either way a client only ever talks to its transport.
 """
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedhlm.core.peer_cache import PeerCache
+from fedhlm.core.peer_trust import PeerTrust
 from fedhlm.core.settings import ClientSettings, P2PSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
@@ -41,6 +44,7 @@ class PeerStep:
         self.next_seq = next_seq
         self.counters = counters
         self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.ttl_s)
+        self.trust = PeerTrust(settings.exclude_after)
 
     def subscribe(self) -> None:
         self.endpoint.subscribe(topics.edge_p2p_query(self.edge_id), self.on_query, qos=0, no_local=True)
@@ -65,6 +69,23 @@ class PeerStep:
         """A token this client now knows for this context: answerable to the next peer."""
         self.cache.add(embedding, token, source)
 
+    def audited(self, responder: str, agreed: bool) -> None:
+        """The LLM's verdict on an audited answer of `responder`: enough disagreement excludes it."""
+        if self.trust.record(responder, agreed):
+            self.counters.peers_excluded += 1
+            log.warning("%s: excluded peer %s: %d of its %d audited answers disagreed with the LLM", self.id,
+                        responder, self.trust.disagreements[responder], self.trust.audits[responder])
+
+    def _accept(self, topic: str, reply: object) -> str | None:
+        """Take a reply only from the responder its topic names (the broker's ACL binds that level to the
+        responder's login), and never from an excluded one."""
+        responder = topics.parse(topic).ids.get("responder_id")
+        if not isinstance(reply, PeerReply) or reply.responder_id != responder:
+            return "responder_mismatch"
+        if not self.trust.trusted(responder):
+            return "excluded_peer"
+        return None
+
     def _request(self, embedding: np.ndarray, hops: int) -> PeerReply | None:
         query = PeerQuery(
             client_id=self.id, edge_id=self.edge_id, seq=self.next_seq(), model_name=self.embedder_name,
@@ -72,7 +93,8 @@ class PeerStep:
         )
         try:
             answer = self.endpoint.request(topics.edge_p2p_query(self.edge_id), query,
-                                           topics.client_p2p_reply(self.id), timeout_s=self.s.deadline_ms / 1000.0)
+                                           topics.client_p2p_replies(self.id), timeout_s=self.s.deadline_ms / 1000.0,
+                                           per_responder=True, accept=self._accept)
         except (TimeoutError, ConnectionError):
             return None
         if isinstance(answer, PeerReply) and answer.similarity >= self.s.delta:
@@ -87,11 +109,17 @@ class PeerStep:
             self.counters.peer_refused += 1
             log.info("%s: ignored a peer query embedded with %s/%d", self.id, q.model_name, q.embedding.size)
             return
+        if inbound.response_topic != topics.client_p2p_replies(q.client_id):
+            self.counters.peer_refused += 1  # an answer there would go to someone other than the asker
+            log.info("%s: ignored a peer query from %s with response topic %r", self.id, q.client_id,
+                     inbound.response_topic)
+            return
         hit = self.cache.lookup(q.embedding.astype(np.float32), q.delta)
-        if hit is None or not inbound.response_topic:
+        if hit is None:
             return
         self.counters.peer_answers += 1
-        self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)))
+        self.endpoint.reply(inbound, PeerReply(self.id, q.seq, hit.token, min(1.0, hit.similarity)),
+                            per_responder=True)
 
 
 class EdgeStep:
@@ -122,6 +150,10 @@ class EdgeStep:
     def remember(self, embedding: np.ndarray, token: int, source: str) -> None:
         """The edge caches what it forwarded; the client keeps nothing."""
 
+    def audited(self, responder: str, agreed: bool) -> None:
+        """Nothing to exclude: the only responder is the client's own edge, whose entries are LLM verdicts
+        it read itself; a disagreement there is a wrong reuse, counted in the report."""
+
     def resolve(self, embedding: np.ndarray, request: TokenRequest) -> PeerReply | LLMVerdict | None:
         if self._clock() < self._edge_down_until:
             return None
@@ -131,7 +163,7 @@ class EdgeStep:
         start = time.perf_counter()
         try:
             reply = self.endpoint.request(topics.edge_resolve(self.edge_id), through, topics.client_llm_reply(self.id),
-                                          timeout_s=self.timeout_s, qos=1, also_on=(topics.client_p2p_reply(self.id),))
+                                          timeout_s=self.timeout_s, qos=1, also_on=(topics.client_p2p_reply(self.id, self.edge_id),))
         except (TimeoutError, ConnectionError) as exc:
             self._edge_down_until = self._clock() + self.EDGE_RETRY_S
             log.warning("%s: no answer through edge %s (%s); asking the LLM directly for %.0f s", self.id,

@@ -215,6 +215,7 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "peer_queries": sum(c.counters.peer_queries for c in clients),
         "peer_hits": sum(c.counters.peer_hits for c in clients),
         "peer_answers": sum(c.counters.peer_answers for c in clients),
+        "peers_excluded": sum(c.counters.peers_excluded for c in clients),
         "peer_ms_p50": float(np.percentile(peer_ms, 50)) if peer_ms else 0.0,
         "peer_ms_mean": float(np.mean(peer_ms)) if peer_ms else 0.0,
         "updates_sent": sum(c.counters.updates_sent for c in clients),

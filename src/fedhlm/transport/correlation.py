@@ -1,7 +1,8 @@
 """Request/reply bookkeeping: MQTT v5 Correlation Data ids, the requests waiting on them, late replies.
 
 A request gets a fresh 16-byte id and waits for the first valid reply that carries it on its
-Response Topic. Answered and expired ids are remembered for a while, so that a reply arriving
+Response Topic (or, for a request many may answer, one level below it, at the responder's id: the
+topic then says who answered, and the broker's ACL says the responder is who it claims). Answered and expired ids are remembered for a while, so that a reply arriving
 after its request gave up is told apart (dropped as "late_reply") from a message nobody asked for.
 """
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 from fedhlm.transport.messages import Message
 
+# (reply topic, decoded reply) -> why the request refuses it, or None to take it
+Accept = Callable[[str, Message], "str | None"]
 FINISHED_IDS_KEPT = 10_000  # expired/answered correlation ids remembered to classify late replies
 
 
@@ -25,8 +28,17 @@ class PendingRequest:
     correlation: bytes
     response_topic: str
     also_on: frozenset[str] = frozenset()  # other topics a reply may come on (an edge's cache hit)
+    per_responder: bool = False  # replies come on response_topic/<responder id>
+    accept: Accept | None = None
     done: threading.Event = field(default_factory=threading.Event)
     reply: Message | None = None
+
+    def answered_on(self, topic: str) -> bool:
+        """Is `topic` one this request's replies come on?"""
+        if topic == self.response_topic or topic in self.also_on:
+            return True
+        prefix = self.response_topic + "/"
+        return self.per_responder and topic.startswith(prefix) and "/" not in topic[len(prefix):]
 
 
 @dataclass(frozen=True)
@@ -45,12 +57,13 @@ class Correlator:
         self._kept = kept
         self._lock = threading.Lock()
         self._pending: dict[bytes, PendingRequest] = {}
-        self._finished: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # correlation id -> its reply topics
+        self._finished: OrderedDict[bytes, PendingRequest] = OrderedDict()  # answered or expired, by correlation id
 
     def request(self, topic: str, response_topic: str, send: Callable[[bytes], int], timeout_s: float,
-                closed: Callable[[], bool], also_on: frozenset[str] = frozenset()) -> Message:
+                closed: Callable[[], bool], also_on: frozenset[str] = frozenset(), per_responder: bool = False,
+                accept: Accept | None = None) -> Message:
         """`send(correlation)` the request (0: not sent), then wait for its reply; see `Endpoint.request`."""
-        pending = PendingRequest(uuid.uuid4().bytes, response_topic, frozenset(also_on))
+        pending = PendingRequest(uuid.uuid4().bytes, response_topic, frozenset(also_on), per_responder, accept)
         with self._lock:
             self._pending[pending.correlation] = pending
         try:
@@ -78,8 +91,9 @@ class Correlator:
             return Match(None, False)
         with self._lock:
             pending = self._pending.get(correlation)
-            late = topic in self._finished.get(correlation, ())
-        replies = pending is not None and (topic == pending.response_topic or topic in pending.also_on)
+            finished = self._finished.get(correlation)
+        late = finished is not None and finished.answered_on(topic)
+        replies = pending is not None and pending.answered_on(topic)
         return Match(pending if replies else None, late)
 
     def resolve(self, pending: PendingRequest, reply: Message) -> bool:
@@ -101,6 +115,6 @@ class Correlator:
 
     def _finish(self, pending: PendingRequest) -> None:
         """Remember an answered or expired id (caller holds the lock)."""
-        self._finished[pending.correlation] = pending.also_on | {pending.response_topic}
+        self._finished[pending.correlation] = pending
         while len(self._finished) > self._kept:
             self._finished.popitem(last=False)

@@ -68,12 +68,20 @@ class Counters:
     # cluster is a late reply; they are counted, and logged at INFO (a run with broadcast peers has hundreds)
     ROUTINE = frozenset({"late_reply"})
 
+    # a flood of junk must not flood the log: the first LOGGED_FIRST drops of each reason are logged, then
+    # every LOGGED_EVERY-th with the count so far (all of them are counted)
+    LOGGED_FIRST, LOGGED_EVERY = 5, 1000
+
     def drop(self, topic: str, reason: str, detail: str) -> None:
-        """Count a payload that was not delivered (or not sent), and say why in the log."""
+        """Count a payload that was not delivered (or not sent), and say why in the log (rate-limited)."""
         with self._lock:
             self._dropped[reason] += 1
+            n = self._dropped[reason]
+        if n > self.LOGGED_FIRST and n % self.LOGGED_EVERY:
+            return
         level = logging.INFO if reason in self.ROUTINE else logging.WARNING
-        self._log.log(level, "%s: dropped payload on %s: %s (%s)", self._owner, topic, reason, detail)
+        more = f"; {n} dropped for this reason so far" if n > self.LOGGED_FIRST else ""
+        self._log.log(level, "%s: dropped payload on %s: %s (%s%s)", self._owner, topic, reason, detail, more)
 
     def handler_error(self) -> None:
         with self._lock:

@@ -92,7 +92,15 @@ def first_handler(subscriptions: dict[str, Subscription], topic: str) -> Handler
 
 def covered(filters: Iterable[str], topic: str) -> bool:
     """Does one of `filters` already bring in `topic` (a request's response topic)?"""
-    return any(filter_matches(f, topic) for f in filters)
+    return any(f == topic or filter_matches(f, topic) for f in filters)
+
+
+def reply_filters(response_topic: str, also_on: Iterable[str], per_responder: bool) -> list[str]:
+    """What a request must be subscribed to for its replies: its Response Topic (or every responder's level
+    below it) and its `also_on` topics; ValueError for a filter where a topic belongs."""
+    for topic in (response_topic, *also_on):
+        check_filter(topic, concrete=True)
+    return [response_topic + "/+" if per_responder else response_topic, *also_on]
 
 
 class Dispatcher:
@@ -141,6 +149,10 @@ class Dispatcher:
             reply = decode(payload, payload_type(topic))
         except DecodeError as err:
             self._counters.drop(topic, err.reason, err.detail)  # keep waiting: another responder may answer validly
+            return
+        refused = pending.accept(topic, reply) if pending.accept is not None else None
+        if refused is not None:
+            self._counters.drop(topic, refused, "the request does not take this reply")  # keep waiting for another
             return
         if not self._requests.resolve(pending, reply):
             self._counters.drop(topic, "late_reply", "reply for an expired or already answered request")

@@ -37,7 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode
-from fedhlm.transport.correlation import Correlator
+from fedhlm.transport.correlation import Accept, Correlator
 from fedhlm.transport.counters import KINDS, Counters, TrafficStats
 from fedhlm.transport.dispatch import (
     Dispatcher,
@@ -48,6 +48,7 @@ from fedhlm.transport.dispatch import (
     check_qos,
     covered,
     first_handler,
+    reply_filters,
 )
 from fedhlm.transport.drivers import make_driver
 from fedhlm.transport.messages import Message
@@ -291,9 +292,11 @@ class Endpoint:
         info = self._client.publish(topic, b"", qos=1, retain=True)
         info.wait_for_publish(timeout_s)
 
-    def reply(self, inbound: Inbound, message: Message, qos: int = 0) -> int:
-        """Answer a request: publish to its Response Topic with its Correlation Data."""
-        return self._publish(inbound.reply_topic(), message, qos, False, correlation=inbound.correlation_data)
+    def reply(self, inbound: Inbound, message: Message, qos: int = 0, per_responder: bool = False) -> int:
+        """Answer a request: publish to its Response Topic (`per_responder`: one level below it, at this
+        endpoint's id, for a request that many may answer) with its Correlation Data."""
+        topic = inbound.reply_topic() + (f"/{self.client_id}" if per_responder else "")
+        return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
 
     def answer_on(self, topic: str, inbound: Inbound, message: Message, qos: int = 0) -> int:
         """Answer a request on `topic` (one of its `also_on` topics) with its Correlation Data."""
@@ -363,28 +366,31 @@ class Endpoint:
     # -- request / response ------------------------------------------------------------
     def request(
         self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0, qos: int = 0,
-        also_on: tuple[str, ...] = (),
+        also_on: tuple[str, ...] = (), per_responder: bool = False, accept: Accept | None = None,
     ) -> Message:
         """Publish `message` with a Response Topic and a fresh Correlation Data; return the first valid reply.
 
         `also_on`: other topics a reply with this Correlation Data may come on (an edge answers a
-        resolve request on the p2p reply topic, the LLM on the Response Topic).
+        resolve request on the p2p reply topic, the LLM on the Response Topic). `per_responder`: replies
+        come one level below the Response Topic, at each responder's id (`reply(per_responder=True)`).
+        `accept(topic, reply)` may refuse a reply with a reason (it is counted as a drop; the request
+        keeps waiting for another).
         Raises TimeoutError if none arrives in time (later replies for it are dropped as "late_reply"),
         ConnectionError if the request could not be sent or the endpoint closed meanwhile.
         """
-        for reply_topic in (response_topic, *also_on):
-            check_filter(reply_topic, concrete=True)
-            self._ensure_reply_subscription(reply_topic, timeout_s)
+        for reply_filter in reply_filters(response_topic, also_on, per_responder):
+            self._ensure_reply_subscription(reply_filter, timeout_s)
         return self._requests.request(
             topic, response_topic, timeout_s=timeout_s, closed=lambda: self._closed, also_on=frozenset(also_on),
+            per_responder=per_responder, accept=accept,
             send=lambda correlation: self._publish(topic, message, qos, False, response_topic=response_topic,
                                                    correlation=correlation))
 
-    def _ensure_reply_subscription(self, response_topic: str, timeout_s: float) -> None:
+    def _ensure_reply_subscription(self, reply_filter: str, timeout_s: float) -> None:
         with self._lock:
-            known = covered(self._subs, response_topic)
+            known = covered(self._subs, reply_filter)
         if not known:
-            self.subscribe(response_topic, None, qos=1, timeout_s=timeout_s)
+            self.subscribe(reply_filter, None, qos=1, timeout_s=timeout_s)
 
     # -- counters ------------------------------------------------------------------------
     def stats(self) -> TrafficStats:

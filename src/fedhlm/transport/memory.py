@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.codec import encode
-from fedhlm.transport.correlation import Correlator
+from fedhlm.transport.correlation import Accept, Correlator
 from fedhlm.transport.counters import Counters, TrafficStats
 from fedhlm.transport.dispatch import (
     Dispatcher,
@@ -44,6 +44,7 @@ from fedhlm.transport.dispatch import (
     covered,
     filter_matches,
     first_handler,
+    reply_filters,
     split_shared,
 )
 from fedhlm.transport.drivers import Handlers
@@ -255,8 +256,11 @@ class MemoryEndpoint:
         check_filter(topic, concrete=True)
         self._network._send(self, Packet(topic, b""), retain=True)
 
-    def reply(self, inbound: Inbound, message: Message, qos: int = 0) -> int:
-        return self._publish(inbound.reply_topic(), message, qos, False, correlation=inbound.correlation_data)
+    def reply(self, inbound: Inbound, message: Message, qos: int = 0, per_responder: bool = False) -> int:
+        """Answer a request: publish to its Response Topic (`per_responder`: one level below it, at this
+        endpoint's id, for a request that many may answer) with its Correlation Data."""
+        topic = inbound.reply_topic() + (f"/{self.client_id}" if per_responder else "")
+        return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
 
     def answer_on(self, topic: str, inbound: Inbound, message: Message, qos: int = 0) -> int:
         return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
@@ -270,19 +274,19 @@ class MemoryEndpoint:
         return True
 
     def request(self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0,
-                qos: int = 0, also_on: tuple[str, ...] = ()) -> Message:
+                qos: int = 0, also_on: tuple[str, ...] = (), per_responder: bool = False,
+                accept: Accept | None = None) -> Message:
         """As `Endpoint.request`: the first valid reply, TimeoutError, or ConnectionError."""
-        for reply_topic in (response_topic, *also_on):
-            check_filter(reply_topic, concrete=True)
+        for reply_filter in reply_filters(response_topic, also_on, per_responder):
             with self._network._lock:
-                if not covered(self._subs, reply_topic):
-                    self._subs[reply_topic] = Subscription(None, 1)
+                if not covered(self._subs, reply_filter):
+                    self._subs[reply_filter] = Subscription(None, 1)
 
         def send(correlation: bytes) -> int:
             return self._publish(topic, message, qos, False, response_topic, correlation)
 
         return self._requests.request(topic, response_topic, send, timeout_s, lambda: self._closed,
-                                      also_on=frozenset(also_on))
+                                      also_on=frozenset(also_on), per_responder=per_responder, accept=accept)
 
     def _publish(self, topic: str, message: Message, qos: int, retain: bool, response_topic: str | None = None,
                  correlation: bytes | None = None) -> int:

@@ -18,7 +18,7 @@ _FORBIDDEN = "/+#\0"
 TEMPLATES: dict[str, str] = {
     "client_status": PREFIX + "/client/{client_id}/status",
     "edge_p2p_query": PREFIX + "/edge/{edge_id}/p2p/query",
-    "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply",
+    "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply/{responder_id}",
     "edge_resolve": PREFIX + "/edge/{edge_id}/resolve",
     "edge_p2p_entry": PREFIX + "/edge/{edge_id}/p2p/entry",
     "llm_request": PREFIX + "/llm/request",
@@ -87,9 +87,17 @@ def edge_p2p_query(edge_id: str) -> str:
     return _build("edge_p2p_query", edge_id=edge_id)
 
 
-def client_p2p_reply(client_id: str) -> str:
-    """Peer answers addressed to one client (its Response Topic for peer queries)."""
-    return _build("client_p2p_reply", client_id=client_id)
+def client_p2p_reply(client_id: str, responder_id: str) -> str:
+    """One responder's peer answers to one client. The responder's id is a topic level that the broker's ACL
+    binds to its login (`pattern write .../p2p/reply/%u`), so the asker knows who answered from the topic,
+    not from a payload field that anyone can fill in."""
+    return _build("client_p2p_reply", client_id=client_id, responder_id=responder_id)
+
+
+def client_p2p_replies(client_id: str) -> str:
+    """The Response Topic a peer query carries: each responder answers one level below it, at its own id
+    (`client_p2p_reply`); the asker subscribes to `client_p2p_replies(c) + "/+"`."""
+    return TEMPLATES["client_p2p_reply"].format(client_id=validate_id(client_id, "client_id"), responder_id="")[:-1]
 
 
 def edge_resolve(edge_id: str) -> str:
