@@ -51,3 +51,17 @@ def test_take_returns_on_close_and_refuses_a_bad_bound() -> None:
     assert q.take(5) == []
     with pytest.raises(ValueError, match="per_client"):
         FairQueue(per_client=0)
+
+
+def test_a_request_lives_as_long_as_its_own_expiry_when_that_is_sooner() -> None:
+    """The client says how long it waits (MQTT v5 Message Expiry): a 1 s request behind a 10 s one expires."""
+    clock = Clock()
+    q: FairQueue[str] = FairQueue(max_age_s=5.0, clock=clock)
+    q.put("a", "patient", ttl_s=10.0)  # lives until 5 (max_age_s is sooner)
+    q.put("a", "hasty", ttl_s=1.0)  # until 1
+    q.put("b", "plain")  # until 5
+    clock.t = 2.0
+    assert q.take(10, timeout_s=0) == ["patient", "plain"] and q.dropped["expired"] == 1
+    q.put("c", "late", ttl_s=10.0)  # until 2 + 5
+    clock.t = 7.5
+    assert q.take(10, timeout_s=0) == [] and q.dropped["expired"] == 2

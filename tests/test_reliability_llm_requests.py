@@ -24,7 +24,7 @@ from fedhlm.transport.broker import LocalBroker
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.messages import TokenRequest
 from test_federated_roles import q_fn
-from test_reliability_support import assignment, federated_spec, round_inputs, users
+from test_reliability_support import assignment, federated_spec, round_inputs, users, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -115,3 +115,47 @@ def test_a_request_whose_response_topic_is_not_its_clients_own_gets_no_verdict()
                 assert ep.request(topics.llm_request(), good, topics.client_llm_reply("c01"), timeout_s=5.0).seq == 0
         finally:
             worker.stop()
+
+
+def test_a_request_whose_message_expiry_ran_out_in_the_queue_is_not_computed() -> None:
+    """Issue 19, item 4: the client states its timeout as the MQTT v5 Message Expiry Interval. A worker that does
+    not know the clients' timeouts (max_age_s None) is busy with one slow batch for 2.5 s; the request with a
+    1 s expiry queued behind it is dropped unserved, the one with 10 s is answered."""
+    computed: list[int] = []
+
+    def slow_q(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        computed.append(ids.shape[0])
+        threading.Event().wait(2.5)
+        return q_fn(ids, mask, last)
+
+    def request(seq: int) -> TokenRequest:
+        r = bad_request(0)
+        return TokenRequest(**{**{f.name: getattr(r, f.name) for f in TokenRequest.field_specs()}, "seq": seq,
+                               "context_ids": np.array([1, 2, 3], np.int32)})
+
+    with LocalBroker(users(assignment(2, 1))) as broker:
+        worker = LLMService(broker.address("llm"), slow_q, mode="greedy", max_batch=1, max_age_s=None).start()
+        replies: dict[int, object] = {}
+        try:
+            with Endpoint(broker.address("c01")) as ep:
+                ep.wait_connected()
+
+                def ask(seq: int, expiry_s: float) -> None:
+                    try:
+                        replies[seq] = ep.request(topics.llm_request(), request(seq), topics.client_llm_reply("c01"),
+                                                  timeout_s=8.0, qos=1, expiry_s=expiry_s)
+                    except TimeoutError as exc:
+                        replies[seq] = exc
+
+                threads = [threading.Thread(target=ask, args=(0, 10.0))]
+                threads[0].start()
+                assert wait_until(lambda: computed, 5.0)  # the worker is busy with seq 0
+                threads += [threading.Thread(target=ask, args=(1, 1.0)), threading.Thread(target=ask, args=(2, 10.0))]
+                for t in threads[1:]:
+                    t.start()
+                for t in threads:
+                    t.join(15)
+        finally:
+            worker.stop()
+    assert replies[0].seq == 0 and replies[2].seq == 2 and isinstance(replies[1], TimeoutError)
+    assert computed == [1, 1] and worker.dropped["expired"] == 1

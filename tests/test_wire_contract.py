@@ -91,7 +91,8 @@ def test_operations_cover_both_directions_with_mqtt_bindings(doc: dict[str, Any]
         assert op["bindings"]["mqtt"]["qos"] in (0, 1)
         if op["action"] == "send":
             kind = topics.KINDS[channel]
-            assert op["bindings"]["mqtt"]["qos"] == (1 if kind in ("fl", "status") else 0), channel
+            # QoS 1 where a loss costs a round or a token's LLM answer; peer traffic has a deadline instead
+            assert op["bindings"]["mqtt"]["qos"] == (1 if kind in ("fl", "status", "llm") else 0), channel
             assert op["bindings"]["mqtt"]["retain"] == (channel in ("client_status", "edge_model", "global_model"))
         if "reply" in op:
             assert op["reply"]["channel"]["$ref"].removeprefix("#/channels/") in actions

@@ -3,9 +3,10 @@
 A single FIFO lets one client that sends 10,000 requests push every other client's request
 behind its own; here each batch takes at most one request per client per turn, so a flood
 costs the others one slot per batch, not the whole queue. Each client's queue is bounded (the
-oldest request is dropped when a new one would not fit) and requests older than `max_age_s`
-are dropped unserved: their client has already timed out and kept its own token. Pure state
-with an explicit clock; the LLM service feeds it and counts what it dropped.
+oldest request is dropped when a new one would not fit) and a request is dropped unserved past
+its deadline (`max_age_s` after it was queued, or the `ttl_s` it came with if that is sooner):
+its client has already timed out and kept its own token. Pure state with an explicit clock;
+the LLM service feeds it and counts what it dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FairQueue(Generic[T]):
         self.per_client = per_client
         self.max_age_s = max_age_s
         self.clock = clock
-        self._queues: OrderedDict[str, deque[tuple[float, T]]] = OrderedDict()  # in round-robin order
+        self._queues: OrderedDict[str, deque[tuple[float, T]]] = OrderedDict()  # (deadline, item), round-robin order
         self._cond = threading.Condition()
         self._closed = False
         self.dropped = {"overflow": 0, "expired": 0}
@@ -38,15 +39,18 @@ class FairQueue(Generic[T]):
         with self._cond:
             return sum(len(q) for q in self._queues.values())
 
-    def put(self, client: str, item: T) -> bool:
-        """Queue `item` for `client`; False when it pushed out that client's oldest item (its queue was full)."""
+    def put(self, client: str, item: T, ttl_s: float | None = None) -> bool:
+        """Queue `item` for `client` until `ttl_s` (or `max_age_s`, whichever is sooner) from now; False when
+        it pushed out that client's oldest item (its queue was full)."""
+        lives = [t for t in (self.max_age_s, ttl_s) if t is not None]
+        deadline = self.clock() + min(lives) if lives else float("inf")
         with self._cond:
             q = self._queues.setdefault(client, deque())
             full = len(q) >= self.per_client
             if full:
                 q.popleft()
                 self.dropped["overflow"] += 1
-            q.append((self.clock(), item))
+            q.append((deadline, item))
             self._cond.notify()
             return not full
 
@@ -74,20 +78,23 @@ class FairQueue(Generic[T]):
             return self._take_round_robin(max_items)
 
     def _expire_and_count(self) -> int:
-        """Drop items older than max_age_s (their clients gave up on them); the number left."""
-        if self.max_age_s is not None:
-            oldest_kept = self.clock() - self.max_age_s
-            for q in self._queues.values():
-                while q and q[0][0] < oldest_kept:
-                    q.popleft()
-                    self.dropped["expired"] += 1
+        """Drop items past their deadline (their clients gave up on them); the number left."""
+        now = self.clock()
+        for q in self._queues.values():  # from the front only (cheap); `_take_round_robin` skips the rest
+            while q and q[0][0] < now:
+                q.popleft()
+                self.dropped["expired"] += 1
         return sum(len(q) for q in self._queues.values())
 
     def _take_round_robin(self, max_items: int) -> list[T]:
         out: list[T] = []
+        now = self.clock()
         while len(out) < max_items and self._queues:
             client, q = next(iter(self._queues.items()))
             self._queues.move_to_end(client)  # this client's next turn comes after everyone else's
+            while q and q[0][0] < now:  # a shorter-lived request queued behind a longer-lived one
+                q.popleft()
+                self.dropped["expired"] += 1
             if q:
                 out.append(q.popleft()[1])
             if not q:

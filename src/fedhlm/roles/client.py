@@ -273,7 +273,8 @@ class Client:
                 log.info("%s: no LLM verdict for seq %d (%s); sending it again", self.id, request.seq, problem)
             try:
                 reply = self.endpoint.request(topics.llm_request(), request, topics.client_llm_reply(self.id),
-                                              timeout_s=self.s.routing.llm_timeout_s, qos=1)
+                                              timeout_s=self.s.routing.llm_timeout_s, qos=1,
+                                              expiry_s=self.s.routing.llm_timeout_s)  # later, nobody waits for it
             except TimeoutError as exc:
                 problem = str(exc)
                 continue

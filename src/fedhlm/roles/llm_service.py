@@ -6,7 +6,9 @@ the broker hands each request to one of them. Requests that arrive close togethe
 verified in one forward pass (up to `max_batch`, waiting at most `max_wait_ms`). Requests wait
 in one bounded queue per client, taken round-robin (`core.fair_queue`): a client that floods the
 worker delays the others by one slot per batch, its own oldest requests are dropped past
-`per_client_queue`, and a request older than `max_age_s` (its client's timeout) is dropped unserved.
+`per_client_queue`, and a request is dropped unserved once its client has given up on it: when its
+MQTT v5 Message Expiry (the client's timeout, counted down by the broker while it held the request)
+runs out, or, for a client that sets none, after `max_age_s`.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class LLMService:
         if problem is not None:
             self._reject(r.client_id, *problem)
             return
-        self._queue.put(r.client_id, inbound)
+        self._queue.put(r.client_id, inbound, ttl_s=inbound.expiry_s)
 
     @property
     def dropped(self) -> dict[str, int]:

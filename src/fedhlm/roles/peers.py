@@ -163,7 +163,8 @@ class EdgeStep:
         start = time.perf_counter()
         try:
             reply = self.endpoint.request(topics.edge_resolve(self.edge_id), through, topics.client_llm_reply(self.id),
-                                          timeout_s=self.timeout_s, qos=1, also_on=(topics.client_p2p_reply(self.id, self.edge_id),))
+                                          timeout_s=self.timeout_s, qos=1, expiry_s=self.timeout_s,
+                                          also_on=(topics.client_p2p_reply(self.id, self.edge_id),))
         except (TimeoutError, ConnectionError) as exc:
             self._edge_down_until = self._clock() + self.EDGE_RETRY_S
             log.warning("%s: no answer through edge %s (%s); asking the LLM directly for %.0f s", self.id,

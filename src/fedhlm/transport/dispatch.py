@@ -32,6 +32,7 @@ class Inbound:
     correlation_data: bytes | None
     size: int  # payload bytes
     retain: bool
+    expiry_s: float | None = None  # MQTT v5 Message Expiry Interval left when it arrived (None: never expires)
 
     def reply_topic(self, purpose: str = "reply to") -> str:
         """Its Response Topic; ValueError if it has none (it is not a request)."""
@@ -119,7 +120,7 @@ class Dispatcher:
         self._log = logger
 
     def route(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None,
-              retain: bool) -> None:
+              retain: bool, expiry_s: float | None = None) -> None:
         """Called on the transport's receiving thread: counts, resolves replies, queues the rest."""
         self._counters.received(topic, len(payload))
         match = self._requests.match(correlation, topic)
@@ -135,7 +136,7 @@ class Dispatcher:
             self._counters.drop(topic, reason, "no handler for this topic")
             return
         try:
-            self._handlers.submit(self._deliver, handler, topic, payload, response_topic, correlation, retain)
+            self._handlers.submit(self._deliver, handler, topic, payload, response_topic, correlation, retain, expiry_s)
         except RuntimeError:  # handlers shut down: we are closing
             self._counters.drop(topic, "closing", "endpoint is closing")
 
@@ -166,13 +167,13 @@ class Dispatcher:
             self._log.exception("%s: connect hook failed", self._owner)
 
     def _deliver(self, handler: Handler, topic: str, payload: bytes, response_topic: str | None,
-                 correlation: bytes | None, retain: bool) -> None:
+                 correlation: bytes | None, retain: bool, expiry_s: float | None) -> None:
         try:
             message = decode(payload, payload_type(topic))
         except DecodeError as err:
             self._counters.drop(topic, err.reason, err.detail)
             return
-        inbound = Inbound(topic, message, response_topic, correlation, len(payload), retain)
+        inbound = Inbound(topic, message, response_topic, correlation, len(payload), retain, expiry_s)
         try:
             handler(inbound)
         except Exception:

@@ -21,6 +21,7 @@ shared NetworkLoop, chosen once at construction).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -303,10 +304,10 @@ class Endpoint:
         return self._publish(topic, message, qos, False, correlation=inbound.correlation_data)
 
     def forward(self, topic: str, message: Message, inbound: Inbound, qos: int = 0) -> int:
-        """Pass a request on to `topic` keeping its Response Topic and Correlation Data,
-        so that whoever answers replies straight to the original requester."""
+        """Pass a request on to `topic` keeping its Response Topic, Correlation Data and what is left of its
+        Message Expiry, so that whoever answers replies straight to the original requester, in its time."""
         return self._publish(topic, message, qos, False, response_topic=inbound.reply_topic("forward"),
-                             correlation=inbound.correlation_data)
+                             correlation=inbound.correlation_data, expiry_s=inbound.expiry_s)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every QoS 1 message published so far is acknowledged; False on timeout."""
@@ -327,19 +328,21 @@ class Endpoint:
 
     def _publish(
         self, topic: str, message: Message, qos: int, retain: bool, wait: bool = False, timeout_s: float = 10.0,
-        response_topic: str | None = None, correlation: bytes | None = None,
+        response_topic: str | None = None, correlation: bytes | None = None, expiry_s: float | None = None,
     ) -> int:
         if self._closed:
             raise RuntimeError(f"{self.client_id}: endpoint is closed")
         check_qos(qos)
         payload = encode(message)
         properties = None
-        if response_topic is not None or correlation is not None:
+        if response_topic is not None or correlation is not None or expiry_s is not None:
             properties = Properties(PacketTypes.PUBLISH)
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
             if correlation is not None:
                 properties.CorrelationData = correlation
+            if expiry_s is not None:  # whole seconds on the wire; a request is never expired before its time
+                properties.MessageExpiryInterval = max(1, math.ceil(expiry_s))
         started = time.monotonic()
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
@@ -367,6 +370,7 @@ class Endpoint:
     def request(
         self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0, qos: int = 0,
         also_on: tuple[str, ...] = (), per_responder: bool = False, accept: Accept | None = None,
+        expiry_s: float | None = None,
     ) -> Message:
         """Publish `message` with a Response Topic and a fresh Correlation Data; return the first valid reply.
 
@@ -374,7 +378,8 @@ class Endpoint:
         resolve request on the p2p reply topic, the LLM on the Response Topic). `per_responder`: replies
         come one level below the Response Topic, at each responder's id (`reply(per_responder=True)`).
         `accept(topic, reply)` may refuse a reply with a reason (it is counted as a drop; the request
-        keeps waiting for another).
+        keeps waiting for another). `expiry_s`: the MQTT v5 Message Expiry Interval (rounded up to whole
+        seconds): a broker that still holds the request after it drops it, and a server sees how long is left.
         Raises TimeoutError if none arrives in time (later replies for it are dropped as "late_reply"),
         ConnectionError if the request could not be sent or the endpoint closed meanwhile.
         """
@@ -384,7 +389,7 @@ class Endpoint:
             topic, response_topic, timeout_s=timeout_s, closed=lambda: self._closed, also_on=frozenset(also_on),
             per_responder=per_responder, accept=accept,
             send=lambda correlation: self._publish(topic, message, qos, False, response_topic=response_topic,
-                                                   correlation=correlation))
+                                                   correlation=correlation, expiry_s=expiry_s))
 
     def _ensure_reply_subscription(self, reply_filter: str, timeout_s: float) -> None:
         with self._lock:
@@ -507,7 +512,9 @@ class Endpoint:
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        self._dispatch.route(topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain))
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+        self._dispatch.route(topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain),
+                             float(expiry) if expiry is not None else None)
 
     def _handler_for(self, topic: str) -> Handler | None:
         with self._lock:

@@ -61,6 +61,7 @@ class Packet:
     payload: bytes
     response_topic: str | None = None
     correlation: bytes | None = None
+    expiry_s: float | None = None  # delivered at once here: passed on as sent
 
 
 class MemoryNetwork:
@@ -267,7 +268,7 @@ class MemoryEndpoint:
 
     def forward(self, topic: str, message: Message, inbound: Inbound, qos: int = 0) -> int:
         return self._publish(topic, message, qos, False, response_topic=inbound.reply_topic("forward"),
-                             correlation=inbound.correlation_data)
+                             correlation=inbound.correlation_data, expiry_s=inbound.expiry_s)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Nothing is ever in flight here."""
@@ -275,7 +276,7 @@ class MemoryEndpoint:
 
     def request(self, topic: str, message: Message, response_topic: str, timeout_s: float = 5.0,
                 qos: int = 0, also_on: tuple[str, ...] = (), per_responder: bool = False,
-                accept: Accept | None = None) -> Message:
+                accept: Accept | None = None, expiry_s: float | None = None) -> Message:
         """As `Endpoint.request`: the first valid reply, TimeoutError, or ConnectionError."""
         for reply_filter in reply_filters(response_topic, also_on, per_responder):
             with self._network._lock:
@@ -283,13 +284,13 @@ class MemoryEndpoint:
                     self._subs[reply_filter] = Subscription(None, 1)
 
         def send(correlation: bytes) -> int:
-            return self._publish(topic, message, qos, False, response_topic, correlation)
+            return self._publish(topic, message, qos, False, response_topic, correlation, expiry_s)
 
         return self._requests.request(topic, response_topic, send, timeout_s, lambda: self._closed,
                                       also_on=frozenset(also_on), per_responder=per_responder, accept=accept)
 
     def _publish(self, topic: str, message: Message, qos: int, retain: bool, response_topic: str | None = None,
-                 correlation: bytes | None = None) -> int:
+                 correlation: bytes | None = None, expiry_s: float | None = None) -> int:
         if self._closed:
             raise RuntimeError(f"{self.client_id}: endpoint is closed")
         check_qos(qos)
@@ -299,12 +300,13 @@ class MemoryEndpoint:
             self._counters.drop(topic, "not_connected", "not connected to the memory network")
             return 0
         self._counters.sent(topic, len(payload))
-        self._network._send(self, Packet(topic, payload, response_topic, correlation), retain)
+        self._network._send(self, Packet(topic, payload, response_topic, correlation, expiry_s), retain)
         return len(payload)
 
     # -- receive ---------------------------------------------------------------------------
     def _receive(self, packet: Packet, retain: bool) -> None:
-        self._dispatch.route(packet.topic, packet.payload, packet.response_topic, packet.correlation, retain)
+        self._dispatch.route(packet.topic, packet.payload, packet.response_topic, packet.correlation, retain,
+                             packet.expiry_s)
 
     def stats(self) -> TrafficStats:
         """Messages and payload bytes per traffic kind, drops by reason."""
