@@ -44,7 +44,7 @@ def tokenizer():
 @pytest.fixture
 def no_ag_news(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every place AG News is looked for points into an empty temporary folder."""
-    monkeypatch.setenv("FEDHLM_DATA", str(tmp_path / "missing"))
+    monkeypatch.delenv("FEDHLM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(sources, "REPO_ROOT", tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
@@ -259,11 +259,27 @@ def test_auto_falls_back_to_synthetic_loudly_when_no_data(no_ag_news: Path, capl
 
 
 def test_files_asked_for_and_missing_names_the_paths_tried(no_ag_news: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="tried: .*missing.*ag_news_train.csv") as err:
+    with pytest.raises(FileNotFoundError, match="tried: .*ag_news_train.csv") as err:
         resolve_corpus(AG, "files")
     assert str(no_ag_news / "repo") in str(err.value)
     with pytest.raises(FileNotFoundError, match="elsewhere.csv"):
         resolve_corpus(AG, "auto", no_ag_news / "elsewhere.csv")
+
+
+@pytest.mark.parametrize("where", ["missing.csv", "empty-folder"])
+def test_fedhlm_data_without_the_files_is_an_error_not_a_fallback(no_ag_news: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   where: str) -> None:
+    """Issue 19, minor: FEDHLM_DATA at a missing file warned and used other data; an empty folder fell back silently.
+    The user said where the data is: it is an error, even where ../shared/data holds the task's files."""
+    (no_ag_news / "empty-folder").mkdir()
+    shared = no_ag_news / "repo" / ".." / "shared" / "data" / "ag_news"
+    shared.mkdir(parents=True)
+    _write(shared / "ag_news_train.csv", '"1","a","b"\n"2","c","d"\n')
+    monkeypatch.setenv("FEDHLM_DATA", str(no_ag_news / where))
+    with pytest.raises(FileNotFoundError, match=f"FEDHLM_DATA=.*{where} holds no ag_news training file"):
+        resolve_corpus(AG, "auto")
+    monkeypatch.delenv("FEDHLM_DATA")
+    assert len(resolve_corpus(AG, "auto").train) == 2  # the shared folder, without the variable
 
 
 def test_env_folder_with_official_csvs_is_found(no_ag_news: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,6 +325,17 @@ def test_a_single_file_task_carves_its_test_split(tmp_path: Path) -> None:
         NewsDataModule(task=str(task), source="files", train_path=str(data)).setup()
     with pytest.raises(ValueError, match="data.source: must be one of"):
         resolve_corpus(AG, "imdb")
+
+
+def test_a_training_file_too_small_for_its_splits_is_refused_at_setup(tmp_path: Path) -> None:
+    """Issue 19, minor: a 1-row CSV passed `fedhlm data info` (train=1, val=0, calib=0) and failed obscurely later."""
+    from fedhlm.data import NewsDataModule
+    from fedhlm.data.reader import DataFileError
+
+    task = _task_yaml(tmp_path / "five.yaml", ["business", "entertainment", "politics", "sport", "technology"])
+    data = _write(tmp_path / "one.csv", '"1","title","text"\n')
+    with pytest.raises(DataFileError, match=r"one.csv: 1 training article\(s\) are too few to carve the validation"):
+        NewsDataModule(task=str(task), source="files", train_path=str(data), holdout=(0.1, 0.1, 0.2)).setup()
 
 
 # --- fetch ------------------------------------------------------------------------------

@@ -198,3 +198,12 @@ def test_the_cli_and_get_or_train_train_the_same_weights(kind, tiny, tmp_path, m
     if kind == "head":
         a, b = (torch.load(h, weights_only=True) for h in heads)
         assert float(a["tau"]) != 10.0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_malformed_training_file_ends_fit_with_one_line_naming_it(private_cache, capsys):
+    bad = private_cache / "bad.csv"
+    bad.write_text("label,title,description\n1,a,b\nx,c,d\n")
+    assert main(["fit", "--config", str(CONFIGS / "slm.yaml"), *TINY_ARGS, f"--data.train_path={bad}", "--data.source=files",
+                 "--trainer.fast_dev_run=true"]) == 1
+    err = capsys.readouterr().err
+    assert f"fedhlm fit: {bad}: line 3: label 'x' is not an integer" in err and "Traceback" not in err

@@ -226,3 +226,24 @@ def test_a_peer_answers_only_under_its_own_login_and_a_lying_peer_is_excluded() 
     assert lied and max(lied) < 40 and len(lied) < 20, lied  # without exclusion: 48 of 60 wrong, to the end
     assert all(r.final == 2 for r in records[max(lied) + 1:])
     assert victim.endpoint.stats().dropped["excluded_peer"] >= 10
+
+
+def test_a_retained_status_for_another_edge_does_not_steer_a_fresh_edge() -> None:
+    """Issue 19, minor: an earlier run left c01 "offline" in cluster e9 (retained); a fresh e0 that has c01 as a
+    member ignores it, and still follows a status that names e0."""
+    members = {"c00": "e0", "c01": "e0"}
+    broker = LocalBroker(users(members)).start()
+    admin = Endpoint(broker.address("admin")).start().wait_connected()
+    try:
+        admin.publish(topics.client_status("c01"), ClientStatus("c01", False, "e9", 1.0), qos=1, retain=True, wait=True)
+        admin.publish(topics.client_status("c00"), ClientStatus("c00", False, "e0", 1.0), qos=1, retain=True, wait=True)
+        edge = EdgeServer("e0", broker.address("e0"), list(members), params(0.5), quorum=1.0, deadline_s=10.0,
+                          cloud_every=1000).start()
+        try:
+            assert wait_until(lambda: edge.absent == {"c00"}, 5.0), edge.absent
+            assert wait_until(lambda: edge.rejected["other edge's status"] == 1, 5.0)
+        finally:
+            edge.stop()
+    finally:
+        admin.close()
+        broker.stop()

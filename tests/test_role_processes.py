@@ -57,15 +57,28 @@ def test_a_federation_of_separate_processes_routes_learns_and_stops_cleanly(tmp_
         try:
             outputs = [c.communicate(timeout=240)[0] for c in clients]
             codes = [c.returncode for c in clients]
+            # c00 restarted after the federation's last round: it must not replay rounds 0.. (the edge refuses them)
+            again = spawn(broker, "client", "c00", "--edge", "e0", "--shard", "0/2", env=env)
+            clients.append(again)
+            try:
+                restarted = again.communicate(timeout=60)[0]
+            except subprocess.TimeoutExpired:
+                again.kill()
+                raise AssertionError(again.communicate()[0]) from None
         finally:
-            for proc in servers:
-                proc.send_signal(signal.SIGINT)  # Ctrl-C: each server stops cleanly
+            for proc, sig in zip(servers, (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)):
+                proc.send_signal(sig)  # Ctrl-C or what systemd/kill send: each server stops cleanly
             server_out = [proc.communicate(timeout=30)[0] for proc in servers]
             for proc in clients + servers:
                 if proc.poll() is None:
                     proc.kill()
     assert codes == [0, 0], outputs
+    assert again.returncode == 0 and f"edge e0 is at round {ROUNDS}" in restarted, restarted
+    assert not re.search(r"^round \d+:", restarted, re.M), restarted
     assert [p.returncode for p in servers] == [0, 0, 0], server_out
+    assert not [out for out in server_out if "terminate called" in out or "Traceback" in out], server_out
+    assert re.search(r"round 0: 2 of 2 clients, \d+ samples, tau=", server_out[2]), server_out[2]  # the edge's progress
+    assert re.search(r"round 0: 1 of 1 edges", server_out[1]), server_out[1]
     tokens = 0
     final_taus = []
     for out in outputs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import sys
 import warnings
 from typing import Any
 
@@ -119,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         print(f"usage: fedhlm {{{','.join(SUBCOMMANDS)}}} --config configs/slm.yaml [--print_config] [overrides]")
         return 2
+    from fedhlm.data.reader import DataFileError
+
+    try:
+        _run_cli(argv)
+    except (DataFileError, FileNotFoundError) as exc:  # a bad data file is the user's to fix: no traceback
+        print(f"fedhlm {argv[0]}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_cli(argv: list[str]) -> None:
     with warnings.catch_warnings():
         # `fedhlm` passes its own argv on; LightningCLI warns when sys.argv also holds arguments
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
@@ -134,4 +146,3 @@ def main(argv: list[str] | None = None) -> int:
                               "callbacks": [ProgressLines()]},  # lines with an ETA where no live bar shows
             args=argv,
         )
-    return 0

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -114,6 +115,17 @@ def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
     return with_curve({k: v.detach().numpy() for k, v in head.state_dict().items()}, cfg.routing)
 
 
+RETAINED_MODEL_WAIT_S = 2.0  # how long a starting client waits for its edge's retained model
+
+
+def _print_round(members: str, total: int) -> Callable[[dict], None]:
+    """One line per closed round of a server role, so that an operator sees it progress."""
+    def show(entry: dict) -> None:
+        print(f"round {entry['round']}: {len(entry['participants'])} of {total} {members}, {entry['samples']} samples, "
+              f"tau={entry['tau']:.4f}", flush=True)
+    return show
+
+
 def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.models.hybrid import load_llm
     from fedhlm.roles.llm_service import LLMService
@@ -135,6 +147,7 @@ def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: 
     cloud = CloudServer.from_settings(role_id, address, args.edges.split(","), _initial_params(cfg), cfg.federation,
                                       checkpoint=args.checkpoint).start()
     print(f"cloud {role_id} at round {cloud.round}, edges {args.edges}", flush=True)
+    cloud.round_hooks.append(_print_round("edges", len(args.edges.split(","))))
     rc = _wait_for_signal(threading.Event(), cloud.endpoint)
     cloud.stop()
     return rc
@@ -150,6 +163,7 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: A
                                     neighbours=neighbours, checkpoint=args.checkpoint,
                                     resolver=EdgeResolver.from_settings(role_id, members, cfg.p2p)).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)
+    edge.round_hooks.append(_print_round("clients", len(members)))
     rc = _wait_for_signal(threading.Event(), edge.endpoint)
     edge.stop()
     return rc
@@ -185,8 +199,16 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
                     drafter=SLMDrafter(slm, embedder)).start()
     label_of = {item.uid: item.label for item in test}
     correct = total_tokens = 0
+    # a restarted client joins the round its edge is collecting (its retained model says which), not round 0,
+    # whose updates the edge would refuse as stale; a fresh federation has no model yet: it starts at 0
+    client.wait_model(0, timeout_s=RETAINED_MODEL_WAIT_S)
+    first = client.current_round()
+    if first:
+        print(f"client {role_id}: edge {args.edge} is at round {first}; rounds 0-{first - 1} are over", flush=True)
     try:
         for r, by_client in enumerate(rounds):
+            if r < first:
+                continue
             records = client.serve_round(r, [test[i] for i in by_client[role_id]])
             client.finish_round(r)
             correct += sum(1 for t in records if t.final == label_of[t.uid])

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedhlm.data.encoding import PromptCollator, load_tokenizer, verbaliser_token_ids
 from fedhlm.data.items import NewsItem
+from fedhlm.data.reader import DataFileError
 from fedhlm.data.partition import Splits, partition, split_items, stratified_subset
 from fedhlm.data.sources import SOURCES, Corpus, resolve_corpus
 from fedhlm.data.task import DEFAULT_TASK, load_task
@@ -115,6 +116,12 @@ class NewsDataModule(LightningDataModule):
             raise ValueError(f"data: no training article left: every one of {corpus.train_file} is also in the "
                              f"evaluation file {corpus.eval_file} (give data.eval_path another file)")
         carved = split_items(corpus.train, fractions=(1 - val - calib - test, val, calib, test), seed=self.seed)
+        empty = [name for name, part, share in (("train", carved.train, 1.0), ("validation", carved.val, val),
+                                                ("calibration", carved.calib, calib), ("test", carved.test, test))
+                 if share > 0 and not part]
+        if empty:  # caught here, not as an empty loader deep inside training or calibration
+            raise DataFileError(f"{corpus.train_file or corpus.name}: {len(corpus.train)} training article(s) are too "
+                                f"few to carve the {', '.join(empty)} split(s) of data.holdout {self.holdout}")
         train = stratified_subset(carved.train, self.limit, seed=self.seed)
         evaluation = carved.test if corpus.eval is None else list(corpus.eval)
         self.splits = Splits(train=train, val=carved.val, calib=carved.calib,

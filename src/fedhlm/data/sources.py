@@ -1,11 +1,12 @@
 """Where a task's articles come from: its training and evaluation files, or the generated corpus.
 
 Data sets are never part of the repository. A task's files (``train`` and ``eval`` of its
-YAML, by file name) are looked up, in order, in an explicit path, the ``FEDHLM_DATA``
-variable (a folder holding the files, or a data root holding the task's folder), the
-project's shared folder beside the repository (``../shared/data/<folder>/``) and the folder
-``fedhlm data fetch`` fills. Without them ``auto`` falls back to the generated corpus,
-loudly; ``files`` refuses, naming every path tried.
+YAML, by file name) are looked up in an explicit path; else in the ``FEDHLM_DATA`` variable
+only (a folder holding the files, or a data root holding the task's folder: the user said
+where the data is, so nothing else is used when it is not there); else in the project's
+shared folder beside the repository (``../shared/data/<folder>/``) and the folder ``fedhlm
+data fetch`` fills. Without them ``auto`` falls back to the generated corpus, loudly;
+``files``, an explicit path and ``FEDHLM_DATA`` refuse, naming every path tried.
 
 Training and evaluation articles must be different articles: any training article whose
 text is also in the evaluation file is dropped (by normalised text, not row id) and counted.
@@ -47,7 +48,7 @@ def data_folders(task: Task) -> list[Path]:
         if p.is_file():
             p = p.parent
         out += [p] + ([p / task.folder] if task.folder else [])
-    if task.folder:
+    elif task.folder:
         for root in (REPO_ROOT, Path.cwd()):
             out.append(root / SHARED_RELATIVE / task.folder)
         out.append(default_fetch_dir(task.folder))
@@ -121,11 +122,11 @@ def resolve_corpus(
     if source == "synthetic":
         return _synthetic(task, synthetic_size, seed, hard_fraction)
     env = os.environ.get(ENV_VAR)
-    if env and not Path(env).exists():
-        log.warning("%s=%s does not exist; looking for the %s files elsewhere", ENV_VAR, env, task.name)
     train_file = find_file(task, task.train, train_path)
     if train_file is None:
         tried = ", ".join(str(c) for c in candidates(task, task.train, train_path))
+        if env and train_path is None:
+            raise FileNotFoundError(f"{ENV_VAR}={env} holds no {task.name} training file; tried: {tried}")
         if source == "files" or train_path is not None:
             raise FileNotFoundError(f"{task.name} training file not found; tried: {tried} (set {ENV_VAR} or "
                                     f"data.train_path)")

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ class RoundAggregator:
                                         opened_at=time.monotonic(), max_samples=max_samples,
                                         max_weight_ratio=max_weight_ratio)
         self.history: list[dict] = []
+        self.round_hooks: list[Callable[[dict], None]] = []  # called with each closed round's history entry
         self.rejected: Counter[str] = Counter()  # reason -> count
         self.duplicates = 0
         self.updates_accepted = 0
@@ -161,6 +163,8 @@ class RoundAggregator:
                  len(self.collector.participants), samples, self.history[-1]["tau"])
         self.on_round(round_, who)
         self._save()
+        for hook in self.round_hooks:
+            hook(self.history[-1])
         return True
 
     def _present_reported(self) -> bool:

@@ -120,7 +120,8 @@ class Client:
         """Subscribe and begin connecting; returns at once (many clients then connect side by side)."""
         ep = self.endpoint
         if self.policy.federated:
-            ep.subscribe(topics.edge_model(self.s.edge_id), lambda inbound: self.learner.on_model(inbound, self.id), qos=1)
+            ep.subscribe(topics.edge_model(self.s.edge_id), lambda inbound: self.learner.on_model(inbound, self.id), qos=1,
+                         always_retained=True)  # a restarted client learns the round its edge is at
         if self.s.p2p.enabled:
             self.peers.subscribe()
         ep.on_connected(self._on_connected)

@@ -68,7 +68,7 @@ class EdgeServer(RoundAggregator):
         return update.client_id, update.round, update.params, update.num_samples
 
     def subscribe_extra(self) -> None:
-        self.endpoint.subscribe(topics.global_model(), self._on_global, qos=1)
+        self.endpoint.subscribe(topics.global_model(), self._on_global, qos=1, always_retained=True)
         for client_id in sorted(self.collector.participants):
             self.endpoint.subscribe(topics.client_status(client_id), self._on_status, qos=1)
         if self.neighbours:
@@ -82,6 +82,12 @@ class EdgeServer(RoundAggregator):
         if not isinstance(status, ClientStatus) or status.client_id != topic_client:
             self.rejected["bad status"] += 1
             log.warning("%s: dropped a status on %s: not the status of %s", self.id, inbound.topic, topic_client)
+            return
+        if status.edge_id != self.id:
+            # the client says it belongs to another edge: a retained status left by an earlier run (or deployment)
+            # that assigned it elsewhere; it says nothing about this cluster's round
+            self.rejected["other edge's status"] += 1
+            log.info("%s: ignored %s's status for edge %s", self.id, status.client_id, status.edge_id)
             return
         self.set_presence(status.client_id, status.online)
 

@@ -49,6 +49,7 @@ class Subscription:
     handler: Handler | None  # None: replies to `request` only
     qos: int
     no_local: bool = False  # MQTT v5: the broker does not echo this endpoint's own publishes back
+    always_retained: bool = False  # the retained message on every (re)subscribe, even into a resumed session
 
 
 class Submitter(Protocol):

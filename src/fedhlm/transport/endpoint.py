@@ -231,23 +231,25 @@ class Endpoint:
 
     # -- subscribe -------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler | None, qos: int = 1, timeout_s: float = 5.0,
-                  no_local: bool = False) -> None:
+                  no_local: bool = False, always_retained: bool = False) -> None:
         """Route messages matching `topic_filter` to `handler` (on a worker thread).
 
         `no_local` asks the broker not to send back what this endpoint publishes on the same
-        topic (a client's own peer query on its cluster's topic). Kept across reconnects. If connected, waits for the broker's SUBACK and raises
+        topic (a client's own peer query on its cluster's topic). `always_retained`: the broker sends the
+        topic's retained message on every subscribe, also into a resumed session (a restarted role must
+        read its edge's current model). Kept across reconnects. If connected, waits for the broker's SUBACK and raises
         PermissionError if the broker refused the filter (ACL). Overlapping filters: the
         first one subscribed wins. `handler=None` subscribes for `request` replies only.
         """
         check_qos(qos)
         check_filter(topic_filter)
         with self._lock:
-            self._subs[topic_filter] = Subscription(handler, qos, no_local)
+            self._subs[topic_filter] = Subscription(handler, qos, no_local, always_retained)
             self._confirmed.discard(topic_filter)
             self._sub_errors.pop(topic_filter, None)
             if not self._connected:
                 return  # made in on_connect
-            mid = self._send_subscribe(topic_filter, qos, no_local)
+            mid = self._send_subscribe(topic_filter, self._subs[topic_filter])
             deadline = time.monotonic() + timeout_s
             while mid is not None and mid in self._sub_mids and self._connected:
                 remaining = deadline - time.monotonic()
@@ -264,10 +266,12 @@ class Endpoint:
             self._confirmed.discard(topic_filter)
         self._client.unsubscribe(topic_filter)
 
-    def _send_subscribe(self, topic_filter: str, qos: int, no_local: bool = False) -> int | None:
-        """Send SUBSCRIBE (caller holds the lock). Retained messages only for a new subscription,
-        so that re-subscribing into a resumed session does not replay them."""
-        options = SubscribeOptions(qos=qos, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+    def _send_subscribe(self, topic_filter: str, sub: Subscription) -> int | None:
+        """Send SUBSCRIBE (caller holds the lock). Retained messages only for a new subscription, so that
+        re-subscribing into a resumed session does not replay them, unless the subscription asks for them."""
+        handling = (SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if sub.always_retained
+                    else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        options = SubscribeOptions(qos=sub.qos, noLocal=sub.no_local, retainHandling=handling)
         rc, mid = self._client.subscribe(topic_filter, options=options)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return None
@@ -428,7 +432,7 @@ class Endpoint:
                     self._confirmed.clear()
                 for topic_filter, sub in self._subs.items():
                     if topic_filter not in self._confirmed:
-                        mid = self._send_subscribe(topic_filter, sub.qos, sub.no_local)
+                        mid = self._send_subscribe(topic_filter, sub)
                         if mid is not None:
                             self._connect_mids.add(mid)
                 if not self._connect_mids:

@@ -229,13 +229,14 @@ class MemoryEndpoint:
 
     # -- subscribe -------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler | None, qos: int = 1, timeout_s: float = 5.0,
-                  no_local: bool = False) -> None:
-        """Route messages matching `topic_filter` to `handler`; a new plain filter brings its retained messages."""
+                  no_local: bool = False, always_retained: bool = False) -> None:
+        """Route messages matching `topic_filter` to `handler`; a new plain filter brings its retained messages
+        (`always_retained`: every subscribe does)."""
         check_qos(qos)
         check_filter(topic_filter)
         with self._network._lock:
-            new = topic_filter not in self._subs
-            self._subs[topic_filter] = Subscription(handler, qos, no_local)
+            new = topic_filter not in self._subs or always_retained
+            self._subs[topic_filter] = Subscription(handler, qos, no_local, always_retained)
             if new and self._connected:
                 self._network._send_retained(self, topic_filter)
 
