@@ -277,3 +277,20 @@ def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(
     # an exact repeat gets the token the LLM gave the same text: as accurate as asking the LLM again
     assert m["fedhlm"]["accuracy"] == pytest.approx(m["llm_only"]["accuracy"], abs=0.02)
     assert m["fedhlm"]["peer"]["label_error"] is not None and m["fedhlm"]["peer"]["wrong_reuse_ci95"] is None  # no audit
+
+
+@pytest.mark.slow
+def test_a_simulation_over_bridged_site_brokers_gives_the_flat_runs_results(tiny_cfg, tmp_path) -> None:
+    """topology: bridged runs each edge site on its own Mosquitto bridged to a cloud broker (issue 17, item 1)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, methods=["llm_only", "fedhlm_no_p2p"], reference_shares=[])
+    flat = sim.simulate(cfg, tmp_path / "flat", show_progress=False)
+    bridged = sim.simulate(dataclasses.replace(cfg, topology="bridged"), tmp_path / "bridged", show_progress=False)
+    assert bridged["status"] == flat["status"] == "complete"
+    for name in ("llm_only", "fedhlm_no_p2p"):
+        assert bridged["methods"][name]["accuracy"] == flat["methods"][name]["accuracy"], name
+        assert bridged["methods"][name]["tokens"] == flat["methods"][name]["tokens"], name
+    assert bridged["config"]["topology"] == "bridged"
+    assert set(bridged["methods"]["fedhlm_no_p2p"]["brokers"]["by_broker"]) == {"cloud", "e0", "e1"}
+    assert set(flat["methods"]["fedhlm_no_p2p"]["brokers"]["by_broker"]) == {"broker"}

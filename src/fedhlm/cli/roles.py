@@ -102,6 +102,9 @@ def main(argv: list[str]) -> int:
     except (TimeoutError, ConnectionError, PermissionError) as exc:  # the broker refused or dropped us
         print(f"fedhlm {role}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while a client serves its rounds (servers wait in _wait_for_signal)
+        print(f"fedhlm {role}: interrupted; stopped cleanly", file=sys.stderr)
+        return 130
 
 
 def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -13,7 +13,7 @@ import functools
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
@@ -27,6 +27,8 @@ from fedhlm.core.settings import (
     check_range,
 )
 from fedhlm.simulation.methods import METHOD_NAMES
+
+TopologyName = Literal["flat", "bridged"]  # the keys of transport.topology.TOPOLOGIES
 
 DataSource = Literal["auto", "files", "synthetic"]
 _ROOT = "sim"  # the parser's key for SimConfig; stripped from the names errors give
@@ -93,6 +95,8 @@ class SimConfig:
     seed: int = 0
     out: str | None = None  # default runs/<timestamp>
     broker: str | None = None  # mqtt://user:pass@host:port; default a private broker
+    # private brokers: flat (one for every role) or bridged (one per edge site, bridged to a cloud broker)
+    topology: TopologyName = "flat"
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))  # names in METHOD_NAMES
     lambda_sweep: list[float] = field(default_factory=list)
     delta_sweep: list[float] = field(default_factory=list)
@@ -135,6 +139,11 @@ class SimConfig:
             missing = sorted({f"c{i:03d}" for i in range(fed.clients)} - set(fed.assignment))
             if missing:
                 raise ConfigError(f"federation.assignment: no edge given for client {missing[0]}")
+        if self.topology not in get_args(TopologyName):
+            raise ConfigError(f"topology: must be one of {', '.join(get_args(TopologyName))}, got {self.topology!r}")
+        if self.broker is not None and self.topology != "flat":
+            raise ConfigError(f"topology: {self.topology!r} starts its own brokers; with broker: (your own) it must be "
+                              "flat")
         if self.broker is not None and not self.broker.startswith(("mqtt://", "mqtts://")):
             raise ConfigError(f"broker: must be an mqtt:// or mqtts:// URL, got {self.broker!r}")
 

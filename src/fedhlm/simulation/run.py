@@ -103,7 +103,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
     from fedhlm.reporting.summary import TokenRecord
     from fedhlm.roles.deployment import Deployment, DeploymentSpec
     from fedhlm.transport.address import BrokerAddress
-    from fedhlm.transport.broker import LocalBroker
+    from fedhlm.transport.topology import TOPOLOGIES
 
     assert prep.plan is not None, "plan the clients first"
     models, plan, label_of = prep.models, prep.plan, prep.label_of()
@@ -136,13 +136,14 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
         clear_models(base.for_role("fedhlm-sim-admin"), spec.edges)
         broker_cm = nullcontext(None)
     else:
-        broker_cm = LocalBroker(users, clusters=plan.assignment)
+        broker_cm = TOPOLOGIES[cfg.topology](users, plan.assignment)
     records = []
     fed_rounds: list[dict[str, Any]] = []
     phases: dict[str, float] = {}
     started = time.perf_counter()
-    with broker_cm as broker:
-        address = broker.address if broker is not None else base.for_role
+    with broker_cm as topology:
+        address = topology.address if topology is not None else base.for_role
+        brokers = topology.brokers() if topology is not None else {}
         dep = Deployment(spec, address).start()
         phases["start_s"] = time.perf_counter() - started
         try:
@@ -159,8 +160,10 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
             phases["rounds_s"] = time.perf_counter() - started - phases["start_s"]
             counts = dep.byte_counts()
             telemetry = deployment_telemetry(dep)
-            telemetry["broker_peak_rss_mb"] = process_peak_rss_mb(broker.pid if broker is not None else None)
-            telemetry["broker_died"] = broker is not None and not broker.running
+            peaks = {name: process_peak_rss_mb(b.pid) for name, b in brokers.items()}
+            telemetry["broker_peak_rss_mb"] = sum(p for p in peaks.values() if p is not None) if brokers else None
+            telemetry["brokers_peak_rss_mb"] = peaks
+            telemetry["broker_died"] = any(not b.running for b in brokers.values())
             stopping = time.perf_counter()
             dep.stop()
             phases["stop_s"] = time.perf_counter() - stopping
@@ -279,6 +282,7 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
         entry["fl"] = {k: dep[k] for k in ("updates_sent", "updates_aggregated", "updates_rejected", "duplicates",
                                             "models_received", "rounds_without_model")}
         entry["llm_service"] = {k: dep[k] for k in ("llm_requests", "llm_batches", "llm_compute_s")}
+        entry["brokers"] = {"peak_rss_mb": dep.get("broker_peak_rss_mb"), "by_broker": dep.get("brokers_peak_rss_mb")}
         entry["degraded"] = degradation(dep)
     return entry
 

@@ -28,12 +28,12 @@ from fedhlm.transport.topics import validate_id
 
 log = logging.getLogger(__name__)
 
-ROLES = ("client", "edge", "cloud", "llm", "admin")
+ROLES = ("client", "edge", "cloud", "llm", "admin", "bridge")
 _PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ (PBKDF2-SHA512) format
 
 
 def config_dir() -> Path:
-    """The folder holding mosquitto.conf, acl and acl-roles.template."""
+    """The folder holding mosquitto.conf, acl, acl-roles.template and bridge.conf."""
     env = os.environ.get("FEDHLM_BROKER_DIR")
     candidates = [Path(env)] if env else []
     candidates += [Path(__file__).resolve().parents[3] / "broker", Path.cwd() / "broker"]
@@ -83,9 +83,49 @@ OPEN_P2P_PATTERNS = ("pattern write fedhlm/v1/edge/+/p2p/query", "pattern read f
                      "pattern write fedhlm/v1/edge/+/resolve")
 
 
-def render_acl(users: Mapping[str, str], template_dir: Path, clusters: Mapping[str, str] | None = None) -> str:
+class BridgeSite(NamedTuple):
+    """An edge site as its bridge sees it: the site's edge and the clients that connect there."""
+
+    edge: str
+    clients: tuple[str, ...]
+
+
+class BridgeLink(NamedTuple):
+    """What a site broker needs to bridge itself to the cloud broker (`broker/bridge.conf`)."""
+
+    user: str  # the bridge's account on the cloud broker, also its client id there
+    password: str
+    cloud_host: str
+    cloud_port: int
+    site: BridgeSite
+    keepalive_s: int = 10
+
+
+def fill(lines: list[str], values: Mapping[str, str], clients: tuple[str, ...] = ()) -> list[str]:
+    """Template lines with their {placeholders} filled; a line holding {client} once per client."""
+    out = []
+    for line in lines:
+        for client in (clients if "{client}" in line else (None,)):
+            text = line if client is None else line.replace("{client}", client)
+            for key, value in values.items():
+                text = text.replace("{" + key + "}", value)
+            out.append(text)
+    return out
+
+
+def render_bridge(link: BridgeLink, template_dir: Path) -> str:
+    """The `connection` section of a site broker's configuration (`broker/bridge.conf`, filled)."""
+    lines = (template_dir / "bridge.conf").read_text().splitlines()
+    values = {"bridge_user": link.user, "bridge_password": link.password, "cloud_host": link.cloud_host,
+              "cloud_port": str(link.cloud_port), "edge": link.site.edge, "keepalive_s": str(link.keepalive_s)}
+    return "\n".join(fill(lines, values, link.site.clients)) + "\n"
+
+
+def render_acl(users: Mapping[str, str], template_dir: Path, clusters: Mapping[str, str] | None = None,
+               bridges: Mapping[str, BridgeSite] | None = None) -> str:
     """The shipped `acl` patterns plus one `user` section per server-side role of the run, and, given the
-    clusters (client -> edge), one per client confining its peer queries to its own edge's topic."""
+    clusters (client -> edge), one per client confining its peer queries to its own edge's topic; a bridge
+    user (on a cloud broker) gets what its site (`bridges`) may carry."""
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in (template_dir / "acl-roles.template").read_text().splitlines():
@@ -104,6 +144,12 @@ def render_acl(users: Mapping[str, str], template_dir: Path, clusters: Mapping[s
                 parts += [line.replace("{id}", user_id).replace("{edge}", clusters[user_id])
                           for line in sections["client"]] + [""]
             continue  # otherwise clients are covered by the pattern lines
+        if role == "bridge":
+            site = (bridges or {}).get(user_id)
+            if site is None:
+                raise ValueError(f"bridge user {user_id!r}: no site given (bridges=...)")
+            parts += fill(sections["bridge"], {"id": user_id, "edge": site.edge}, site.clients) + [""]
+            continue
         parts += [line.replace("{id}", user_id) for line in sections[role]] + [""]
     return "\n".join(parts)
 
@@ -146,12 +192,16 @@ class LocalBroker:
         tls_port: int | None = None,
         clusters: Mapping[str, str] | None = None,
         username_as_client_id: bool = True,
+        bridges: Mapping[str, BridgeSite] | None = None,
+        bridge_to: BridgeLink | None = None,
     ) -> None:
         users = dict(users or {"admin": "admin"})
         # False: several connections may share one account under their own client ids (how a user's own broker
         # may be set up for `--broker` with one account for every role); True binds each account to one session
         self.username_as_client_id = username_as_client_id
         self.clusters = dict(clusters or {})  # client -> edge: peer queries confined to the client's cluster
+        self.bridges = dict(bridges or {})  # bridge user -> the site it carries (a cloud broker)
+        self.bridge_to = bridge_to  # this is a site broker, bridged to a cloud broker
         unknown = sorted(c for c in self.clusters if users.get(c) != "client")
         if unknown:
             raise ValueError(f"clusters name {unknown[0]!r}, which is not a client user of this broker")
@@ -192,7 +242,7 @@ class LocalBroker:
         password_file = self.run_dir / "passwd"
         acl_file = self.run_dir / "acl"
         password_file.write_text("".join(f"{u}:{hash_password(p)}\n" for u, p in self._passwords.items()))
-        acl_file.write_text(render_acl(self.users, template_dir, self.clusters))
+        acl_file.write_text(render_acl(self.users, template_dir, self.clusters, self.bridges))
         for path in (password_file, acl_file):
             path.chmod(0o600)
         values = {
@@ -212,7 +262,10 @@ class LocalBroker:
             values |= {"tls_port": str(self.tls_port), **{k: str(v) for k, v in self.tls._asdict().items()}}
         for key, value in values.items():
             text = text.replace("{" + key + "}", value)
+        if self.bridge_to is not None:  # after the placeholders: the bridge section has its own
+            text = text.rstrip() + "\n\n" + render_bridge(self.bridge_to, template_dir)
         self.config_file.write_text(text)
+        self.config_file.chmod(0o600)  # a site's configuration holds its bridge's password
 
     # -- process ---------------------------------------------------------------
     def start(self) -> "LocalBroker":
