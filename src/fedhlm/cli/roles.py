@@ -15,6 +15,7 @@ roles can run on separate hosts:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -47,21 +49,27 @@ def _parser(role: str) -> argparse.ArgumentParser:
         p.add_argument("--edges", required=True, help="comma-separated edge ids")
     if role == "client":
         p.add_argument("--edge", required=True, help="the edge id of this client's cluster")
-        p.add_argument("--shard", default="0/1", type=shard, help="i/N: this client takes the i-th of N shares of the test inputs")
+        p.add_argument("--shard", default="0/1", type=shard,
+                       help="i/N: this client takes the i-th of N shares of the test inputs; i,j,.../N with --ids: "
+                            "one process runs several clients")
+        p.add_argument("--ids", default=None, help="comma-separated client ids run by this process (one per shard)")
+        p.add_argument("--credentials", default=None,
+                       help="JSON file {client id: broker URL} (mode 0600) for --ids; written by `fedhlm deploy`")
     if role == "llm":
         p.add_argument("--group", default="llm", help="shared-subscription group of the LLM workers")
     return p
 
 
-def shard(text: str) -> tuple[int, int]:
-    """'i/N' with 0 <= i < N, as argparse's type (a bad value is a one-line usage error, not a traceback)."""
+def shard(text: str) -> tuple[list[int], int]:
+    """'i/N' or 'i,j,.../N' with 0 <= i < N, as argparse's type (a bad value is a one-line usage error)."""
     try:
-        index, total = (int(x) for x in text.split("/"))
+        left, total_text = text.split("/")
+        indices, total = [int(i) for i in left.split(",")], int(total_text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/N, e.g. 0/12, got {text!r}") from None
-    if not 0 <= index < total:
-        raise argparse.ArgumentTypeError(f"need 0 <= i < N, got {text!r}")
-    return index, total
+        raise argparse.ArgumentTypeError(f"expected i/N or i,j,.../N, e.g. 0/12, got {text!r}") from None
+    if not all(0 <= i < total for i in indices) or len(set(indices)) != len(indices):
+        raise argparse.ArgumentTypeError(f"need distinct 0 <= i < N, got {text!r}")
+    return indices, total
 
 
 def _wait_for_signal(stop: threading.Event, endpoint=None) -> int:  # noqa: ANN001
@@ -79,6 +87,15 @@ def main(argv: list[str]) -> int:
     role, rest = argv[0], argv[1:]
     args = _parser(role).parse_args(rest)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    args.credentials_map = {}
+    if getattr(args, "credentials", None):
+        try:
+            args.credentials_map = json.loads(Path(args.credentials).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"fedhlm {role}: --credentials {args.credentials}: {exc}", file=sys.stderr)
+            return 2
+        if not args.broker and getattr(args, "ids", None):
+            args.broker = args.credentials_map.get(args.ids.split(",")[0])
     if not args.broker:
         print(f"fedhlm {role}: --broker (or FEDHLM_BROKER) is required", file=sys.stderr)
         return 2
@@ -92,6 +109,12 @@ def main(argv: list[str]) -> int:
     if not role_id:
         print(f"fedhlm {role}: give --id or a username in the broker URL", file=sys.stderr)
         return 2
+    if role == "client":
+        try:
+            args.client_ids = _client_ids(args, role_id, args.shard[0])
+        except ValueError as exc:  # --ids / --shard / --credentials that do not fit together
+            print(f"fedhlm {role}: {exc}", file=sys.stderr)
+            return 2
     unreachable = address.unreachable()
     if unreachable:  # before loading any model: a typo in the URL should not cost minutes
         print(f"fedhlm {role}: cannot reach the broker at {address.public_url}: {unreachable}", file=sys.stderr)
@@ -173,7 +196,10 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: A
 
 
 def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
-    """One client of a process deployment: the simulation's inputs for shard i of N, its own SLM, its own head."""
+    """The clients of one process: each its own share of the simulation's inputs (shard i of N), its own
+    connection, head and rounds; one SLM and one network thread for all of them, as a site gateway would."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fedhlm.data import partition
     from fedhlm.data.module import NewsDataModule
     from fedhlm.maths.route_features import feature_set
@@ -183,44 +209,75 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     from fedhlm.models.hybrid import load_slm
     from fedhlm.roles.client import Client
     from fedhlm.simulation.run import plan_rounds, test_items
+    from fedhlm.transport.network import OwnThreads, SharedLoop
 
-    index, total = args.shard
+    indices, total = args.shard
+    ids = args.client_ids
+    addresses = {cid: address if len(ids) == 1 else BrokerAddress.from_url(args.credentials_map[cid]) for cid in ids}
     slm = load_slm(cfg.models.slm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
                    features=feature_set(cfg.routing.features, cfg.routing.hidden_dim))
     dm = NewsDataModule(**slm.configs["slm"]["data"])
     dm.setup()
     slm.fit_features(list(dm.splits.calib))  # the feature map a simulation fits: same split, same map
     test = test_items(cfg, dm.splits)  # the same articles, the same shares and rounds as a simulation
-    part = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)[index]
-    rounds = plan_rounds([part], [role_id], cfg.federation.rounds)
+    parts = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)
+    rounds = plan_rounds([parts[i] for i in indices], ids, cfg.federation.rounds)
     embedder = context_representation(cfg.p2p.representation, slm) if cfg.p2p.enabled else None
-    settings = ClientSettings.from_config(cfg, client_id=role_id, edge_id=args.edge, policy="learned",
-                                          embedder_name=embedder.name if embedder else "none")
+    drafter = SLMDrafter(slm, embedder)
+    network = SharedLoop(name="clients") if len(ids) > 1 else OwnThreads()
     tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
-    head = TorchHead(routing_head(cfg.routing, tau, cfg.seed), engine=cfg.routing.fit_engine)
-    client = Client(settings, address, head, slm.class_of, embedder.dim if embedder else 384,
-                    drafter=SLMDrafter(slm, embedder)).start()
+    clients = {}
+    for cid in ids:
+        settings = ClientSettings.from_config(cfg, client_id=cid, edge_id=args.edge, policy="learned",
+                                              embedder_name=embedder.name if embedder else "none")
+        head = TorchHead(routing_head(cfg.routing, tau, cfg.seed), engine=cfg.routing.fit_engine)
+        clients[cid] = Client(settings, addresses[cid], head, slm.class_of, embedder.dim if embedder else 384,
+                              drafter=drafter, network=network).start()
     label_of = {item.uid: item.label for item in test}
     correct = total_tokens = 0
+    prefix = (lambda cid: f"{cid} ") if len(ids) > 1 else (lambda cid: "")
     # a restarted client joins the round its edge is collecting (its retained model says which), not round 0,
     # whose updates the edge would refuse as stale; a fresh federation has no model yet: it starts at 0
-    client.wait_model(0, timeout_s=RETAINED_MODEL_WAIT_S)
-    first = client.current_round()
+    first_client = clients[ids[0]]
+    first_client.wait_model(0, timeout_s=RETAINED_MODEL_WAIT_S)
+    first = first_client.current_round()
     if first:
-        print(f"client {role_id}: edge {args.edge} is at round {first}; rounds 0-{first - 1} are over", flush=True)
+        print(f"client {','.join(ids)}: edge {args.edge} is at round {first}; rounds 0-{first - 1} are over", flush=True)
     try:
-        for r, by_client in enumerate(rounds):
-            if r < first:
-                continue
-            records = client.serve_round(r, [test[i] for i in by_client[role_id]])
-            client.finish_round(r)
-            correct += sum(1 for t in records if t.final == label_of[t.uid])
-            total_tokens += len(records)
-            llm = sum(1 for t in records if t.route == "llm")
-            print(f"round {r}: {len(records)} tokens, {llm} to the LLM, tau={client.head.effective_tau():.4f}",
-                  flush=True)
+        with ThreadPoolExecutor(max_workers=min(32, len(ids))) as pool:
+            for r, by_client in enumerate(rounds):
+                if r < first:
+                    continue
+                served = {cid: c.serve_round(r, [test[i] for i in by_client[cid]]) for cid, c in clients.items()}
+                # every client's update goes out before any waits for the edge's model (the edge needs a quorum)
+                list(pool.map(lambda c: c.finish_round(r), clients.values()))
+                for cid, records in served.items():
+                    correct += sum(1 for t in records if t.final == label_of[t.uid])
+                    total_tokens += len(records)
+                    llm = sum(1 for t in records if t.route == "llm")
+                    print(f"{prefix(cid)}round {r}: {len(records)} tokens, {llm} to the LLM, "
+                          f"tau={clients[cid].head.effective_tau():.4f}", flush=True)
     finally:
-        client.stop()
-    print(f"client {role_id}: accuracy {correct / max(1, total_tokens):.4f} over {total_tokens} tokens", flush=True)
+        for c in clients.values():
+            c.stop()
+        if isinstance(network, SharedLoop):
+            network.close()
+    print(f"client {','.join(ids) if len(ids) < 4 else f'{ids[0]}..{ids[-1]} ({len(ids)})'}: accuracy "
+          f"{correct / max(1, total_tokens):.4f} over {total_tokens} tokens", flush=True)
     time.sleep(0.1)
     return 0
+
+
+def _client_ids(args, role_id: str, indices: list[int]) -> list[str]:  # noqa: ANN001
+    """The ids this client process runs: its own (one shard), or `--ids` (one per shard index)."""
+    if not args.ids:
+        if len(indices) != 1:
+            raise ValueError(f"--shard names {len(indices)} shares: give as many --ids (and --credentials)")
+        return [role_id]
+    ids = [i for i in args.ids.split(",") if i]
+    if len(ids) != len(indices):
+        raise ValueError(f"--ids names {len(ids)} clients but --shard {len(indices)} shares")
+    missing = [cid for cid in ids if cid not in args.credentials_map]
+    if missing:
+        raise ValueError(f"--credentials has no URL for {missing[0]}")
+    return ids
