@@ -143,4 +143,24 @@ def test_a_bridge_down_longer_than_its_keepalive_loses_no_update_and_answers_no_
     assert out["late"] == out["edge_duplicates"] == out["cloud_duplicates"] == 0  # no second answer, no update twice
     assert all(len(taus) == ROUNDS for taus in out["edges"].values())  # every round closed at every edge
     assert len(out["cloud"]) == ROUNDS // 2  # both cloud rounds, the second after the outage
-    assert "bridge-e0" in out["logs"]["cloud"].split("mosquitto version")[-1]  # the bridge came back after the restart
+    assert len(re.findall(r"New client connected from \S+ as bridge-e0 ", out["logs"]["cloud"])) >= 2  # bridge back
+
+
+@pytest.mark.reliability
+def test_a_site_broker_restart_between_rounds_costs_no_update_and_the_bridge_comes_back() -> None:
+    """Site e0's Mosquitto is stopped for 3 s and restarted from its persistence before round 2: its clients, its
+    edge and its bridge reconnect (persistent sessions on both sides), every round closes at every edge with every
+    member, and both cloud rounds aggregate both edges."""
+    def restart(r: int, topo: BridgedBrokers) -> None:
+        if r == 2:
+            topo.sites["e0"].stop()
+            time.sleep(3.0)
+            topo.sites["e0"].start()
+            topo.wait_bridged("e0", 10.0)
+
+    out = run(BridgedBrokers(users(ASSIGN), ASSIGN, keepalive_s=5), rounds=ROUNDS, between=restart)
+    assert all(len(taus) == ROUNDS for taus in out["edges"].values())
+    assert out["edge_duplicates"] == out["cloud_duplicates"] == 0
+    assert len(out["cloud"]) == ROUNDS // 2
+    assert not [t for t in out["routed"] if t.reason == "fallback"]  # nothing was in flight across the restart
+    assert len(re.findall(r"New client connected from \S+ as e0 ", out["logs"]["e0"])) >= 2  # e0 came back to it

@@ -12,6 +12,7 @@ import torch
 from fedhlm.transport.broker import LocalBroker
 from fedhlm.roles.deployment import Deployment
 from fedhlm.roles.llm_service import LLMService
+from fedhlm.transport.topology import TOPOLOGIES
 from test_federated_roles import q_fn
 from test_reliability_support import assignment, federated_spec, round_inputs, users, wait_until
 
@@ -84,12 +85,15 @@ def test_refiner_down_then_slow_clients_fall_back_in_time_and_resume_when_it_ret
         broker.cleanup()
 
 
+@pytest.mark.parametrize("topology", ["flat", "bridged"])
 @pytest.mark.parametrize("retries", [0, 1])
-def test_killed_shared_subscription_worker_loses_its_requests_unless_the_client_retries(retries: int) -> None:
+def test_killed_shared_subscription_worker_loses_its_requests_unless_the_client_retries(retries: int,
+                                                                                      topology: str) -> None:
     """Mosquitto gives a dead shared subscriber's requests to no other worker (paho had acknowledged
-    them on receipt; the clean session goes with the connection): a resend is what saves them."""
+    them on receipt; the clean session goes with the connection): a resend is what saves them. The same
+    holds with the workers' $share group on a cloud broker and the clients on a bridged site broker."""
     assign = assignment(4, 1)
-    broker = LocalBroker(users(assign, llm_workers=2)).start()
+    broker = TOPOLOGIES[topology](users(assign, llm_workers=2), assign).__enter__()
     gate = threading.Event()
 
     def stuck_q(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -126,4 +130,4 @@ def test_killed_shared_subscription_worker_loses_its_requests_unless_the_client_
         dep.stop()
         alive.stop()
         doomed.stop()
-        broker.cleanup()
+        broker.__exit__(None, None, None)
