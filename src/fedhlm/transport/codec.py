@@ -82,10 +82,8 @@ class DecodeError(ValueError):
 
 def payload_type(topic: str) -> type[Message] | None:
     """The message type a concrete FedHLM topic carries, or None for a topic outside the tree."""
-    try:
-        return TOPIC_PAYLOADS[topics.parse(topic).name]
-    except ValueError:
-        return None
+    name = topics.name_of(topic)
+    return TOPIC_PAYLOADS[name] if name is not None else None
 
 
 # -- encode ---------------------------------------------------------------------

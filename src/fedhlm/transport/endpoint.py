@@ -69,6 +69,7 @@ TAKEOVER_DROPS, TAKEOVER_WINDOW_S, TAKEOVER_SHORT_S = 5, 10.0, 2.0
 _PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}  # bad protocol/client id/credentials, not authorized, banned, bad auth
 _REFUSALS_KEPT = 1_000
 _UNACKED_PRUNE_AT = 10_000
+_HANDLER_CACHE_SIZE = 10_000
 
 
 class Endpoint:
@@ -129,6 +130,7 @@ class Endpoint:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # SUBACKs
         self._subs: dict[str, Subscription] = {}
+        self._handlers_by_topic: dict[str, Handler | None] = {}  # cleared whenever _subs changes
         self._confirmed: set[str] = set()  # filters the broker acknowledged in the current session
         self._sub_mids: dict[int, str] = {}  # SUBSCRIBE in flight: mid -> filter
         self._connect_mids: set[int] = set()  # the ones sent by on_connect (wait_connected waits for them)
@@ -245,6 +247,7 @@ class Endpoint:
         check_filter(topic_filter)
         with self._lock:
             self._subs[topic_filter] = Subscription(handler, qos, no_local, always_retained)
+            self._handlers_by_topic.clear()
             self._confirmed.discard(topic_filter)
             self._sub_errors.pop(topic_filter, None)
             if not self._connected:
@@ -263,6 +266,7 @@ class Endpoint:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subs.pop(topic_filter, None)
+            self._handlers_by_topic.clear()
             self._confirmed.discard(topic_filter)
         self._client.unsubscribe(topic_filter)
 
@@ -521,8 +525,15 @@ class Endpoint:
                              float(expiry) if expiry is not None else None)
 
     def _handler_for(self, topic: str) -> Handler | None:
+        """The handler of the first matching filter, remembered per topic until the subscriptions change (an
+        edge with a filter per member would otherwise match every message against all of them)."""
         with self._lock:
-            return first_handler(self._subs, topic)
+            if topic in self._handlers_by_topic:
+                return self._handlers_by_topic[topic]
+            if len(self._handlers_by_topic) >= _HANDLER_CACHE_SIZE:
+                self._handlers_by_topic.clear()
+            handler = self._handlers_by_topic[topic] = first_handler(self._subs, topic)
+            return handler
 
     def __repr__(self) -> str:
         return f"Endpoint({self.client_id!r}, {self.address.public_url!r}, connected={self._connected})"

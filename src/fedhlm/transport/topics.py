@@ -7,6 +7,7 @@ received topic with `parse`. Ids become topic levels, so they are checked before
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -180,6 +181,19 @@ def parse(topic: str) -> ParsedTopic:
     raise ValueError(f"topic {topic!r} is not a FedHLM {PREFIX} topic")
 
 
+@functools.lru_cache(maxsize=65_536)
+def name_of(topic: str) -> str | None:
+    """The template name of a concrete FedHLM topic, None for anything else; cached, because every message
+    received and sent asks it (for its byte accounting and its payload type) and topics repeat."""
+    try:
+        return parse(topic).name
+    except ValueError:
+        return None
+
+
 def kind_of(topic: str) -> str:
     """Traffic kind of a concrete topic: "llm", "p2p", "fl" or "status"."""
-    return KINDS[parse(topic).name]
+    name = name_of(topic)
+    if name is None:
+        raise ValueError(f"topic {topic!r} is not a FedHLM {PREFIX} topic")
+    return KINDS[name]
