@@ -174,14 +174,14 @@ def test_shipped_config_values() -> None:
 
 
 def test_read_fit_config_sections() -> None:
-    from fedhlm.models import hybrid
-    cfg = hybrid.read_fit_config(CONFIGS / "slm.yaml")
+    from fedhlm.models import cache
+    cfg = cache.read_fit_config(CONFIGS / "slm.yaml")
     assert set(cfg) == {"model", "data", "trainer"}
     assert cfg["model"]["hidden_size"] == 128 and cfg["model"]["pretrained"] is None
     assert cfg["model"]["weight_decay"] == 0.01  # a default the YAML leaves out, written out
     assert cfg["data"]["max_length"] == 64 and cfg["data"]["source"] == "auto"
     assert cfg["trainer"] == {"max_epochs": 3, "accelerator": "auto", "devices": 1}  # only what the YAML gives
-    assert hybrid.read_fit_config(CONFIGS / "llm.yaml")["model"]["pretrained"] == "minilm"
+    assert cache.read_fit_config(CONFIGS / "llm.yaml")["model"]["pretrained"] == "minilm"
 
 
 def test_read_fit_config_same_model_fingerprint_as_the_raw_sections() -> None:
@@ -190,30 +190,30 @@ def test_read_fit_config_same_model_fingerprint_as_the_raw_sections() -> None:
 
     import yaml
 
-    from fedhlm.models import hybrid
+    from fedhlm.models import cache
     from fedhlm.models.cache import full_config, kind_of
 
     for name in ("slm.yaml", "llm.yaml", "head.yaml"):
         raw = yaml.safe_load((CONFIGS / name).read_text())
         module, _, cls = raw["model"]["class_path"].rpartition(".")
         kind = kind_of(getattr(importlib.import_module(module), cls))
-        parsed = hybrid.read_fit_config(CONFIGS / name)
+        parsed = cache.read_fit_config(CONFIGS / name)
         assert full_config(kind, raw["model"]["init_args"], raw["data"], raw["trainer"]) == full_config(
             kind, parsed["model"], parsed["data"], parsed["trainer"])
 
 
 def test_read_fit_config_errors(tmp_path) -> None:
-    from fedhlm.models import hybrid
+    from fedhlm.models import cache
     with pytest.raises(FileNotFoundError):
-        hybrid.read_fit_config(tmp_path / "missing.yaml")
+        cache.read_fit_config(tmp_path / "missing.yaml")
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  class_path: fedhlm.models.slm.SLMModule\n  init_args:\n    hiden_size: 3\n")
     with pytest.raises(ValueError, match="hiden_size"):
-        hybrid.read_fit_config(typo)
+        cache.read_fit_config(typo)
     data = tmp_path / "data.yaml"
     data.write_text("data:\n  max_lenght: 3\n")
     with pytest.raises(ValueError, match="max_lenght"):
-        hybrid.read_fit_config(data)
+        cache.read_fit_config(data)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert hybrid.read_fit_config(empty)["trainer"] == {}
+    assert cache.read_fit_config(empty)["trainer"] == {}

@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "transport": "messages/s and request/response latency through Endpoint vs bare paho-mqtt",
     "scale": "simulation throughput as clients and edges grow",
     "device": "model inference speed on the available device",
+    "llm": "verified tokens/s of each LLM backend (in process, remote server), directly and behind a worker",
     "heads": "which routing features carry the signal: linear/mlp heads on feature subsets vs the oracle",
 }
 

@@ -16,7 +16,7 @@ from fedhlm.core.termination import request_termination
 # subcommand -> (module, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("fedhlm.cli.broker", "start a private Mosquitto in the foreground and print its URL and credentials"),
-    "bench": ("fedhlm.bench", "benchmarks: `fedhlm bench transport|scale|device`"),
+    "bench": ("fedhlm.bench", "benchmarks: `fedhlm bench transport|scale|device|heads|llm`"),
     "fit": ("fedhlm.cli.lightning", "train a model with the Lightning CLI (--config configs/<file>.yaml)"),
     "validate": ("fedhlm.cli.lightning", "validate a model with the Lightning CLI"),
     "test": ("fedhlm.cli.lightning", "test a model with the Lightning CLI"),

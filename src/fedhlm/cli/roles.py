@@ -153,14 +153,21 @@ def _print_round(members: str, total: int) -> Callable[[dict], None]:
 
 
 def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
-    from fedhlm.models.hybrid import load_llm
+    from fedhlm.data import load_tokenizer
+    from fedhlm.models.cache import read_fit_config
+    from fedhlm.models.llm_backend import load_served_llm
     from fedhlm.roles.llm_service import LLMService
 
-    llm = load_llm(cfg.models.llm, data_overrides=cfg.data.model_overrides())  # the LLM only: a refiner never needs the SLM
+    # the LLM only (a refiner never needs the SLM); a remote one is told the requests' vocabulary and task
+    slm_fit = read_fit_config(cfg.models.slm)
+    tokenizer = load_tokenizer(slm_fit["model"].get("tokenizer"))
+    llm = load_served_llm(cfg.models.llm_backend, cfg.models.llm, cfg.models.remote,
+                          data_overrides=cfg.data.model_overrides(), tokenizer=tokenizer,
+                          task=cfg.data.task or slm_fit["model"].get("task"))
     service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify, limits=llm.limits(),
-                         max_age_s=cfg.routing.llm_timeout_s,
-                         pad_id=llm.tokenizer.pad_token_id or 0, seed=cfg.seed).start()
-    print(f"LLM worker {role_id} serving {address.public_url}", flush=True)
+                         max_age_s=cfg.routing.llm_timeout_s, pad_id=tokenizer.pad_token_id or 0, seed=cfg.seed).start()
+    where = cfg.models.remote.url if cfg.models.llm_backend == "openai" else "in this process"
+    print(f"LLM worker {role_id} serving {address.public_url}; LLM {cfg.models.llm_backend} ({where})", flush=True)
     rc = _wait_for_signal(threading.Event(), service.endpoint)
     service.stop()
     print(f"served {service.stats.requests} requests in {service.stats.batches} batches", flush=True)

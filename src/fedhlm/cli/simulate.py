@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = simulate(cfg, out, show_progress=not args.no_progress)
-    except (DataFileError, FileNotFoundError) as exc:  # the report says "failed" too; no traceback for a bad file
+    except (DataFileError, FileNotFoundError, ConnectionError) as exc:  # the report says "failed" too; no traceback
+        # for a bad file or an LLM server (models.remote) that cannot be reached
         print(f"fedhlm simulate: {exc}", file=sys.stderr)
         return 1
     status = report["status"]

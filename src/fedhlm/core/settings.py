@@ -28,6 +28,10 @@ Representation = Literal["embedder", "slm_hidden"]
 PolicyName = Literal["learned", "static", "always", "never"]
 HeadModeName = Literal["scalar", "linear", "mlp"]  # maths.threshold.HEAD_MODES
 FeatureSetName = Literal["basic", "label", "hidden"]  # maths.route_features.FEATURE_SETS
+# local: the models.llm checkpoint in the refiner's process; openai: a remote OpenAI-compatible completions
+# server (llama.cpp, vLLM, SGLang, Ollama) that returns log-probabilities (models.llm_backend.LLM_BACKENDS)
+LLMBackendName = Literal["local", "openai"]
+OutsideTop = Literal["auto", "echo", "widen", "bound"]  # how a remote LLM scores a class outside its top-N
 
 # most entries of the SLM's distribution an offloaded token may carry: past this the upload is no longer a
 # compression of the distribution (CU-HLM's point), and a mistyped value would send megabytes a token
@@ -222,6 +226,47 @@ class P2PSettings:
     def through_edge(self) -> bool:
         """Uncertain tokens go through the edge's cluster cache (no broadcast query)."""
         return self.enabled and self.resolver == "edge"
+
+
+@dataclass
+class RemoteLLMSettings:
+    """The remote LLM (`models.llm_backend: openai`): an OpenAI-compatible `/v1/completions` server.
+
+    A routed token's prompt is rebuilt as text (the request's ids decoded), put into `prompt`, and
+    each class is scored by the log-probability the server gives its continuation as the next token
+    (`top_logprobs` of them come with one completion call). A class outside that top-N is scored as
+    `outside_top` says: `echo` (prompt + continuation echoed with its log-probabilities: exact where
+    the server echoes correctly), `widen` (the same call again with `widen_to` alternatives; still
+    missing: bounded), `bound` (at most the N-th log-probability), or `auto`: echo when a probe at
+    start-up finds the server's echoed scores consistent with its top-N, else widen.
+    """
+
+    url: str | None = None  # the API's base, e.g. http://127.0.0.1:8080/v1
+    model: str = ""  # the server's model name; "" for a server that serves one model
+    # {text}: the article (the request's ids decoded), {choices}: the continuations, comma-separated
+    prompt: str = "Classify the news article as one of: {choices}.\nArticle: {text}\nAnswer:"
+    continuations: list[str] = field(default_factory=list)  # per class; [] = " " + its verbaliser, capitalised
+    top_logprobs: int = 20  # next-token log-probabilities asked for per completion call
+    outside_top: OutsideTop = "auto"
+    widen_to: int = 1000  # alternatives asked for by outside_top widen
+    timeout_s: float = 30.0  # per HTTP call
+    concurrency: int = 4  # HTTP calls in flight per batch (a batching server such as vLLM gains from more)
+    api_key_env: str | None = None  # name of the environment variable holding a bearer token, if the server wants one
+
+    def __post_init__(self) -> None:
+        s = "models.remote"
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise SettingError(f"{s}.url: must be an http:// or https:// URL, got {self.url!r}")
+        if "{text}" not in self.prompt:
+            raise SettingError(f"{s}.prompt: must contain {{text}} (where the article goes), got {self.prompt!r}")
+        for i, c in enumerate(self.continuations):
+            if not c.strip():
+                raise SettingError(f"{s}.continuations[{i}]: must not be empty")
+        check_range(s, "top_logprobs", self.top_logprobs, 1, 100)
+        check_choice(s, "outside_top", self.outside_top, OutsideTop)
+        check_range(s, "widen_to", self.widen_to, self.top_logprobs, 100_000)
+        check_range(s, "timeout_s", self.timeout_s, 0, lo_open=True)
+        check_range(s, "concurrency", self.concurrency, 1, 256)
 
 
 @dataclass

@@ -177,6 +177,15 @@ def read_fit_config(path: str | Path) -> dict[str, Any]:
 CONFIG_PREFIX = "config:"
 
 
+def fit_config_with(path: str | Path, data_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A fit YAML's sections (:func:`read_fit_config`) with a run's data overrides, the model's task following an
+    overridden data.task."""
+    cfg = read_fit_config(path)
+    cfg["data"].update(data_overrides or {})
+    cfg["model"] = with_data_task(cfg["model"], cfg["data"])
+    return cfg
+
+
 def config_path(path: str | Path) -> Path:
     """A fit config's path: as given (relative to the working directory), else relative to the repository."""
     p = Path(path)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from fedhlm.data import NewsItem, encode_prompts, prompt_text
-from fedhlm.models.llm import LLMRefiner
-from fedhlm.models.cache import SPLIT_DATA_KEYS, get_or_train, read_fit_config, with_data_task
+from fedhlm.models.cache import SPLIT_DATA_KEYS, fit_config_with, get_or_train
 from fedhlm.models.store import METRICS_FILE
-from fedhlm.core.records import Drafted, ModelLimits, TokenInput
+from fedhlm.core.records import Drafted, TokenInput
+from fedhlm.core.settings import LLMBackendName, RemoteLLMSettings
+from fedhlm.models.llm_backend import load_served_llm
 from fedhlm.models.slm import SLMModule
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, verify_drafts
@@ -30,13 +31,6 @@ from fedhlm.maths.route_features import FeatureSet, WhitenedPCA
 from fedhlm.maths.threshold import uhlm_threshold
 
 log = logging.getLogger(__name__)
-
-
-def _fit_config(path: str | Path, data_overrides: dict[str, Any] | None) -> dict[str, Any]:
-    cfg = read_fit_config(path)
-    cfg["data"].update(data_overrides or {})
-    cfg["model"] = with_data_task(cfg["model"], cfg["data"])  # an overridden data.task is the models' task too
-    return cfg
 
 
 class DraftingSLM:
@@ -148,54 +142,31 @@ class DraftingSLM:
         return Drafted(inputs, time.perf_counter() - start)
 
 
-class ServingLLM:
-    """The cached LLM a refiner serves: its next-token distribution for batches of contexts."""
-
-    def __init__(self, config: dict[str, Any], folder: Path) -> None:
-        self.config, self.folder = config, folder
-        self.llm = LLMRefiner(pretrained=str(folder), task=config["model"]["task"]).eval()
-        self.tokenizer = self.llm.tokenizer
-
-    def limits(self) -> ModelLimits:
-        """The vocabulary and positions a request to this LLM must stay within."""
-        config = self.llm.model.config
-        return ModelLimits(vocab_size=int(config.vocab_size), max_positions=int(config.max_position_embeddings))
-
-    @torch.no_grad()
-    def q_fn(self, input_ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The LLM's next-token distribution after each context (what the refiner service calls)."""
-        return self.llm.q_probs({"input_ids": input_ids, "attention_mask": mask, "last_index": last})
-
-
 def load_slm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, top_k: int | None = None,
              progress: bool = True, features: FeatureSet | None = None) -> DraftingSLM:
     """The SLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
-    cfg = _fit_config(config, data_overrides)
+    cfg = fit_config_with(config, data_overrides)
     return DraftingSLM(cfg, get_or_train("slm", cfg, progress=progress), top_k, features)
-
-
-def load_llm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, progress: bool = True) -> ServingLLM:
-    """The LLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
-    cfg = _fit_config(config, data_overrides)
-    return ServingLLM(cfg, get_or_train("llm", cfg, progress=progress))
 
 
 class HybridModels:
     """Both cached models of a run in one process (a simulation), and the static-threshold calibration."""
 
     def __init__(self, slm_config: str | Path, llm_config: str | Path, *, data_overrides: dict[str, Any] | None = None,
-                 top_k: int | None = None, progress: bool = True, features: FeatureSet | None = None) -> None:
+                 top_k: int | None = None, progress: bool = True, features: FeatureSet | None = None,
+                 llm_backend: LLMBackendName = "local", remote: RemoteLLMSettings | None = None) -> None:
         self.drafting = load_slm(slm_config, data_overrides=data_overrides, top_k=top_k, progress=progress,
                                  features=features)
-        self.serving = load_llm(llm_config, data_overrides=data_overrides, progress=progress)
+        self.serving = load_served_llm(llm_backend, llm_config, remote, data_overrides=data_overrides,
+                                       tokenizer=self.drafting.tokenizer, task=self.drafting.slm.task, progress=progress)
         self.configs = {"slm": self.drafting.config, "llm": self.serving.config}
         self.folders = {"slm": self.drafting.folder, "llm": self.serving.folder}
         slm_data, llm_data = self.configs["slm"]["data"], self.configs["llm"]["data"]
-        if any(slm_data.get(k) != llm_data.get(k) for k in SPLIT_DATA_KEYS):
+        if self.serving.folder is not None and any(slm_data.get(k) != llm_data.get(k) for k in SPLIT_DATA_KEYS):
             log.warning("the SLM and LLM configs split the data differently (%s vs %s): one model may have trained "
                         "on the other's held-out inputs", {k: slm_data.get(k) for k in SPLIT_DATA_KEYS},
                         {k: llm_data.get(k) for k in SPLIT_DATA_KEYS})
-        self.slm, self.llm = self.drafting.slm, self.serving.llm
+        self.slm = self.drafting.slm
         self.tokenizer = self.drafting.tokenizer
         self.class_of = self.drafting.class_of
         self.draft = self.drafting.draft
@@ -210,6 +181,9 @@ class HybridModels:
         keys = ("test_acc", "test_macro_f1", "test_ece", "params", "train_seconds", "data_source", "data_sizes")
         out = {}
         for kind, folder in self.folders.items():
+            if folder is None:  # a remote LLM: what serves it, not a cached model's test metrics
+                out[kind] = dict(self.configs[kind]["model"])
+                continue
             path = folder / METRICS_FILE
             metrics = json.loads(path.read_text()) if path.is_file() else {}
             out[kind] = {k: metrics.get(k) for k in keys}

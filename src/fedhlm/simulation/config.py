@@ -20,6 +20,8 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from fedhlm.core.settings import (
     FederationSettings,
+    LLMBackendName,
+    RemoteLLMSettings,
     P2PSettings,
     RoutingSettings,
     SettingError,
@@ -88,6 +90,16 @@ class ModelConfig:
     # `fedhlm fit` configs of the two models; a model missing from the cache is trained once from them
     slm: str = "configs/slm.yaml"
     llm: str = "configs/llm.yaml"
+    # local: the models.llm checkpoint serves (in process, or in `fedhlm llm` workers); openai: a remote
+    # OpenAI-compatible completions server at models.remote.url (models.llm then goes unused)
+    llm_backend: LLMBackendName = "local"
+    remote: RemoteLLMSettings = field(default_factory=RemoteLLMSettings)
+
+    def __post_init__(self) -> None:
+        check_choice("models", "llm_backend", self.llm_backend, LLMBackendName)
+        if self.llm_backend == "openai" and not self.remote.url:
+            raise ConfigError("models.remote.url: llm_backend openai needs the server's URL, e.g. "
+                              "http://127.0.0.1:8080/v1")
 
 
 @dataclass

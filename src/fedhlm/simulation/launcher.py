@@ -180,13 +180,15 @@ class Launcher:
 
     def run(self) -> dict[str, Any]:
         """Train or load the models once, start everything, wait for the clients, stop; the report."""
-        from fedhlm.models.hybrid import load_llm, load_slm
+        from fedhlm.models.hybrid import load_slm
+        from fedhlm.models.llm_backend import load_llm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         started = time.monotonic()
         overrides = self.cfg.data.model_overrides()
-        load_llm(self.cfg.models.llm, data_overrides=overrides)  # into the cache now: processes must not race to train
+        if self.cfg.models.llm_backend == "local":  # into the cache now: processes must not race to train
+            load_llm(self.cfg.models.llm, data_overrides=overrides)
         load_slm(self.cfg.models.slm, data_overrides=overrides)
         status = "failed"
         with self.topology:

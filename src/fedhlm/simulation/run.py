@@ -343,7 +343,8 @@ def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
     from fedhlm.models.hybrid import HybridModels
 
     models = HybridModels(cfg.models.slm, cfg.models.llm, data_overrides=cfg.data.model_overrides(), top_k=cfg.routing.top_k,
-                          progress=progress, features=feature_set(cfg.routing.features, cfg.routing.hidden_dim))
+                          progress=progress, features=feature_set(cfg.routing.features, cfg.routing.hidden_dim),
+                          llm_backend=cfg.models.llm_backend, remote=cfg.models.remote)
     # the SLM's own data module gives the split it was trained on: the test inputs are held out
     datamodule = NewsDataModule(**models.configs["slm"]["data"])
     datamodule.setup()
