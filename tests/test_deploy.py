@@ -52,6 +52,12 @@ def test_a_bridged_deployment_of_processes_runs_its_rounds_and_stops_cleanly(tmp
     assert json.loads((tmp_path / "d" / "deploy.json").read_text())["status"] == "complete"
     for p in report["processes"]:  # the client processes' credentials came from the file, not the command line
         assert "Traceback" not in open(p["log"]).read(), p["name"]
+    res = report["resources"]  # what the scale measurements read: memory per role, messages per broker
+    assert all(p["peak_rss_mb"] and p["peak_rss_mb"] > 50 for p in report["processes"]), report["processes"]
+    assert res["by_role"]["client"]["processes"] == 2 and res["client_rss_mb_per_1000"] > 0
+    assert set(res["brokers"]) == {"cloud", "e0", "e1"}
+    for name, b in res["brokers"].items():  # every site carried its clients' tokens; the cloud the LLM's share
+        assert b["peak_rss_mb"] > 0 and b["publish_received"] > 0, (name, b)
 
 
 def test_a_bad_deploy_setting_fails_before_any_process_starts(tmp_path) -> None:

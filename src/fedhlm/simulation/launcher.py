@@ -74,6 +74,7 @@ class Process:
     popen: subprocess.Popen | None = None
     started: float = 0.0
     ended: float | None = None
+    peak_rss_mb: float | None = None  # VmHWM, sampled while it runs
     _out: TextIO | None = None
 
     def start(self) -> None:
@@ -102,9 +103,17 @@ class Process:
             self.popen.wait()
         return self.poll()
 
+    def sample_rss(self) -> None:
+        from fedhlm.simulation.run import process_peak_rss_mb
+
+        if self.popen is not None and self.poll() is None:
+            peak = process_peak_rss_mb(self.popen.pid)
+            if peak is not None:
+                self.peak_rss_mb = max(peak, self.peak_rss_mb or 0.0)
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "pid": self.popen.pid if self.popen else None,
-                "rc": self.poll(), "log": str(self.log),
+                "rc": self.poll(), "log": str(self.log), "peak_rss_mb": self.peak_rss_mb,
                 "wall_s": round((self.ended or time.monotonic()) - self.started, 2) if self.started else None}
 
 
@@ -117,6 +126,39 @@ def assignment_for(cfg: SimConfig) -> dict[str, str]:
         raise ConfigError(f"federation.clustering: a process deployment needs round_robin or given (the clients "
                           f"of a site are known before any data is seen), got {fed.clustering!r}")
     return {f"c{i:03d}": f"e{i % fed.edges}" for i in range(fed.clients)}
+
+
+def sys_counters(address, names: tuple[str, ...], timeout_s: float = 3.0) -> dict[str, int]:  # noqa: ANN001
+    """The broker's retained `$SYS/broker/<name>` counters (published every sys_interval), read as `address`."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def on_message(client, userdata, msg) -> None:  # noqa: ANN001
+        name = msg.topic.removeprefix("$SYS/broker/")
+        try:
+            seen[name] = int(msg.payload)
+        except ValueError:
+            return
+        if all(n in seen for n in names):
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=address.username, protocol=mqtt.MQTTv5)
+    client.username_pw_set(address.username, address.password)
+    client.on_message = on_message
+    client.on_connect = lambda c, *a: [c.subscribe(f"$SYS/broker/{n}") for n in names]
+    try:
+        client.connect(address.host, address.port)
+    except OSError:
+        return {}
+    client.loop_start()
+    done.wait(timeout_s)
+    client.loop_stop()
+    client.disconnect()
+    return seen
 
 
 def client_groups(assign: dict[str, str], per_process: int) -> list[tuple[str, list[str]]]:
@@ -207,9 +249,13 @@ class Launcher:
                 status = "interrupted"
                 self.say("deploy: interrupted; stopping every process")
             finally:
+                for proc in self.processes:
+                    proc.sample_rss()
+                brokers = self._broker_telemetry()
                 for proc in self.processes:  # clients first (still running only on interrupt), then the servers
                     proc.stop()
         report = self._report(status, time.monotonic() - started)
+        report["resources"] = self._resources(brokers)
         (self.run_dir / "deploy.json").write_text(json.dumps(report, indent=2))
         self.say(f"deploy: {status} in {report['wall_s']:.0f} s; report {self.run_dir / 'deploy.json'}")
         return report
@@ -218,7 +264,12 @@ class Launcher:
         clients = [p for p in self.processes if p.role == "client"]
         servers = [p for p in self.processes if p.role != "client"]
         deadline = time.monotonic() + self.config.client_timeout_s
+        self._clients_started, sampled = time.monotonic(), 0.0
         while any(p.poll() is None for p in clients):
+            if time.monotonic() - sampled >= 1.0:  # peak RSS of each process, while it still has a /proc entry
+                for proc in self.processes:
+                    proc.sample_rss()
+                sampled = time.monotonic()
             dead = [p for p in servers if p.poll() is not None]
             if dead:
                 self.say(f"deploy: {dead[0].name} exited with {dead[0].poll()} (see {dead[0].log}); stopping")
@@ -227,7 +278,38 @@ class Launcher:
                 self.say(f"deploy: clients still running after {self.config.client_timeout_s} s; stopping")
                 return "failed"
             time.sleep(0.2)
+        self._clients_wall_s = time.monotonic() - self._clients_started
         return "complete" if all(p.poll() == 0 for p in clients) else "failed"
+
+    def _broker_telemetry(self) -> dict[str, dict[str, Any]]:
+        """Each broker's peak RSS and its $SYS publish totals (messages in from clients, out to subscribers)."""
+        from fedhlm.simulation.run import process_peak_rss_mb
+
+        out = {}
+        for name, broker in self.topology.brokers().items():
+            counts = sys_counters(broker.address("admin"), ("publish/messages/received", "publish/messages/sent"))
+            out[name] = {"peak_rss_mb": process_peak_rss_mb(broker.pid),
+                         "publish_received": counts.get("publish/messages/received"),
+                         "publish_sent": counts.get("publish/messages/sent")}
+        return out
+
+    def _resources(self, brokers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Memory per role and per 1,000 clients, messages/s per broker over the clients' run."""
+        wall = getattr(self, "_clients_wall_s", None)
+        by_role: dict[str, dict[str, Any]] = {}
+        for proc in self.processes:
+            entry = by_role.setdefault(proc.role, {"processes": 0, "peak_rss_mb_sum": 0.0, "peak_rss_mb_max": 0.0})
+            entry["processes"] += 1
+            entry["peak_rss_mb_sum"] = round(entry["peak_rss_mb_sum"] + (proc.peak_rss_mb or 0.0), 1)
+            entry["peak_rss_mb_max"] = round(max(entry["peak_rss_mb_max"], proc.peak_rss_mb or 0.0), 1)
+        for entry in brokers.values():
+            received = entry.get("publish_received")
+            entry["received_per_s"] = round(received / wall, 1) if received is not None and wall else None
+        clients_mb = by_role.get("client", {}).get("peak_rss_mb_sum", 0.0)
+        return {"clients": len(self.assign), "clients_wall_s": round(wall, 2) if wall else None, "by_role": by_role,
+                "client_rss_mb_per_1000": round(1000.0 * clients_mb / len(self.assign), 1) if self.assign else None,
+                "brokers": brokers,
+                "brokers_peak_rss_mb": round(sum(b["peak_rss_mb"] or 0.0 for b in brokers.values()), 1)}
 
     def _report(self, status: str, wall_s: float) -> dict[str, Any]:
         clients: dict[str, dict[str, float]] = {}
