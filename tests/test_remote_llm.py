@@ -105,6 +105,15 @@ def test_a_class_outside_the_top_n_is_echoed_widened_or_bounded(outside: str, sc
     assert [n for _, n, e in client.calls if not e] == ([3, 50] if outside == "widen" else [3])
 
 
+def test_contextual_calibration_subtracts_the_content_free_articles_scores() -> None:
+    client = ScriptedClient()
+    llm = RemoteLLM(RemoteLLMSettings(url=client.url, top_logprobs=3, outside_top="bound"), load_tokenizer(), TASK,
+                    client)  # type: ignore[arg-type]
+    assert llm.class_scores("N/A") == pytest.approx([-0.2, -1.0, -1.5, -1.5])  # no prior yet: the raw scores
+    llm.prior = [-0.2, -2.0, -1.0, -1.5]  # as connect() measures it for models.remote.content_free
+    assert llm.class_scores("stocks rally") == pytest.approx([0.0, 1.0, -0.5, 0.0])  # World no longer the favourite
+
+
 def test_the_article_is_decoded_from_the_request_without_the_prompt_suffix() -> None:
     tok = load_tokenizer()
     client = ScriptedClient()

@@ -2,9 +2,10 @@
 
 The config's SLM drafts `--articles` test articles once; each backend (`local`: the config's
 `models.llm` checkpoint in this process; `openai`: the server at `models.remote.url`) then verifies
-every draft twice: directly (`verify_drafts` in batches of `--batch`, the q function alone) and
-through an LLM service on a private broker with `--clients` clients asking at once (what a
-deployment gets: transport, queueing, batching). Printed and written to llm.json / llm.png:
+half of the drafts directly (`verify_drafts` in batches of `--batch`, the q function alone) and the
+other half (a server's prompt cache must not answer from the first pass) through an LLM service on a
+private broker with `--clients` clients asking at once (what a deployment gets: transport, queueing,
+batching). Printed and written to llm.json / llm.png:
 tokens/s, latency p50/p99 per request, and the LLM's accuracy and agreement with the SLM.
 """
 
@@ -116,9 +117,11 @@ def measure(config: str, overrides: list[str], backends: list[str], articles: in
         served = load_served_llm(name, cfg.models.llm, cfg.models.remote, data_overrides=cfg.data.model_overrides(),
                                  tokenizer=slm.tokenizer, task=slm.slm.task)
         row = {"llm": served.config["model"] if served.folder is None else str(served.folder)}
-        row["direct"] = direct(served, drafts, labels, slm.class_of, cfg.routing.verify, batch)
+        # each half of the articles once: a server's prompt cache must not answer the second pass from the first
+        half = len(drafts) // 2
+        row["direct"] = direct(served, drafts[:half], labels[:half], slm.class_of, cfg.routing.verify, batch)
         print(f"[bench llm] {name} direct: {row['direct']}", flush=True)
-        row["service"] = through_service(served, drafts, cfg.routing.verify, clients, timeout_s)
+        row["service"] = through_service(served, drafts[half:], cfg.routing.verify, clients, timeout_s)
         print(f"[bench llm] {name} through MQTT: {row['service']}", flush=True)
         if hasattr(served, "stats"):
             row["remote_calls"] = served.stats.as_dict()
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. models.remote.url=http://127.0.0.1:8080/v1")
     parser.add_argument("--backends", default="local,openai", help="comma-separated: local, openai")
-    parser.add_argument("--articles", type=int, default=200)
+    parser.add_argument("--articles", type=int, default=200, help="half verified directly, half through the worker")
     parser.add_argument("--batch", type=int, default=16, help="drafts per direct verification call")
     parser.add_argument("--clients", type=int, default=8, help="clients asking the worker at once")
     parser.add_argument("--timeout", type=float, default=60.0, help="per request through the worker (s)")

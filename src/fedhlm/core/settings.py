@@ -248,6 +248,9 @@ class RemoteLLMSettings:
     continuations: list[str] = field(default_factory=list)  # per class; [] = " " + its verbaliser, capitalised
     top_logprobs: int = 20  # next-token log-probabilities asked for per completion call
     outside_top: OutsideTop = "auto"
+    # contextual calibration (Zhao et al. 2021, "Calibrate before use"): each class's score minus its score for
+    # this content-free article, which removes the prompt's own preference for some answers; null: raw scores
+    content_free: str | None = "N/A"
     widen_to: int = 1000  # alternatives asked for by outside_top widen
     timeout_s: float = 30.0  # per HTTP call
     concurrency: int = 4  # HTTP calls in flight per batch (a batching server such as vLLM gains from more)

@@ -213,6 +213,7 @@ class RemoteLLM:
         self.first_tokens = list(self.continuations)  # refined by connect() where the server echoes
         self.multi_token = [False] * len(self.continuations)  # a continuation the server splits: echo scores it
         self.outside = "bound" if settings.outside_top == "auto" else settings.outside_top  # connect() decides auto
+        self.prior = [0.0] * len(self.continuations)  # the content-free article's scores (connect() measures them)
         self.stats = RemoteStats()
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="remote-llm")
         self.config = {"model": {"backend": "openai", "url": client.url, "model": client.model, "task": task.name,
@@ -233,6 +234,9 @@ class RemoteLLM:
         llm = cls(settings, tokenizer or load_tokenizer(), task if isinstance(task, Task) else load_task(task or "ag_news"),
                   client)
         llm._probe()
+        if settings.content_free is not None:
+            llm.prior = llm.raw_scores(settings.content_free)
+            llm.config["model"]["content_free_prior"] = [round(p, 4) for p in llm.prior]
         return llm
 
     def _probe(self) -> None:
@@ -250,6 +254,11 @@ class RemoteLLM:
             full = prompt + cont
             try:
                 choice = self.client.complete(full, logprobs=0, echo=True)
+                lp = choice.get("logprobs") or {}
+                inside = [t for t, o in zip(lp.get("tokens") or [], lp.get("text_offset") or [])
+                          if len(prompt) <= o < len(full)]
+                if not inside:  # llama-server refuses echo, or ignores it and lists only the new token
+                    raise RemoteLLMError(f"{self.client.url}: echo did not return the prompt's tokens")
             except RemoteLLMError as exc:
                 if self.settings.outside_top == "echo":
                     raise RemoteLLMError(f"{exc} (models.remote.outside_top echo: this server cannot echo; use "
@@ -258,11 +267,6 @@ class RemoteLLM:
                          exc, self.settings.top_logprobs)
                 self.outside = self.config["model"]["outside_top"] = "widen"
                 return
-            lp = choice.get("logprobs") or {}
-            inside = [t for t, o in zip(lp.get("tokens") or [], lp.get("text_offset") or [])
-                      if len(prompt) <= o < len(full)]
-            if not inside:
-                raise RemoteLLMError(f"{self.client.url}: echo did not return the tokens of {cont!r}")
             firsts.append(inside[0])
             multi.append(len(inside) > 1)
             echoed.append(continuation_logprob(choice, len(prompt), len(prompt) + len(inside[0])))
@@ -293,6 +297,11 @@ class RemoteLLM:
         return self.tokenizer.decode(body, skip_special_tokens=True)
 
     def class_scores(self, text: str) -> list[float]:
+        """Each class's score for `text`: its log-probability as the prompt's continuation, calibrated against
+        the content-free article's (`models.remote.content_free`)."""
+        return [s - p for s, p in zip(self.raw_scores(text), self.prior)]
+
+    def raw_scores(self, text: str) -> list[float]:
         """Each class's log-probability as the continuation of the prompt for `text`."""
         start = time.perf_counter()
         prompt = self.prompt_for(text)
