@@ -142,6 +142,7 @@ def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
 
 
 RETAINED_MODEL_WAIT_S = 2.0  # how long a starting client waits for its edge's retained model
+SERVING_THREADS = 64  # clients of one process that serve their tokens at once
 
 
 def _print_round(members: str, total: int) -> Callable[[dict], None]:
@@ -218,6 +219,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     from fedhlm.simulation.run import plan_rounds, test_items
     from fedhlm.transport.network import OwnThreads, SharedLoop
 
+    process_start = time.monotonic()
     indices, total = args.shard
     ids = args.client_ids
     addresses = {cid: address if len(ids) == 1 else BrokerAddress.from_url(args.credentials_map[cid]) for cid in ids}
@@ -245,32 +247,42 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     prefix = (lambda cid: f"{cid} ") if len(ids) > 1 else (lambda cid: "")
     # a restarted client joins the round its edge is collecting (its retained model says which), not round 0,
     # whose updates the edge would refuse as stale; a fresh federation has no model yet: it starts at 0
+    ready_s = time.monotonic() - process_start  # models, data and every connection up
     first_client = clients[ids[0]]
     first_client.wait_model(0, timeout_s=RETAINED_MODEL_WAIT_S)
     first = first_client.current_round()
     if first:
         print(f"client {','.join(ids)}: edge {args.edge} is at round {first}; rounds 0-{first - 1} are over", flush=True)
+    pool = ThreadPoolExecutor(max_workers=min(SERVING_THREADS, len(ids)), thread_name_prefix="serve")
     try:
-        with ThreadPoolExecutor(max_workers=min(32, len(ids))) as pool:
-            for r, by_client in enumerate(rounds):
-                if r < first:
-                    continue
-                served = {cid: c.serve_round(r, [test[i] for i in by_client[cid]]) for cid, c in clients.items()}
-                # every client's update goes out before any waits for the edge's model (the edge needs a quorum)
-                list(pool.map(lambda c: c.finish_round(r), clients.values()))
-                for cid, records in served.items():
-                    correct += sum(1 for t in records if t.final == label_of[t.uid])
-                    total_tokens += len(records)
-                    llm = sum(1 for t in records if t.route == "llm")
-                    print(f"{prefix(cid)}round {r}: {len(records)} tokens, {llm} to the LLM, "
-                          f"tau={clients[cid].head.effective_tau():.4f}", flush=True)
+        for r, by_client in enumerate(rounds):
+            if r < first:
+                continue
+            # clients serve at once, so that their LLM round trips overlap (and the worker batches them)
+            futures = {cid: pool.submit(c.serve_round, r, [test[i] for i in by_client[cid]])
+                       for cid, c in clients.items()}
+            served = {cid: f.result() for cid, f in futures.items()}
+            # every client's update goes out before any waits for the edge's model (the edge needs a quorum of
+            # them); the waits then overlap: the edge publishes one model that every member receives
+            for c in clients.values():
+                c.send_round_update(r)
+            for c in clients.values():
+                c.adopt_round_model(r)
+            for cid, records in served.items():
+                correct += sum(1 for t in records if t.final == label_of[t.uid])
+                total_tokens += len(records)
+                llm = sum(1 for t in records if t.route == "llm")
+                print(f"{prefix(cid)}round {r}: {len(records)} tokens, {llm} to the LLM, "
+                      f"tau={clients[cid].head.effective_tau():.4f}", flush=True)
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         for c in clients.values():
             c.stop()
         if isinstance(network, SharedLoop):
             network.close()
     print(f"client {','.join(ids) if len(ids) < 4 else f'{ids[0]}..{ids[-1]} ({len(ids)})'}: accuracy "
-          f"{correct / max(1, total_tokens):.4f} over {total_tokens} tokens", flush=True)
+          f"{correct / max(1, total_tokens):.4f} over {total_tokens} tokens; ready in {ready_s:.1f} s, rounds in "
+          f"{time.monotonic() - process_start - ready_s:.1f} s", flush=True)
     time.sleep(0.1)
     return 0
 

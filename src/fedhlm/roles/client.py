@@ -323,11 +323,24 @@ class Client:
 
     def finish_round(self, round_: int) -> dict[str, float] | None:
         """Fit the head, send the update, adopt the edge's model; returns the fit's numbers (None: not federated)."""
+        fit = self.send_round_update(round_)
+        self.adopt_round_model(round_)
+        return fit
+
+    def send_round_update(self, round_: int) -> dict[str, float] | None:
+        """The first half of finish_round: fit the head and send the update (None: not federated). A process of
+        many clients sends every client's update before any waits, since the edge needs a quorum of them."""
         if not self.policy.federated:
             return None
         fit = self.learner.fit(round_)
         self.send_update(ThresholdUpdate(self.id, self.s.edge_id, round_, self.learner.sample_count(),
                                          self.upload_params()))
+        return fit
+
+    def adopt_round_model(self, round_: int) -> None:
+        """The second half of finish_round: wait for the edge's model of the round and adopt it."""
+        if not self.policy.federated:
+            return
         wait_s = self.s.federation.client_wait_s
         model = self.wait_model(round_, wait_s)
         if model is None:
@@ -336,7 +349,6 @@ class Client:
         else:
             self.adopt(model)
         self.tau_history.append((round_, self.head.effective_tau()))
-        return fit
 
     def send_update(self, update: ThresholdUpdate) -> None:
         """QoS 1 to the edge (a device adds its on-disk outbox)."""

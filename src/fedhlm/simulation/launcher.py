@@ -173,7 +173,8 @@ def client_groups(assign: dict[str, str], per_process: int) -> list[tuple[str, l
     return groups
 
 
-CLIENT_LINE = re.compile(r"client (\S+): accuracy ([\d.]+) over (\d+) tokens")
+CLIENT_LINE = re.compile(r"client (.+?): accuracy ([\d.]+) over (\d+) tokens")  # "c000..c099 (100)" for many
+CLIENT_PHASES = re.compile(r"ready in ([\d.]+) s, rounds in ([\d.]+) s")
 EDGE_ROUND = re.compile(r"^round (\d+): (\d+) of (\d+) clients", re.M)
 
 
@@ -306,7 +307,10 @@ class Launcher:
             received = entry.get("publish_received")
             entry["received_per_s"] = round(received / wall, 1) if received is not None and wall else None
         clients_mb = by_role.get("client", {}).get("peak_rss_mb_sum", 0.0)
-        return {"clients": len(self.assign), "clients_wall_s": round(wall, 2) if wall else None, "by_role": by_role,
+        phases = [c for c in self._clients.values() if "rounds_s" in c]
+        return {"clients": len(self.assign), "clients_wall_s": round(wall, 2) if wall else None,
+                "client_ready_s_max": max((c["ready_s"] for c in phases), default=None),
+                "client_rounds_s_max": max((c["rounds_s"] for c in phases), default=None), "by_role": by_role,
                 "client_rss_mb_per_1000": round(1000.0 * clients_mb / len(self.assign), 1) if self.assign else None,
                 "brokers": brokers,
                 "brokers_peak_rss_mb": round(sum(b["peak_rss_mb"] or 0.0 for b in brokers.values()), 1)}
@@ -320,12 +324,15 @@ class Launcher:
             if proc.role == "client":
                 for ids, acc, tokens in CLIENT_LINE.findall(text):
                     clients[proc.name] = {"accuracy": float(acc), "tokens": int(tokens)}
+                for ready, rounds in CLIENT_PHASES.findall(text):
+                    clients[proc.name] |= {"ready_s": float(ready), "rounds_s": float(rounds)}
             elif proc.role == "edge":
                 edges[proc.name] = [{"round": int(r), "participants": int(k), "members": int(n)}
                                     for r, k, n in EDGE_ROUND.findall(text)]
             elif proc.role == "llm":
                 found = re.search(r"served (\d+) requests", text)
                 served += int(found.group(1)) if found else 0
+        self._clients = clients
         tokens = sum(c["tokens"] for c in clients.values())
         accuracy = sum(c["accuracy"] * c["tokens"] for c in clients.values()) / tokens if tokens else None
         return {"status": status, "wall_s": wall_s, "config": asdict(self.config),
