@@ -40,6 +40,23 @@ def test_no_quorum_is_overdue_not_ready() -> None:
     assert not c.ready(10.0) and c.overdue(10.0)
 
 
+def test_the_deadline_runs_from_the_rounds_first_update_not_from_its_opening() -> None:
+    """An edge up minutes before its clients (a deployment of 10,000 starting): round 0 must not close at its
+    first update as if the clients had been late; it waits the deadline from that update for the quorum."""
+    c = RoundCollector({"a", "b", "c", "d"}, quorum=0.5, deadline_s=10, opened_at=0.0)
+    assert not c.overdue(500.0) and c.waited(500.0) == 0.0  # nobody reported: nobody is held up
+    c.add("a", 0, _u(1.0), now=300.0)
+    assert not c.overdue(305.0) and c.overdue(310.0)
+    c.add("b", 0, _u(3.0), now=301.0)
+    assert not c.ready(309.9) and c.ready(310.0)
+    c.add("c", 1, _u(2.0), now=309.0)  # a fast client's update for the next round
+    c.close(310.0)
+    assert c.started_at == 310.0 and c.waited(315.0) == 5.0  # round 1's clock starts at once: it has an update
+    c.add("a", 1, _u(2.0), now=311.0)
+    c.close(320.0)
+    assert c.started_at is None  # round 2 has none yet
+
+
 def test_duplicate_update_counts_once_and_does_not_change_aggregate() -> None:
     c = RoundCollector({"a", "b"}, deadline_s=1)
     assert c.add("a", 0, _u(1.0)) == "accepted"

@@ -42,6 +42,10 @@ def _parser(role: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="simulation config (routing, federation, p2p sections)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--checkpoint", default=None, help="state file of an edge or the cloud (resume after restart)")
+    if role in ("edge", "cloud"):
+        p.add_argument("--initial-params", default=None, metavar="NPZ",
+                       help="the round-0 head as written by `fedhlm deploy` (initial_head.npz); without it the head "
+                            "is built here from the config, which loads torch (about 400 MB more per process)")
     if role == "edge":
         p.add_argument("--clients", required=True, help="comma-separated client ids of this cluster")
         p.add_argument("--neighbours", default="", help="comma-separated edge ids to forward peer queries to")
@@ -130,15 +134,15 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-def _initial_params(cfg) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """The head every role of a process deployment starts from: `routing.init_tau`, else the uncalibrated
-    default (processes have no calibration split to fit U-HLM's threshold on; a simulation does)."""
-    from fedhlm.core.operating_point import with_curve
-    from fedhlm.models.head_fit import routing_head
+def _initial_params(cfg, path: str | None = None) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The head every role of a process deployment starts from (`models.head_fit.initial_head_params`), read
+    from `path` (the launcher's initial_head.npz) where given: an edge or the cloud then never imports torch."""
+    if path is not None:
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files}
+    from fedhlm.models.head_fit import initial_head_params
 
-    tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
-    head = routing_head(cfg.routing, tau, cfg.seed)
-    return with_curve({k: v.detach().numpy() for k, v in head.state_dict().items()}, cfg.routing)
+    return initial_head_params(cfg.routing, cfg.seed)
 
 
 RETAINED_MODEL_WAIT_S = 2.0  # how long a starting client waits for its edge's retained model
@@ -178,7 +182,8 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
 def run_cloud(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     from fedhlm.roles.cloud import CloudServer
 
-    cloud = CloudServer.from_settings(role_id, address, args.edges.split(","), _initial_params(cfg), cfg.federation,
+    cloud = CloudServer.from_settings(role_id, address, args.edges.split(","), _initial_params(cfg, args.initial_params),
+                                      cfg.federation,
                                       checkpoint=args.checkpoint).start()
     print(f"cloud {role_id} at round {cloud.round}, edges {args.edges}", flush=True)
     cloud.round_hooks.append(_print_round("edges", len(args.edges.split(","))))
@@ -193,7 +198,7 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: A
 
     neighbours = [e for e in args.neighbours.split(",") if e]
     members = args.clients.split(",")
-    edge = EdgeServer.from_settings(role_id, address, members, _initial_params(cfg), cfg.federation,
+    edge = EdgeServer.from_settings(role_id, address, members, _initial_params(cfg, args.initial_params), cfg.federation,
                                     neighbours=neighbours, checkpoint=args.checkpoint,
                                     resolver=EdgeResolver.from_settings(role_id, members, cfg.p2p)).start()
     print(f"edge {role_id} at round {edge.round}, clients {args.clients}", flush=True)

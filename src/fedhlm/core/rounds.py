@@ -26,7 +26,9 @@ class RoundCollector:
     """Collects one update per participant per round and says when a round may close.
 
     A round closes when every registered participant has reported, or when at least
-    `quorum` of them have and `deadline_s` has passed since the round opened. Updates for the
+    `quorum` of them have and `deadline_s` has passed since its first update came (a round nobody
+    has reported to holds nobody up: an edge that starts minutes before its clients, or waits out
+    a slow round of theirs, must not close round 0 at its first update). Updates for the
     next `future_rounds` rounds are kept until their round opens (a fast client may be a round
     ahead of a straggling edge); further ahead they are refused ('future'), so the buffer stays
     within (future_rounds + 1) x participants. Updates for closed rounds are stale, except a
@@ -41,6 +43,7 @@ class RoundCollector:
     deadline_s: float = 10.0
     round: int = 0
     opened_at: float = 0.0
+    started_at: float | None = None  # when the open round's first update came; None: none yet
     future_rounds: int = 1
     max_samples: int | None = None
     max_weight_ratio: float = 0.0
@@ -53,8 +56,9 @@ class RoundCollector:
         if self.deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
 
-    def add(self, participant: str, round_: int, update: WeightedParams) -> str:
-        """Record an update; returns 'accepted', 'duplicate', 'stale' or 'unknown'."""
+    def add(self, participant: str, round_: int, update: WeightedParams, now: float | None = None) -> str:
+        """Record an update that came at `now` (default: when the round opened); returns 'accepted',
+        'duplicate', 'stale', 'future', 'implausible_samples' or 'unknown'."""
         if participant not in self.participants:
             return "unknown"
         if round_ < self.round:
@@ -67,6 +71,8 @@ class RoundCollector:
         if participant in bucket:
             return "duplicate"
         bucket[participant] = update
+        if round_ == self.round and self.started_at is None:
+            self.started_at = self.opened_at if now is None else now
         return "accepted"
 
     @property
@@ -81,11 +87,15 @@ class RoundCollector:
         got = len(self.received)
         if got >= len(self.participants):
             return True
-        return got >= self.quorum_count and now >= self.opened_at + self.deadline_s
+        return got >= self.quorum_count and self.waited(now) >= self.deadline_s
+
+    def waited(self, now: float) -> float:
+        """How long the open round has waited since its first update (0 before any came)."""
+        return 0.0 if self.started_at is None else now - self.started_at
 
     def overdue(self, now: float) -> bool:
         """Past the deadline without a quorum: the caller may close the round empty-handed."""
-        return now >= self.opened_at + self.deadline_s and len(self.received) < self.quorum_count
+        return self.waited(now) >= self.deadline_s and len(self.received) < self.quorum_count
 
     def close(self, now: float, aggregator: Aggregator = fedavg) -> tuple[Params | None, int, list[str]]:
         """Aggregate the current round, open the next; returns (params or None, samples, who)."""
@@ -98,6 +108,7 @@ class RoundCollector:
         self._closed.pop(self.round - CLOSED_ROUNDS_KEPT, None)
         self.round += 1
         self.opened_at = now
+        self.started_at = now if self._pending.get(self.round) else None  # early updates for it came already
         return params, samples, who
 
 

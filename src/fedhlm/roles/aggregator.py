@@ -109,7 +109,7 @@ class RoundAggregator:
             log.warning("%s: rejected update of %s for round %d: %s", self.id, sender, round_, reason)
             return
         with self._lock:
-            outcome = self.collector.add(sender, round_, WeightedParams(params, num_samples))
+            outcome = self.collector.add(sender, round_, WeightedParams(params, num_samples), now=time.monotonic())
             self.absent.discard(sender)  # it is evidently alive, whatever its last status said
         if outcome == "accepted":
             self.updates_accepted += 1
@@ -150,7 +150,7 @@ class RoundAggregator:
         with self._lock:
             c = self.collector
             # past twice the deadline without a quorum: close with whatever came, never block forever
-            starving = now >= c.opened_at + 2 * c.deadline_s and bool(c.received)
+            starving = c.waited(now) >= 2 * c.deadline_s and bool(c.received)
             if not (c.ready(now) or starving or self._present_reported()):
                 return False
             round_ = c.round

@@ -205,15 +205,17 @@ class Launcher:
         self.processes.append(proc)
         return proc
 
-    def plan(self, credentials: Path) -> None:
+    def plan(self, credentials: Path, initial: Path | None = None) -> None:
+        """The processes of the deployment; `initial` (the round-0 head) spares edge and cloud loading torch."""
+        head = ["--initial-params", str(initial)] if initial is not None else []
         for worker in self.workers:
             self._role(worker, "llm", broker_user=worker)
-        self._role("cloud", "cloud", "--edges", ",".join(self.edges), broker_user="cloud")
+        self._role("cloud", "cloud", "--edges", ",".join(self.edges), *head, broker_user="cloud")
         neighbours = self.cfg.p2p.asks_neighbours
         for edge in self.edges:
             members = [c for c, e in self.assign.items() if e == edge]
             extra = ["--neighbours", ",".join(e for e in self.edges if e != edge)] if neighbours else []
-            self._role(edge, "edge", "--clients", ",".join(members), *extra, broker_user=edge)
+            self._role(edge, "edge", "--clients", ",".join(members), *extra, *head, broker_user=edge)
         index = {cid: i for i, cid in enumerate(self.assign)}
         for edge, ids in client_groups(self.assign, self.config.clients_per_process):
             shard = f"{','.join(str(index[c]) for c in ids)}/{len(self.assign)}"
@@ -223,6 +225,9 @@ class Launcher:
 
     def run(self) -> dict[str, Any]:
         """Train or load the models once, start everything, wait for the clients, stop; the report."""
+        import numpy as np
+
+        from fedhlm.models.head_fit import initial_head_params
         from fedhlm.models.hybrid import load_slm
         from fedhlm.models.llm_backend import load_llm
 
@@ -238,7 +243,9 @@ class Launcher:
             credentials = self.run_dir / "credentials.json"
             credentials.write_text(json.dumps({c: self.topology.address(c).url for c in self.assign}))
             credentials.chmod(0o600)
-            self.plan(credentials)
+            initial = self.run_dir / "initial_head.npz"  # edges and the cloud read it instead of importing torch
+            np.savez(initial, **initial_head_params(self.cfg.routing, self.cfg.seed))
+            self.plan(credentials, initial)
             for name, broker in self.topology.brokers().items():
                 self.say(f"broker {name:<8} {broker.url}  (run dir {broker.run_dir})")
             try:
