@@ -53,7 +53,7 @@ def test_a_bridged_deployment_of_processes_runs_its_rounds_and_stops_cleanly(tmp
     for p in report["processes"]:  # the client processes' credentials came from the file, not the command line
         assert "Traceback" not in open(p["log"]).read(), p["name"]
     res = report["resources"]  # what the scale measurements read: memory per role, messages per broker
-    assert all(p["peak_rss_mb"] and p["peak_rss_mb"] > 50 for p in report["processes"]), report["processes"]
+    assert all(p["peak_rss_mb"] and p["peak_rss_mb"] > 20 for p in report["processes"]), report["processes"]
     assert res["by_role"]["client"]["processes"] == 2 and res["client_rss_mb_per_1000"] > 0
     # edges and the cloud read the round-0 head from initial_head.npz instead of importing torch (~430 MB with it)
     assert res["by_role"]["edge"]["peak_rss_mb_max"] < 250 and res["by_role"]["cloud"]["peak_rss_mb_max"] < 250, res
