@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
+from fedhlm.core.settings import ClientSettings
 from fedhlm.simulation.config import ConfigError, load_config
 from fedhlm.transport.address import BrokerAddress
 
@@ -239,7 +239,7 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
     embedder = context_representation(cfg.p2p.representation, slm) if cfg.p2p.enabled else None
     drafter = SLMDrafter(slm, embedder)
     network = SharedLoop(name="clients") if len(ids) > 1 else OwnThreads()
-    tau = UNCALIBRATED_TAU if cfg.routing.init_tau is None else cfg.routing.init_tau
+    tau = cfg.routing.process_tau
     clients = {}
     for cid in ids:
         settings = ClientSettings.from_config(cfg, client_id=cid, edge_id=args.edge, policy="learned",

@@ -135,6 +135,12 @@ class RoutingSettings:
         check_choice(s, "fit_engine", self.fit_engine, FitEngine)
         check_choice(s, "verify", self.verify, VerifyModeName)
 
+    @property
+    def process_tau(self) -> float:
+        """The entropy threshold a process deployment starts from: `init_tau`, else the uncalibrated default
+        (its roles have no calibration split to fit U-HLM's threshold on; a simulation does)."""
+        return UNCALIBRATED_TAU if self.init_tau is None else self.init_tau
+
     def exploration_rate(self, round_: int) -> float:
         """The share of confident tokens explored in this round (the schedule's one definition)."""
         return self.exploration / (1.0 + self.exploration_decay * max(round_, 0))

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from fedhlm.core.settings import UNCALIBRATED_TAU, RoutingSettings
+from fedhlm.core.settings import RoutingSettings
 from fedhlm.maths.route_features import feature_set
 from fedhlm.maths.speculative import VerifyMode, verify_batch
 from fedhlm.maths.threshold import HeadMode, ThresholdHead, annealed_temperature, routing_loss
@@ -179,13 +179,11 @@ def routing_head(routing: RoutingSettings, tau: float, seed: int = 0) -> Thresho
 
 
 def initial_head_params(routing: RoutingSettings, seed: int = 0) -> dict[str, np.ndarray]:
-    """The round-0 head of a process deployment as plain arrays (edges and the cloud check updates against it):
-    `routing.init_tau`, else the uncalibrated default (processes have no calibration split to fit U-HLM's
-    threshold on; a simulation does), with the operating point's empty curve."""
+    """The round-0 head of a process deployment as plain arrays (edges and the cloud check updates against it),
+    at `routing.process_tau`, with the operating point's empty curve."""
     from fedhlm.core.operating_point import with_curve
 
-    tau = UNCALIBRATED_TAU if routing.init_tau is None else routing.init_tau
-    head = routing_head(routing, tau, seed)
+    head = routing_head(routing, routing.process_tau, seed)
     return with_curve({k: v.detach().numpy() for k, v in head.state_dict().items()}, routing)
 
 
