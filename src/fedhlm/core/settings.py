@@ -155,7 +155,7 @@ class FederationSettings:
     rounds: int = 6
     cloud_every: int = 2  # edge rounds per cloud round
     quorum: float = 0.75  # share of a cluster an edge needs at the deadline
-    round_deadline_s: float = 20.0  # an edge closes a round with a quorum by then; a client waits twice that
+    round_deadline_s: float = 20.0  # from a round's first update, then closed with a quorum; a client waits 2x
     personalise: float = 0.0  # a in tau_i <- a tau_i + (1 - a) tau_edge
     aggregation: Aggregation = "fedavg"
     trim_fraction: float = 0.2  # of each side, for trimmed_mean
