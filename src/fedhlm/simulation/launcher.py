@@ -128,39 +128,6 @@ def assignment_for(cfg: SimConfig) -> dict[str, str]:
     return {f"c{i:03d}": f"e{i % fed.edges}" for i in range(fed.clients)}
 
 
-def sys_counters(address, names: tuple[str, ...], timeout_s: float = 3.0) -> dict[str, int]:  # noqa: ANN001
-    """The broker's retained `$SYS/broker/<name>` counters (published every sys_interval), read as `address`."""
-    import threading
-
-    import paho.mqtt.client as mqtt
-
-    seen: dict[str, int] = {}
-    done = threading.Event()
-
-    def on_message(client, userdata, msg) -> None:  # noqa: ANN001
-        name = msg.topic.removeprefix("$SYS/broker/")
-        try:
-            seen[name] = int(msg.payload)
-        except ValueError:
-            return
-        if all(n in seen for n in names):
-            done.set()
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=address.username, protocol=mqtt.MQTTv5)
-    client.username_pw_set(address.username, address.password)
-    client.on_message = on_message
-    client.on_connect = lambda c, *a: [c.subscribe(f"$SYS/broker/{n}") for n in names]
-    try:
-        client.connect(address.host, address.port)
-    except OSError:
-        return {}
-    client.loop_start()
-    done.wait(timeout_s)
-    client.loop_stop()
-    client.disconnect()
-    return seen
-
-
 def client_groups(assign: dict[str, str], per_process: int) -> list[tuple[str, list[str]]]:
     """(edge, client ids) of each client process: a site's clients together, or `per_process` at a time."""
     by_edge: dict[str, list[str]] = {}
@@ -292,18 +259,23 @@ class Launcher:
     def _broker_telemetry(self) -> dict[str, dict[str, Any]]:
         """Each broker's peak RSS and its $SYS publish totals (messages in from clients, out to subscribers)."""
         from fedhlm.simulation.run import process_peak_rss_mb
+        from fedhlm.transport.topology import read_sys
 
         out = {}
         for name, broker in self.topology.brokers().items():
-            counts = sys_counters(broker.address("admin"), ("publish/messages/received", "publish/messages/sent"))
+            counts = read_sys(broker.address("admin"), ("publish/messages/received", "publish/messages/sent"), 3.0)
+            number = {k: int(v) for k, v in counts.items() if v.isdigit()}
             out[name] = {"peak_rss_mb": process_peak_rss_mb(broker.pid),
-                         "publish_received": counts.get("publish/messages/received"),
-                         "publish_sent": counts.get("publish/messages/sent")}
+                         "publish_received": number.get("publish/messages/received"),
+                         "publish_sent": number.get("publish/messages/sent")}
         return out
 
     def _resources(self, brokers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Memory per role and per 1,000 clients, messages/s per broker over the clients' run."""
+        """Memory per role and per 1,000 clients, messages/s per broker over the clients' rounds (the slowest client
+        process's, start-up left out: the brokers carry next to nothing while processes load)."""
         wall = getattr(self, "_clients_wall_s", None)
+        phases = [c for c in self._clients.values() if "rounds_s" in c]
+        rounds_s = max((c["rounds_s"] for c in phases), default=None)
         by_role: dict[str, dict[str, Any]] = {}
         for proc in self.processes:
             entry = by_role.setdefault(proc.role, {"processes": 0, "peak_rss_mb_sum": 0.0, "peak_rss_mb_max": 0.0})
@@ -312,12 +284,11 @@ class Launcher:
             entry["peak_rss_mb_max"] = round(max(entry["peak_rss_mb_max"], proc.peak_rss_mb or 0.0), 1)
         for entry in brokers.values():
             received = entry.get("publish_received")
-            entry["received_per_s"] = round(received / wall, 1) if received is not None and wall else None
+            entry["received_per_s"] = round(received / rounds_s, 1) if received is not None and rounds_s else None
         clients_mb = by_role.get("client", {}).get("peak_rss_mb_sum", 0.0)
-        phases = [c for c in self._clients.values() if "rounds_s" in c]
         return {"clients": len(self.assign), "clients_wall_s": round(wall, 2) if wall else None,
                 "client_ready_s_max": max((c["ready_s"] for c in phases), default=None),
-                "client_rounds_s_max": max((c["rounds_s"] for c in phases), default=None), "by_role": by_role,
+                "client_rounds_s_max": rounds_s, "by_role": by_role,
                 "client_rss_mb_per_1000": round(1000.0 * clients_mb / len(self.assign), 1) if self.assign else None,
                 "brokers": brokers,
                 "brokers_peak_rss_mb": round(sum(b["peak_rss_mb"] or 0.0 for b in brokers.values()), 1)}

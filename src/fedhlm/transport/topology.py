@@ -65,6 +65,34 @@ class FlatBrokers:
         self.broker.__exit__(*exc)
 
 
+def read_sys(address: BrokerAddress, names: tuple[str, ...], timeout_s: float = 2.0) -> dict[str, bytes]:
+    """A broker's retained `$SYS/broker/<name>` values (bridge states, message counters), read by a short-lived
+    connection as `address` (an admin account); the names not seen within `timeout_s` are missing."""
+    seen: dict[str, bytes] = {}
+    done = threading.Event()
+
+    def on_message(_c, _u, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        seen[msg.topic.removeprefix("$SYS/broker/")] = bytes(msg.payload)
+        if all(n in seen for n in names):
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(address.username, address.password)
+    client.on_message = on_message
+    client.on_connect = lambda c, *_: [c.subscribe(f"$SYS/broker/{n}", 0) for n in names]
+    try:
+        client.connect(address.host, address.port)
+        client.loop_start()
+        done.wait(timeout_s)
+    except OSError:
+        return {}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return seen
+
+
 def bridge_user(edge: str) -> str:
     """The account (and client id) of a site's bridge on the cloud broker."""
     return f"bridge-{edge}"
@@ -133,27 +161,9 @@ class BridgedBrokers:
 
     def bridge_state(self, edge: str, timeout_s: float = 2.0) -> bool | None:
         """The site bridge's retained notification: True connected, False down, None not seen in time."""
-        seen: list[bytes] = []
-        got = threading.Event()
-        addr = self.site_admin(edge)
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{edge}-{time.monotonic_ns()}",
-                             protocol=mqtt.MQTTv5)
-        client.username_pw_set(addr.username, addr.password)
-
-        def on_message(_c, _u, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
-            seen.append(bytes(msg.payload))
-            got.set()
-
-        client.on_message = on_message
-        client.on_connect = lambda c, *_: c.subscribe(f"$SYS/broker/connection/{bridge_user(edge)}/state", 0)
-        try:
-            client.connect(addr.host, addr.port)
-            client.loop_start()
-            got.wait(timeout_s)
-        finally:
-            client.disconnect()
-            client.loop_stop()
-        return None if not seen else seen[-1] == b"1"
+        name = f"connection/{bridge_user(edge)}/state"
+        state = read_sys(self.site_admin(edge), (name,), timeout_s).get(name)
+        return None if state is None else state == b"1"
 
     def wait_bridged(self, edge: str, timeout_s: float) -> None:
         """Block until the site's bridge reports itself connected; TimeoutError naming the site otherwise."""
