@@ -99,3 +99,23 @@ def test_password_hash_is_salted_pbkdf2() -> None:
     a, b = hash_password("secret"), hash_password("secret")
     assert a.startswith("$7$101$") and a != b
     assert hash_password("secret", salt=b"x" * 12) == hash_password("secret", salt=b"x" * 12)
+
+
+def test_a_fresh_sys_read_counts_publishes_made_just_before_it(broker) -> None:
+    """The retained $SYS counter is the broker's last cycle (up to 3 s old); a fresh read waits for a live one,
+    so publishes made a moment before the read are in it (the deploy report's per-broker message totals)."""
+    from fedhlm.transport.topology import read_sys
+
+    name = "publish/messages/received"
+    before = int(read_sys(broker.address("admin"), (name,), 5.0, fresh=True)[name])
+    admin = broker.address("admin")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(admin.username, admin.password)
+    client.connect(admin.host, admin.port)
+    client.loop_start()
+    for _ in range(25):
+        client.publish("fedhlm/v1/probe", b"x", qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    after = int(read_sys(admin, (name,), 5.0, fresh=True)[name])
+    assert after - before >= 25, (before, after)

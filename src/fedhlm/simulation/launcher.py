@@ -261,10 +261,16 @@ class Launcher:
         from fedhlm.simulation.run import process_peak_rss_mb
         from fedhlm.transport.topology import read_sys
 
+        from concurrent.futures import ThreadPoolExecutor
+
+        brokers = self.topology.brokers()
+        names = ("publish/messages/received", "publish/messages/sent")
+        with ThreadPoolExecutor(max_workers=min(16, len(brokers))) as pool:  # a live $SYS cycle is up to 3 s away
+            read = pool.map(lambda b: read_sys(b.address("admin"), names, 5.0, fresh=True), brokers.values())
+            counted = dict(zip(brokers, read))
         out = {}
-        for name, broker in self.topology.brokers().items():
-            counts = read_sys(broker.address("admin"), ("publish/messages/received", "publish/messages/sent"), 3.0)
-            number = {k: int(v) for k, v in counts.items() if v.isdigit()}
+        for name, broker in brokers.items():
+            number = {k: int(v) for k, v in counted[name].items() if v.isdigit()}
             out[name] = {"peak_rss_mb": process_peak_rss_mb(broker.pid),
                          "publish_received": number.get("publish/messages/received"),
                          "publish_sent": number.get("publish/messages/sent")}

@@ -65,32 +65,49 @@ class FlatBrokers:
         self.broker.__exit__(*exc)
 
 
-def read_sys(address: BrokerAddress, names: tuple[str, ...], timeout_s: float = 2.0) -> dict[str, bytes]:
+def read_sys(address: BrokerAddress, names: tuple[str, ...], timeout_s: float = 2.0,
+             fresh: bool = False) -> dict[str, bytes]:
     """A broker's retained `$SYS/broker/<name>` values (bridge states, message counters), read by a short-lived
-    connection as `address` (an admin account); the names not seen within `timeout_s` are missing."""
+    connection as `address` (an admin account); the names not seen within `timeout_s` are missing.
+
+    A retained counter is the value of the broker's last `$SYS` cycle, which may lie well before the read
+    (seen: totals of 0 read 20 s into a busy run). `fresh` waits for a live cycle instead: the broker publishes
+    `uptime` first in each cycle and the counters that changed right after it, so the values held a moment
+    after a live `uptime` are current (a counter that did not change keeps its retained value)."""
     seen: dict[str, bytes] = {}
+    live = threading.Event()
     done = threading.Event()
 
     def on_message(_c, _u, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
-        seen[msg.topic.removeprefix("$SYS/broker/")] = bytes(msg.payload)
-        if all(n in seen for n in names):
+        name = msg.topic.removeprefix("$SYS/broker/")
+        if name == "uptime" and fresh:
+            if not msg.retain:
+                live.set()
+            return
+        seen[name] = bytes(msg.payload)
+        if all(n in seen for n in names) and not fresh:
             done.set()
 
+    topics = names + ("uptime",) if fresh else names
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
                          protocol=mqtt.MQTTv5)
     client.username_pw_set(address.username, address.password)
     client.on_message = on_message
-    client.on_connect = lambda c, *_: [c.subscribe(f"$SYS/broker/{n}", 0) for n in names]
+    client.on_connect = lambda c, *_: [c.subscribe(f"$SYS/broker/{n}", 0) for n in topics]
     try:
         client.connect(address.host, address.port)
         client.loop_start()
-        done.wait(timeout_s)
+        if fresh:
+            if live.wait(timeout_s):
+                time.sleep(0.3)  # the rest of that cycle's messages
+        else:
+            done.wait(timeout_s)
     except OSError:
         return {}
     finally:
         client.disconnect()
         client.loop_stop()
-    return seen
+    return dict(seen)
 
 
 def bridge_user(edge: str) -> str:
