@@ -202,6 +202,9 @@ def test_an_integer_where_the_schema_says_number_decodes_as_a_float() -> None:
         (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [2], "data": "text"})}), "field_type"),
         (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [2], "data": bytes(7)})}), "array_length"),
         (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [3], "data": bytes(8)})}), "array_length"),
+        # shapes numpy itself refuses with a plain ValueError (issue 19): 65 dimensions, an extent past 2**63
+        (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [1] * 65, "data": bytes(4)})}), "field_type"),
+        (pack({"v": 1, "t": "token_request", "b": body(topk_probs={"dtype": "<f4", "shape": [0, 2**64 - 1], "data": b""})}), "field_type"),
         (pack({"v": 1, "t": "token_request", "b": body(tail_mass=float("nan"))}), "non_finite"),
         (pack({"v": 1, "t": "token_request", "b": body(features={"dtype": "<f4", "shape": [1],
                                                                 "data": np.array([np.inf], "<f4").tobytes()})}), "non_finite"),

@@ -39,6 +39,7 @@ from fedhlm.transport.messages import (
 
 # Mosquitto refuses packets over 256 KiB (broker/mosquitto.conf); keep 1 KiB for topic and properties.
 MAX_PAYLOAD_BYTES = 255 * 1024
+MAX_ARRAY_DIMS = 4  # no field has more than 2; numpy refuses more than 64 with a plain ValueError
 
 # which message each topic carries (the channel -> message map of the AsyncAPI document)
 TOPIC_PAYLOADS: dict[str, type[Message]] = {
@@ -212,6 +213,9 @@ def _unpack_array(value: Any, dtype: str, where: str) -> np.ndarray:
         raise DecodeError("field_type", f"{where}: data is {type(data).__name__}, expected bin")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise DecodeError("field_type", f"{where}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_ARRAY_DIMS or any(n > MAX_PAYLOAD_BYTES for n in shape):
+        raise DecodeError("field_type", f"{where}: shape {shape[:MAX_ARRAY_DIMS + 1]} has more than {MAX_ARRAY_DIMS} "
+                                        f"dimensions or an extent no payload can fill")
     itemsize = np.dtype(dtype).itemsize
     if len(data) % itemsize:
         raise DecodeError("array_length", f"{where}: {len(data)} B is not a multiple of {dtype} ({itemsize} B)")
