@@ -84,6 +84,15 @@ def test_filters_match_exactly_their_topics() -> None:
 
 def test_all_templates_cover_every_builder_once() -> None:
     templates = topics.all_topic_templates()
-    assert len(templates) == len(set(templates)) == 11
+    assert len(templates) == len(set(templates)) == 14
     assert all(t.startswith(topics.PREFIX + "/") for t in templates)
     assert set(topics.KINDS) == set(topics.TEMPLATES)
+
+
+def test_session_topics_are_llm_traffic_that_a_shared_subscription_matches() -> None:
+    assert topics.llm_session_shared("llm") == "$share/llm/" + topics.llm_session()
+    assert topics.parse(topics.client_llm_miss("c0")) == ("client_llm_miss", {"client_id": "c0"})
+    assert {topics.kind_of(t) for t in (topics.llm_session(), topics.llm_session_end(), topics.client_llm_miss("c0"))} \
+        == {"llm"}
+    # a session end is not a session token: the worker's subscription to one does not deliver the other
+    assert not mqtt.topic_matches_sub(topics.llm_session(), topics.llm_session_end())

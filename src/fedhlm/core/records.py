@@ -72,6 +72,28 @@ class Drafter(Protocol):
     def represent(self, uids: Sequence[int]) -> tuple[list[Any], float]: ...  # vectors, compute seconds
 
 
+@dataclass(frozen=True)
+class NextToken:
+    """A generating SLM's proposal for the next token of its sequence: the draft, what the client uploads
+    when it offloads it (top-k and tail mass) and the features its threshold head reads."""
+
+    draft_token: int
+    topk_ids: np.ndarray  # int32
+    topk_probs: np.ndarray  # float32
+    tail_mass: float
+    features: np.ndarray  # float32, entropy first (the basic feature set)
+    ms: float  # the SLM's compute time for this step
+
+
+class SequenceDrafter(Protocol):
+    """A client's SLM generating one sequence at a time, keeping its own KV cache: `open` reads the prompt,
+    `append` the token the client settled on; each returns the proposal for the position after."""
+
+    def open(self, prompt_ids: Sequence[int]) -> NextToken: ...
+
+    def append(self, token: int) -> NextToken: ...
+
+
 @dataclass
 class ByteCounts:
     """Bytes seen at the clients' endpoints: uplink = published, downlink = received."""
@@ -104,10 +126,13 @@ class ModelLimits:
     vocab_size: int
     max_positions: int
 
-    def problem(self, context_ids: np.ndarray, topk_ids: np.ndarray, draft_token: int) -> tuple[str, str] | None:
-        """(kind, message) of why a request cannot be verified by this model; None when it can."""
-        if context_ids.size > self.max_positions:
-            return "context_length", f"context of {context_ids.size} tokens exceeds the model's {self.max_positions} positions"
+    def problem(self, context_ids: np.ndarray, topk_ids: np.ndarray, draft_token: int,
+                start: int = 0) -> tuple[str, str] | None:
+        """(kind, message) of why a request cannot be verified by this model; None when it can. `start`: the
+        position of context_ids[0] in a session's sequence (the tokens before it are in the session)."""
+        if start + context_ids.size > self.max_positions:
+            return "context_length", (f"context of {start + context_ids.size} tokens exceeds the model's "
+                                      f"{self.max_positions} positions")
         if context_ids.size and int(context_ids.max()) >= self.vocab_size:
             return "context_id", f"context token id {int(context_ids.max())} >= vocabulary size {self.vocab_size}"
         if topk_ids.size and int(topk_ids.max()) >= self.vocab_size:

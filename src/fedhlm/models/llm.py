@@ -10,6 +10,7 @@ contact, so a verification encodes those few tokens, never the whole prefix agai
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +33,13 @@ class SessionMismatch(LookupError):
 
 @dataclass
 class Session:
-    """One generation session: its KV cache, how many tokens it holds and q after the last one."""
+    """One generation session: its KV cache, how many tokens it holds, q after the last one and when it was
+    last used (monotonic seconds: a session whose client died expires after a TTL)."""
 
     cache: Any
     length: int
     q: torch.Tensor
+    used: float = 0.0
 
 
 class LLMRefiner(NextTokenClassifier):
@@ -113,6 +116,7 @@ class LLMRefiner(NextTokenClassifier):
         elif session.length != start:
             raise SessionMismatch(f"session {session_id}: holds {session.length} tokens, request starts at {start}; resend from 0")
         if session is not None and ids.shape[1] == 0:
+            session.used = time.monotonic()
             self.sessions.move_to_end(session_id)
             return session.q
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -121,7 +125,7 @@ class LLMRefiner(NextTokenClassifier):
         with self.serving():
             logits, cache = extend_cache(self.model, ids, None if session is None else session.cache)
         q = torch.softmax(logits.float(), dim=-1)
-        self.sessions[session_id] = Session(cache=cache, length=cache_length(cache), q=q)
+        self.sessions[session_id] = Session(cache=cache, length=cache_length(cache), q=q, used=time.monotonic())
         self.sessions.move_to_end(session_id)
         while len(self.sessions) > self.max_sessions:
             evicted, _ = self.sessions.popitem(last=False)
@@ -159,6 +163,19 @@ class LLMRefiner(NextTokenClassifier):
     def end_session(self, session_id: str) -> bool:
         """Drop a finished session's cache; False when it was not held."""
         return self.sessions.pop(session_id, None) is not None
+
+    def held(self, session_id: str) -> int:
+        """Tokens held of a session (0: none)."""
+        session = self.sessions.get(session_id)
+        return 0 if session is None else session.length
+
+    def expire_sessions(self, ttl_s: float, now: float | None = None) -> list[str]:
+        """Drop the sessions unused for more than `ttl_s` (their clients died or forgot to end them)."""
+        now = time.monotonic() if now is None else now
+        stale = [sid for sid, session in self.sessions.items() if now - session.used > ttl_s]
+        for sid in stale:
+            del self.sessions[sid]
+        return stale
 
     @torch.no_grad()
     def reencoded_q(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,11 @@ class ServingLLM:
         self.llm = LLMRefiner(pretrained=str(folder), task=config["model"]["task"]).eval()
         self.tokenizer = self.llm.tokenizer
 
+    @property
+    def sessions(self) -> LLMRefiner:
+        """Generation sessions (per-sequence KV caches) live in the refiner itself."""
+        return self.llm
+
     def limits(self) -> ModelLimits:
         """The vocabulary and positions a request to this LLM must stay within."""
         config = self.llm.model.config

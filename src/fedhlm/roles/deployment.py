@@ -23,7 +23,7 @@ from fedhlm.roles.client import Client, RoutingHead
 from fedhlm.roles.cloud import CloudServer
 from fedhlm.roles.edge import EdgeServer
 from fedhlm.roles.edge_cache import EdgeResolver
-from fedhlm.roles.llm_service import LLMService
+from fedhlm.roles.llm_service import LLMService, SessionVerifier, SharedSessions
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.network import Network, OwnThreads, SharedLoop
@@ -44,6 +44,7 @@ class DeploymentSpec:
     drafter: Drafter | None = None  # the clients' SLM (one model instance; each client drafts its own inputs)
     pad_id: int = 0
     llm_limits: ModelLimits | None = None  # the LLM's vocabulary and positions, checked per request
+    llm_sessions: SessionVerifier | None = None  # the LLM's generation sessions (None: it keeps none)
     embedding_dim: int = 384
     checkpoint_dir: Path | None = None
     llm_workers: int = 1
@@ -92,10 +93,12 @@ class Deployment:
     def _start(self) -> "Deployment":
         spec = self.spec
         fed, seed = spec.client.federation, spec.client.seed
+        sessions = SharedSessions(spec.llm_sessions) if spec.llm_sessions is not None else None
         for i in range(spec.llm_workers):
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.client.routing.verify,
                                 pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits,
-                                max_age_s=spec.client.routing.llm_timeout_s)  # older: its client gave up on it
+                                max_age_s=spec.client.routing.llm_timeout_s,  # older: its client gave up on it
+                                sessions=sessions)
             self.llm.append(worker.start())
         p2p = spec.client.p2p
         if spec.federated or spec.neighbour_p2p or p2p.through_edge:  # edges also relay or answer peer queries

@@ -9,6 +9,11 @@ worker delays the others by one slot per batch, its own oldest requests are drop
 `per_client_queue`, and a request is dropped unserved once its client has given up on it: when its
 MQTT v5 Message Expiry (the client's timeout, counted down by the broker while it held the request)
 runs out, or, for a client that sets none, after `max_age_s`.
+
+Generation sessions (`SessionToken` on `fedhlm/v1/llm/session`) are verified one at a time in the
+session's KV cache (`sessions`, the refiner's), which only grows by the tokens each request adds; a
+token the worker cannot continue is answered with a `SessionMiss`. Sessions end on a `SessionEnd`
+or after `session_ttl_s` unused, so a client that dies mid-sequence leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,9 +35,49 @@ from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Inbound
 from fedhlm.transport.network import Network, OwnThreads
-from fedhlm.transport.messages import LLMVerdict, TokenRequest
+from fedhlm.transport.messages import LLMVerdict, SessionEnd, SessionMiss, SessionToken, TokenRequest
 
 log = logging.getLogger(__name__)
+
+class SessionVerifier(Protocol):
+    """What the service needs of an LLM that keeps generation sessions (`models.llm.LLMRefiner`)."""
+
+    def verify_in_session(self, session_id: str, token_ids: Sequence[int], start: int, topk_ids: torch.Tensor,
+                          topk_probs: torch.Tensor, tail_mass: float | None, draft_token: int,
+                          generator: torch.Generator | None = None, *,
+                          mode: VerifyMode) -> tuple[bool, int, float, float]: ...
+
+    def end_session(self, session_id: str) -> bool: ...
+
+    def held(self, session_id: str) -> int: ...
+
+    def expire_sessions(self, ttl_s: float) -> list[str]: ...
+
+
+class SharedSessions:
+    """One LLM's sessions served by several in-process workers: one session call at a time (a KV cache and
+    the LRU that holds it are not thread-safe), so every worker continues every session."""
+
+    def __init__(self, sessions: SessionVerifier) -> None:
+        self._sessions = sessions
+        self._lock = threading.Lock()
+
+    def verify_in_session(self, *args, **kwargs) -> tuple[bool, int, float, float]:  # noqa: ANN002, ANN003
+        with self._lock:
+            return self._sessions.verify_in_session(*args, **kwargs)
+
+    def end_session(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.end_session(session_id)
+
+    def held(self, session_id: str) -> int:
+        with self._lock:
+            return self._sessions.held(session_id)
+
+    def expire_sessions(self, ttl_s: float) -> list[str]:
+        with self._lock:
+            return self._sessions.expire_sessions(ttl_s)
+
 
 @dataclass
 class LLMServiceStats:
@@ -39,6 +86,11 @@ class LLMServiceStats:
     errors: int = 0
     compute_s: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> requests dropped unanswered
+    session_tokens: int = 0  # verified in a session
+    session_new_tokens: int = 0  # tokens those requests added to their sessions (what the LLM encoded)
+    session_misses: int = 0
+    sessions_ended: int = 0
+    sessions_expired: int = 0
 
 
 class LLMService:
@@ -59,8 +111,12 @@ class LLMService:
         limits: ModelLimits | None = None,
         per_client_queue: int = 64,
         max_age_s: float | None = None,
+        sessions: SessionVerifier | None = None,
+        session_ttl_s: float = 60.0,
     ) -> None:
         self.q_fn = q_fn
+        self.sessions = sessions  # None: this LLM keeps no sessions (a session token is refused, counted)
+        self.session_ttl_s = session_ttl_s
         self.limits = limits  # None: only the schema's checks (a test's synthetic q function)
         self.group = group
         self.mode: VerifyMode = mode
@@ -76,6 +132,8 @@ class LLMService:
 
     def start(self, timeout_s: float = 10.0) -> "LLMService":
         self.endpoint.subscribe(topics.llm_request_shared(self.group), self._on_request, qos=1)
+        self.endpoint.subscribe(topics.llm_session_shared(self.group), self._on_request, qos=1)
+        self.endpoint.subscribe(topics.llm_session_end_shared(self.group), self._on_session_end, qos=1)
         self.endpoint.start().wait_connected(timeout_s)
         self._thread.start()
         return self
@@ -88,7 +146,7 @@ class LLMService:
         self.endpoint.close()
 
     def _on_request(self, inbound: Inbound) -> None:
-        if not isinstance(inbound.message, TokenRequest):
+        if not isinstance(inbound.message, (TokenRequest, SessionToken)):
             log.warning("llm: dropped %s on %s: not a token request", type(inbound.message).__name__, inbound.topic)
             return
         if not inbound.response_topic:
@@ -101,11 +159,23 @@ class LLMService:
             self._reject(r.client_id, "response_topic", f"response topic {inbound.response_topic!r} is not "
                          f"{r.client_id}'s reply topic")
             return
-        problem = self.limits.problem(r.context_ids, r.topk_ids, r.draft_token) if self.limits else None
+        if isinstance(r, SessionToken):
+            if self.sessions is None:
+                self._reject(r.client_id, "no_sessions", "this LLM keeps no generation sessions")
+                return
+            problem = self.limits.problem(r.new_ids, r.topk_ids, r.draft_token, r.start) if self.limits else None
+        else:
+            problem = self.limits.problem(r.context_ids, r.topk_ids, r.draft_token) if self.limits else None
         if problem is not None:
             self._reject(r.client_id, *problem)
             return
         self._queue.put(r.client_id, inbound, ttl_s=inbound.expiry_s)
+
+    def _on_session_end(self, inbound: Inbound) -> None:
+        end = inbound.message
+        if not isinstance(end, SessionEnd) or self.sessions is None:
+            return
+        self._queue.put(end.client_id, inbound)  # on the serving thread: the sessions are not shared with this one
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -122,6 +192,9 @@ class LLMService:
     def _serve(self) -> None:
         while not self._stopping.is_set():
             batch = self._queue.take(self.max_batch, timeout_s=0.5, linger_s=self.max_wait_s)
+            if self.sessions is not None:
+                self.stats.sessions_expired += len(self.sessions.expire_sessions(self.session_ttl_s))
+            batch = [b for b in batch if not self._serve_session(b)]
             if not batch:
                 continue
             try:
@@ -153,3 +226,45 @@ class LLMService:
                 llm_ms=elapsed_ms,
             )
             self.endpoint.reply(inbound, verdict, qos=1)
+
+    def _serve_session(self, inbound: Inbound) -> bool:
+        """Serve a session token or end (True), one at a time in its KV cache; False: a one-token request."""
+        message = inbound.message
+        if isinstance(message, SessionEnd):
+            if self.sessions is not None and self.sessions.end_session(_session_key(message)):
+                self.stats.sessions_ended += 1
+            return True
+        if not isinstance(message, SessionToken):
+            return False
+        key = _session_key(message)
+        start = time.perf_counter()
+        try:
+            accepted, final, beta, q_draft = self.sessions.verify_in_session(  # type: ignore[union-attr]
+                key, message.new_ids.tolist(), message.start, torch.from_numpy(message.topk_ids.astype("int64")),
+                torch.from_numpy(message.topk_probs.astype("float32")), None, message.draft_token,
+                self.generator, mode=self.mode)
+        except LookupError:  # models.llm.SessionMismatch: evicted, expired, another worker's, out of step
+            self.stats.session_misses += 1
+            held = self.sessions.held(key)  # type: ignore[union-attr]
+            miss = SessionMiss(message.client_id, message.session_id, message.seq, held)
+            self.endpoint.answer_on(topics.client_llm_miss(message.client_id), inbound, miss, qos=1)
+            return True
+        except Exception as exc:  # a bad request must not take the worker down
+            self.stats.errors += 1
+            self._reject(message.client_id, "verification_failed", f"{type(exc).__name__}: {exc}")
+            return True
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        self.stats.requests += 1
+        self.stats.session_tokens += 1
+        self.stats.session_new_tokens += int(message.new_ids.size)
+        self.stats.compute_s += elapsed_ms / 1000.0
+        verdict = LLMVerdict(client_id=message.client_id, session_id=message.session_id, seq=message.seq,
+                             accepted=bool(accepted), final_token=int(final), beta=min(1.0, max(0.0, float(beta))),
+                             q_draft=min(1.0, max(0.0, float(q_draft))), llm_ms=elapsed_ms)
+        self.endpoint.reply(inbound, verdict, qos=1)
+        return True
+
+
+def _session_key(message: SessionToken | SessionEnd) -> str:
+    """Sessions are held per client: one client's session id never reaches another client's cache."""
+    return f"{message.client_id}/{message.session_id}"

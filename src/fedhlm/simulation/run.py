@@ -127,6 +127,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
         assignment=plan.assignment, client=settings,
         head_factory=lambda: TorchHead(routing_head(cfg.routing, prep.init_tau, cfg.seed), engine=cfg.routing.fit_engine),
         q_fn=models.q_fn, class_of=models.class_of, drafter=drafter, llm_limits=models.llm_limits(),
+        llm_sessions=getattr(models.serving, "sessions", None),
         pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=prep.embedding_dim,
     )
     users = {**{c: "client" for c in plan.assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",

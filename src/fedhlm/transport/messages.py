@@ -227,21 +227,7 @@ class TokenRequest(Message):
         if (self.context_ids < 0).any():
             self._fail("context_ids", "token ids must be non-negative")
         _check_token(self, "draft_token", self.draft_token)
-        k = self.topk_ids.size
-        if k == 0:
-            self._fail("topk_ids", "top-k is empty")
-        if (self.topk_ids < 0).any():
-            self._fail("topk_ids", "token ids must be non-negative")
-        if np.unique(self.topk_ids).size != k:
-            self._fail("topk_ids", "token ids must be distinct")
-        if self.topk_probs.shape != (k,):
-            self._fail("topk_probs", f"expected {k} probabilities to match topk_ids, got {self.topk_probs.size}")
-        if ((self.topk_probs < 0) | (self.topk_probs > 1)).any():
-            self._fail("topk_probs", "probabilities must be in [0, 1]")
-        _check_unit(self, "tail_mass", self.tail_mass)
-        total = float(self.topk_probs.astype(np.float64).sum()) + self.tail_mass
-        if abs(total - 1.0) > PROB_SUM_TOLERANCE:
-            self._fail("tail_mass", f"sum(topk_probs) + tail_mass = {total:.6f}, expected 1 within {PROB_SUM_TOLERANCE}")
+        _check_topk(self, self.topk_ids, self.topk_probs, self.tail_mass)
 
 
 @dataclass(frozen=True, eq=False)
@@ -289,6 +275,81 @@ class LLMVerdict(Message):
         _check_unit(self, "q_draft", self.q_draft)
         if self.llm_ms < 0:
             self._fail("llm_ms", f"must be >= 0, got {self.llm_ms}")
+
+
+def _check_topk(message: Message, topk_ids: np.ndarray, topk_probs: np.ndarray, tail_mass: float) -> None:
+    """The shared checks of an uploaded top-k: distinct non-negative ids, one probability each, summing to 1."""
+    k = topk_ids.size
+    if k == 0:
+        message._fail("topk_ids", "top-k is empty")
+    if (topk_ids < 0).any():
+        message._fail("topk_ids", "token ids must be non-negative")
+    if np.unique(topk_ids).size != k:
+        message._fail("topk_ids", "token ids must be distinct")
+    if topk_probs.shape != (k,):
+        message._fail("topk_probs", f"expected {k} probabilities to match topk_ids, got {topk_probs.size}")
+    if ((topk_probs < 0) | (topk_probs > 1)).any():
+        message._fail("topk_probs", "probabilities must be in [0, 1]")
+    _check_unit(message, "tail_mass", tail_mass)
+    total = float(topk_probs.astype(np.float64).sum()) + tail_mass
+    if abs(total - 1.0) > PROB_SUM_TOLERANCE:
+        message._fail("tail_mass", f"sum(topk_probs) + tail_mass = {total:.6f}, expected 1 within {PROB_SUM_TOLERANCE}")
+
+
+@dataclass(frozen=True, eq=False)
+class SessionToken(Message):
+    """One drafted token of a generation, verified in the LLM's session of this sequence.
+
+    A session holds the KV cache of the confirmed tokens of one sequence: the first request
+    (`start` 0) carries the whole prefix, a later one only the tokens from position `start` on
+    (those generated since the last verdict, the last verdict's own token first), so the uplink
+    of a token does not grow with the sequence. Only what verification needs travels: no
+    features, no round; the probabilities as float16. A refiner that does not hold the session
+    at `start` answers a SessionMiss and the client sends the prefix again from 0.
+    """
+
+    TYPE: ClassVar[str] = "session_token"
+
+    client_id: Id
+    session_id: Id  # chosen at random by the client: another client cannot guess it to end the session
+    seq: int
+    start: int  # position of new_ids[0] in the sequence
+    new_ids: TokenIds  # the tokens from `start` to the drafted position
+    draft_token: int
+    topk_ids: TokenIds
+    topk_probs: Float16Array
+    tail_mass: float
+
+    def _check(self) -> None:
+        if self.new_ids.size == 0:
+            self._fail("new_ids", "a session token carries at least one new token")
+        if (self.new_ids < 0).any():
+            self._fail("new_ids", "token ids must be non-negative")
+        _check_token(self, "draft_token", self.draft_token)
+        _check_topk(self, self.topk_ids, self.topk_probs, self.tail_mass)
+
+
+@dataclass(frozen=True, eq=False)
+class SessionEnd(Message):
+    """The client is done with a sequence: the refiner drops its KV cache now instead of at its TTL."""
+
+    TYPE: ClassVar[str] = "session_end"
+
+    client_id: Id
+    session_id: Id
+
+
+@dataclass(frozen=True, eq=False)
+class SessionMiss(Message):
+    """The refiner's answer to a SessionToken it cannot continue (session evicted, expired, held by another
+    worker, or out of step): it holds `held` tokens of it (0: none); the client resends from position 0."""
+
+    TYPE: ClassVar[str] = "session_miss"
+
+    client_id: Id
+    session_id: Id
+    seq: int
+    held: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -402,5 +463,6 @@ class ClientStatus(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (TokenRequest, ResolveRequest, CacheEntry, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel, ClientStatus)
+    for cls in (TokenRequest, ResolveRequest, CacheEntry, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel,
+                ClientStatus, SessionToken, SessionEnd, SessionMiss)
 }

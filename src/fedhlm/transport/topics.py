@@ -24,6 +24,9 @@ TEMPLATES: dict[str, str] = {
     "edge_p2p_entry": PREFIX + "/edge/{edge_id}/p2p/entry",
     "llm_request": PREFIX + "/llm/request",
     "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
+    "llm_session": PREFIX + "/llm/session",
+    "llm_session_end": PREFIX + "/llm/session/end",
+    "client_llm_miss": PREFIX + "/client/{client_id}/llm/miss",
     "edge_update": PREFIX + "/edge/{edge_id}/update/{client_id}",
     "edge_model": PREFIX + "/edge/{edge_id}/model",
     "global_update": PREFIX + "/global/update/{edge_id}",
@@ -39,6 +42,9 @@ KINDS: dict[str, str] = {
     "edge_p2p_entry": "p2p",
     "llm_request": "llm",
     "client_llm_reply": "llm",
+    "llm_session": "llm",
+    "llm_session_end": "llm",
+    "client_llm_miss": "llm",
     "edge_update": "fl",
     "edge_model": "fl",
     "global_update": "fl",
@@ -129,6 +135,31 @@ def llm_request_shared(group: str) -> str:
 def client_llm_reply(client_id: str) -> str:
     """LLM verdicts for one client (its Response Topic for LLM requests)."""
     return _build("client_llm_reply", client_id=client_id)
+
+
+def llm_session() -> str:
+    """Drafted tokens of generations, verified in the LLM's per-sequence sessions (KV caches)."""
+    return TEMPLATES["llm_session"]
+
+
+def llm_session_shared(group: str) -> str:
+    """The workers' shared subscription to session tokens (a session lives on the worker that holds it: a
+    token that reaches another worker is answered with a SessionMiss and sent again from position 0)."""
+    return f"$share/{validate_id(group, 'group')}/{llm_session()}"
+
+
+def llm_session_end() -> str:
+    """A client's explicit end of a generation session."""
+    return TEMPLATES["llm_session_end"]
+
+
+def llm_session_end_shared(group: str) -> str:
+    return f"$share/{validate_id(group, 'group')}/{llm_session_end()}"
+
+
+def client_llm_miss(client_id: str) -> str:
+    """Where the LLM tells one client that it does not hold a session at the position asked."""
+    return _build("client_llm_miss", client_id=client_id)
 
 
 def edge_update(edge_id: str, client_id: str) -> str:

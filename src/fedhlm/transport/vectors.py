@@ -26,6 +26,9 @@ from fedhlm.transport.messages import (
     PeerQuery,
     PeerReply,
     ResolveRequest,
+    SessionEnd,
+    SessionMiss,
+    SessionToken,
     ThresholdModel,
     ThresholdUpdate,
     TokenRequest,
@@ -55,6 +58,17 @@ def golden_messages() -> dict[str, Message]:
             context_ids=[101], draft_token=7, topk_ids=[7], topk_probs=[0.9375], tail_mass=0.0625,
             features=[], reason="exploration",
         ),
+        "session_token_open": SessionToken(
+            client_id="c0", session_id="9f3a1c2e", seq=11, start=0,
+            new_ids=[101, 2054, 2003, 1996, 3007, 102, 2047], draft_token=3000,
+            topk_ids=[3000, 3001, 4000, 5000], topk_probs=[0.5, 0.25, 0.125, 0.0625], tail_mass=0.0625,
+        ),
+        "session_token_continue": SessionToken(
+            client_id="c0", session_id="9f3a1c2e", seq=12, start=8, new_ids=[3001, 2000],
+            draft_token=2001, topk_ids=[2001, 2002], topk_probs=[0.75, 0.125], tail_mass=0.125,
+        ),
+        "session_end": SessionEnd(client_id="c0", session_id="9f3a1c2e"),
+        "session_miss": SessionMiss(client_id="c0", session_id="9f3a1c2e", seq=12, held=0),
         "resolve_request_simhash": ResolveRequest(
             client_id="c0", session_id="s-0003", seq=9, round=3,
             context_ids=[101, 2054, 2003, 102], draft_token=3000, topk_ids=[3000, 3001],

@@ -1,0 +1,151 @@
+"""Multi-token generation through the router over a real Mosquitto (issue 18): sessions, per-token uplink,
+greedy equivalences, and no session left behind by a client that dies."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedhlm.core.settings import ClientSettings, P2PSettings, RoutingSettings
+from fedhlm.data import load_tokenizer
+from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.backbone import BackboneSpec, build_bert_decoder, next_token_logits, save_model
+from fedhlm.models.generation import SLMSequenceDrafter
+from fedhlm.models.head_fit import TorchHead
+from fedhlm.models.llm import LLMRefiner
+from fedhlm.roles.client import Client
+from fedhlm.roles.generation import SessionRouter
+from fedhlm.roles.llm_service import LLMService
+from fedhlm.transport import topics
+from fedhlm.transport.endpoint import Endpoint
+from fedhlm.transport.messages import LLMVerdict, SessionMiss, SessionToken
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, tokenizer) -> LLMRefiner:
+    model = build_bert_decoder(BackboneSpec(**TINY, seed=1), vocab_size=len(tokenizer))
+    return LLMRefiner(pretrained=str(save_model(model, tmp_path_factory.mktemp("llm"), tokenizer))).eval()
+
+
+@pytest.fixture(scope="module")
+def slm(tokenizer) -> torch.nn.Module:
+    return build_bert_decoder(BackboneSpec(**TINY, seed=2), vocab_size=len(tokenizer)).eval()
+
+
+@pytest.fixture
+def worker(broker, llm):
+    llm.sessions.clear()
+    q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
+    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=llm, session_ttl_s=1.0).start()
+    yield service
+    service.stop()
+
+
+def client(broker, policy: str, client_id: str = "c0") -> Client:
+    settings = ClientSettings(client_id=client_id, edge_id="e0", policy=policy, p2p=P2PSettings(enabled=False),
+                              routing=RoutingSettings(exploration=0.0, llm_timeout_s=5.0, top_k=4))
+    return Client(settings, broker.address(client_id), TorchHead(ThresholdHead(tau=0.5)), lambda t: t).start()
+
+
+def greedy(next_logits, prompt: list[int], n: int) -> list[int]:
+    """Reference: re-encode the whole prefix at every step and take the argmax."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(next_logits(seq).argmax()))
+    return seq[len(prompt):]
+
+
+def slm_logits(slm):
+    def logits(seq: list[int]) -> torch.Tensor:
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            return next_token_logits(slm, ids, torch.ones_like(ids), torch.tensor([len(seq) - 1]))[0]
+    return logits
+
+
+def prompt(tokenizer) -> list[int]:
+    return [tokenizer.cls_token_id, *tokenizer("stocks rallied on tuesday as investors", add_special_tokens=False)["input_ids"]]
+
+
+def test_nothing_offloaded_is_the_slms_greedy_sequence_and_sends_nothing(broker, worker, slm, tokenizer) -> None:
+    c = client(broker, "never")
+    try:
+        gen = SessionRouter(c).generate(SLMSequenceDrafter(slm, top_k=4), prompt(tokenizer), NEW_TOKENS)
+    finally:
+        c.stop()
+    assert gen.tokens == greedy(slm_logits(slm), prompt(tokenizer), NEW_TOKENS)
+    assert {s.route for s in gen.steps} == {"local"} and sum(s.uplink_bytes for s in gen.steps) == 0
+    assert worker.stats.session_tokens == 0
+
+
+def test_everything_offloaded_is_the_llms_greedy_sequence_with_a_growing_session(broker, worker, llm, slm,
+                                                                                 tokenizer) -> None:
+    c = client(broker, "always")
+    try:
+        gen = SessionRouter(c).generate(SLMSequenceDrafter(slm, top_k=4), prompt(tokenizer), NEW_TOKENS)
+        deadline = time.monotonic() + 5
+        while worker.stats.sessions_ended == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        c.stop()
+    assert gen.tokens == greedy(lambda seq: llm.reencoded_q(seq), prompt(tokenizer), NEW_TOKENS)
+    assert all(s.route == "llm" and s.reason == "uncertain" for s in gen.steps)
+    # the prefix went once; every later request carried one token (the previous verdict's): the LLM encoded
+    # prompt + new tokens, not the prefix again for every token
+    assert [s.opened for s in gen.steps] == [True] + [False] * (NEW_TOKENS - 1)
+    assert worker.stats.session_new_tokens == len(prompt(tokenizer)) + NEW_TOKENS - 1
+    first, later = gen.steps[0].uplink_bytes, [s.uplink_bytes for s in gen.steps[1:]]
+    assert max(later) < first and max(later) - min(later) <= 2  # a later token costs the same whatever the length
+    assert worker.stats.sessions_ended == 1 and not llm.sessions  # the explicit end dropped the KV cache
+    assert len(c.pairs()[1]) == NEW_TOKENS  # every verdict is a label for the threshold head
+
+
+def test_a_token_the_worker_cannot_continue_is_answered_with_a_miss(broker, worker, llm) -> None:
+    c = client(broker, "always")
+    try:
+        token = SessionToken(client_id="c0", session_id="dead0001", seq=1, start=5, new_ids=[2000], draft_token=2001,
+                             topk_ids=[2001, 2002], topk_probs=np.array([0.5, 0.5], np.float16), tail_mass=0.0)
+        reply = c.endpoint.request(topics.llm_session(), token, topics.client_llm_reply("c0"), timeout_s=5, qos=1,
+                                   also_on=(topics.client_llm_miss("c0"),))
+        assert isinstance(reply, SessionMiss) and reply.held == 0 and reply.seq == 1
+        opened = SessionToken(client_id="c0", session_id="dead0001", seq=2, start=0, new_ids=[101, 2000, 2001],
+                              draft_token=2001, topk_ids=[2001, 2002], topk_probs=np.array([0.5, 0.5], np.float16),
+                              tail_mass=0.0)
+        reply = c.endpoint.request(topics.llm_session(), opened, topics.client_llm_reply("c0"), timeout_s=5, qos=1,
+                                   also_on=(topics.client_llm_miss("c0"),))
+        assert isinstance(reply, LLMVerdict) and llm.held("c0/dead0001") == 3
+    finally:
+        c.stop()
+
+
+def test_a_client_killed_mid_session_leaves_no_session_after_the_ttl(broker, worker, llm, slm, tokenizer) -> None:
+    """The client opens a session and vanishes without a SessionEnd (its connection dropped, as a kill -9
+    does): the worker's TTL (1 s here) removes the KV cache."""
+    raw = Endpoint(broker.address("c1"), persistent=False).start()
+    try:
+        raw.wait_connected(5)
+        drafter = SLMSequenceDrafter(slm, top_k=4)
+        step = drafter.open(prompt(tokenizer))
+        token = SessionToken(client_id="c1", session_id="abcd0001", seq=1, start=0,
+                             new_ids=np.asarray(prompt(tokenizer), np.int32), draft_token=step.draft_token,
+                             topk_ids=step.topk_ids, topk_probs=step.topk_probs.astype(np.float16),
+                             tail_mass=float(1 - step.topk_probs.astype(np.float16).astype(np.float64).sum()))
+        reply = raw.request(topics.llm_session(), token, topics.client_llm_reply("c1"), timeout_s=5, qos=1)
+        assert isinstance(reply, LLMVerdict) and "c1/abcd0001" in llm.sessions
+    finally:
+        raw.close()  # gone without ending its session
+    deadline = time.monotonic() + 5
+    while "c1/abcd0001" in llm.sessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "c1/abcd0001" not in llm.sessions and worker.stats.sessions_expired == 1
