@@ -149,3 +149,53 @@ def test_a_client_killed_mid_session_leaves_no_session_after_the_ttl(broker, wor
     while "c1/abcd0001" in llm.sessions and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "c1/abcd0001" not in llm.sessions and worker.stats.sessions_expired == 1
+
+
+@pytest.mark.slow
+def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_measures(tmp_path, monkeypatch) -> None:
+    """`fedhlm simulate` with generation.enabled on tiny title models: the LLM-only run is the LLM's own greedy
+    title (agreement 1), the SLM alone sends nothing, FedHLM's heads federate on generation verdicts, and no
+    LLM session outlives its sequence."""
+    import json
+
+    import yaml
+
+    from fedhlm.cli.simulate import main as simulate_main
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    data = {"source": "synthetic", "synthetic_size": 320, "max_length": 24, "batch_size": 32, "seed": 0,
+            "objective": "title"}
+    trainer = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1}
+    for name, seed in (("slm", 2), ("llm", 1)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "model": {"class_path": "fedhlm.models.title_lm.TitleLM",
+                      "init_args": {"pretrained": None, **TINY, "max_position": 64, "seed": seed,
+                                    "prompt_attention": "causal"}},
+            "data": data, "trainer": trainer}))
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
+        "models": {"slm": str(tmp_path / "slm.yaml"), "llm": str(tmp_path / "llm.yaml")},
+        "data": {"source": "synthetic", "inputs": 16}, "methods": ["slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"],
+        "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 6, "reencode_sequences": 3},
+        "routing": {"top_k": 4, "exploration": 0.3, "init_tau": 100.0},  # FedHLM starts local: only exploration sends
+        "federation": {"clients": 4, "edges": 2, "rounds": 2, "cloud_every": 1, "round_deadline_s": 10},
+        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []}))
+    out = tmp_path / "run"
+    rc = simulate_main(["--config", str(tmp_path / "sim.yaml"), "--out", str(out), "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    assert rc == 0 and report["status"] == "complete", report.get("error")
+    m = report["methods"]
+    assert set(m) == {"slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"}
+    assert m["llm_only"]["llm_share"] == 1.0 and m["llm_only"]["token_agreement_with_llm"] == 1.0
+    assert m["slm_only"]["llm_share"] == 0.0 and "bytes" not in m["slm_only"]
+    assert all(x["sequences"] == 16 and 0 <= x["rouge_l"] <= 1 for x in m.values())
+    llm = m["llm_only"]
+    up = llm["uplink_bytes_per_offloaded_token"]
+    assert up["later_max"] < up["first"]  # after the prefix, a token carries only what is new
+    # each title's prompt (at most 24 tokens) went once, then one token per verdict: never the prefix again
+    assert llm["llm_service"]["misses"] == 0
+    assert llm["llm_service"]["new_tokens_encoded"] <= 16 * 24 + llm["tokens"]["generated"]
+    assert all(x["llm_service"]["sessions_left"] == 0 for x in m.values() if x["llm_service"])
+    fed = m["fedhlm_no_p2p"]
+    assert fed["tokens"]["exploration"] > 0 and fed["llm_service"]["session_tokens"] == fed["tokens"]["llm"]
+    assert report["reencode"]["verified_tokens"] > 0 and {t["goal"][:6] for t in report["targets"]} >= {"uplink"}
+    assert (out / "quality_vs_transmissions.png").is_file()

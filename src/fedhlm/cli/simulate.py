@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fedhlm.simulation.config import ConfigError, load_config
+from fedhlm.simulation.generation import simulate_generation
 from fedhlm.simulation.run import simulate
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedhlm.data.reader import DataFileError
 
     try:
-        report = simulate(cfg, out, show_progress=not args.no_progress)
+        run = simulate_generation if cfg.generation.enabled else simulate  # titles token by token, or classification
+        report = run(cfg, out, show_progress=not args.no_progress)
     except (DataFileError, FileNotFoundError, ConnectionError) as exc:  # the report says "failed" too; no traceback
         # for a bad file or an LLM server (models.remote) that cannot be reached
         print(f"fedhlm simulate: {exc}", file=sys.stderr)

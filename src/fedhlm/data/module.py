@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from fedhlm.data.encoding import PromptCollator, load_tokenizer, verbaliser_token_ids
+from fedhlm.data.encoding import load_tokenizer, make_collator, verbaliser_token_ids
 from fedhlm.data.items import NewsItem
 from fedhlm.data.reader import DataFileError
 from fedhlm.data.partition import Splits, partition, split_items, stratified_subset
@@ -47,6 +47,8 @@ class NewsDataModule(LightningDataModule):
         holdout: shares of the training file kept for validation, calibration and - only
             where there is no evaluation file - testing.
         hard_fraction: share of mixed-topic articles in the generated corpus.
+        objective: what a batch is for: "classify" (the prompts above) or "title" (description in,
+            title out: a title-generation language model's training pairs).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class NewsDataModule(LightningDataModule):
         num_workers: int = 0,
         holdout: tuple[float, float, float] = (0.03, 0.03, 0.0),
         hard_fraction: float = 0.2,
+        objective: str = "classify",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,7 +95,8 @@ class NewsDataModule(LightningDataModule):
         self.hard_fraction = hard_fraction
         self.tokenizer = load_tokenizer(tokenizer)
         verbaliser_token_ids(self.tokenizer, self.task)  # a task the tokenizer cannot answer fails here
-        self.collate = PromptCollator(self.tokenizer, max_length, self.task.prompt_suffix)
+        self.objective = objective
+        self.collate = make_collator(objective, self.tokenizer, max_length, self.task)
         self.source_name: str | None = None
         self.corpus: Corpus | None = None
         self.splits: Splits | None = None

@@ -38,7 +38,7 @@ from fedhlm.models.store import METRICS_FILE, jsonable, is_complete, model_dir
 log = logging.getLogger(__name__)
 
 KINDS: dict[str, str] = {"slm": "fedhlm.models.slm.SLMModule", "llm": "fedhlm.models.llm.LLMRefiner",
-                         "head": "fedhlm.models.head_fit.CentralHeadModule"}
+                         "head": "fedhlm.models.head_fit.CentralHeadModule", "gen": "fedhlm.models.title_lm.TitleLM"}
 # what decides the trained weights besides module and data arguments
 TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_batches": None, "accumulate_grad_batches": 1,
                               "precision": None}
@@ -46,7 +46,8 @@ TRAIN_KEYS: dict[str, Any] = {"max_epochs": None, "max_steps": -1, "limit_train_
 # these from the student, and a run warns when its SLM and LLM differ in them (one model's held-out
 # articles would be the other's training articles)
 SPLIT_DATA_KEYS = ("task", "source", "train_path", "eval_path", "seed", "holdout", "synthetic_size")
-DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}, "head": {"max_epochs": 1}}
+DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {"max_epochs": 2}, "head": {"max_epochs": 1},
+                                              "gen": {"max_epochs": 1}}
 # modules whose code decides the trained weights, by module name: the fingerprint reads their source
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
 TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
@@ -54,11 +55,12 @@ TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.m
                  "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
                  "fedhlm.data.partition", "fedhlm.data.task")
 # what else decides a kind's trained weights: the central head fit labels its pairs with the verification maths
-KIND_CODE: dict[str, tuple[str, ...]] = {"head": ("fedhlm.models.head_fit", "fedhlm.maths.speculative")}
+KIND_CODE: dict[str, tuple[str, ...]] = {"head": ("fedhlm.models.head_fit", "fedhlm.maths.speculative"),
+                                         "gen": ("fedhlm.models.title_lm",)}
 
 
 def module_class(kind: str) -> type:
-    """The LightningModule class of a model kind ("slm", "llm" or "head")."""
+    """The LightningModule class of a model kind ("slm", "llm", "head" or "gen")."""
     if kind not in KINDS:
         raise ValueError(f"model kind must be one of {sorted(KINDS)}, got {kind!r}")
     module, name = KINDS[kind].rsplit(".", 1)

@@ -103,6 +103,18 @@ def feature_ablation(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def quality_vs_transmissions(report: dict, path: Path) -> Path:
+    """Generation: one point per method, ROUGE-L of its titles against the share of tokens it sent."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in report["methods"].items():
+        ax.scatter([100 * m["llm_share"]], [m["rouge_l"]], label=name)
+    ax.set_xlabel("tokens sent to the LLM (%)")
+    ax.set_ylabel("ROUGE-L F1 against the real title")
+    ax.set_title("title generation: quality vs transmissions")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_all(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [

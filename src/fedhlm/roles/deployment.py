@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedhlm.core.aggregation import Params
 from fedhlm.core.operating_point import with_curve
@@ -29,6 +29,8 @@ from fedhlm.transport.endpoint import Endpoint
 from fedhlm.transport.network import Network, OwnThreads, SharedLoop
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,19 +135,27 @@ class Deployment:
                   ) -> list[RoutedToken]:
         """Every client serves its items of this round (its own SLM drafts them), then, if federated, trains and
         syncs its head. Items may also be ready `TokenInput`s when the deployment has no drafter."""
+        def serve(client: Client) -> list[RoutedToken]:
+            mine = items.get(client.id, [])
+            return client.serve_round(round_, mine) if client.drafter is not None else client.run_round(round_, mine)
+
+        return [r for records in self.run_clients(round_, serve, skip).values() for r in records]
+
+    def run_clients(self, round_: int, work: Callable[[Client], T], skip: set[str] | None = None) -> dict[str, T]:
+        """Every client (but `skip`) does its `work` of this round side by side, then, if federated, trains and
+        syncs its head; client id -> what its work returned."""
         assert self._pool is not None, "start() first"
         skip = skip or set()
 
-        def one(cid: str) -> list[RoutedToken]:
+        def one(cid: str) -> T:
             client = self.clients[cid]
-            mine = items.get(cid, [])
-            records = client.serve_round(round_, mine) if client.drafter is not None else client.run_round(round_, mine)
+            result = work(client)
             if self.spec.federated:
                 client.finish_round(round_)
-            return records
+            return result
 
-        futures = [self._pool.submit(one, cid) for cid in self.clients if cid not in skip]
-        return [r for f in futures for r in f.result()]
+        futures = {cid: self._pool.submit(one, cid) for cid in self.clients if cid not in skip}
+        return {cid: f.result() for cid, f in futures.items()}
 
     def byte_counts(self) -> ByteCounts:
         """Bytes at the clients' endpoints: what the IoT uplink and downlink carried."""

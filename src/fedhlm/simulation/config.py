@@ -28,7 +28,7 @@ from fedhlm.core.settings import (
     check_choice,
     check_range,
 )
-from fedhlm.simulation.methods import METHOD_NAMES
+from fedhlm.simulation.methods import METHOD_NAMES, METHODS
 
 TopologyName = Literal["flat", "bridged"]  # the keys of transport.topology.TOPOLOGIES
 
@@ -86,6 +86,24 @@ class WorkloadConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Multi-token generation (issue 18): each client writes its test articles' titles from their descriptions,
+    token by token through its router; `models.slm` / `models.llm` are then title models (configs/gen-*.yaml)."""
+
+    enabled: bool = False
+    max_new_tokens: int = 24  # per title; [SEP] ends one earlier
+    calib_prompts: int = 40  # calibration descriptions whose SLM drafts and LLM verdicts fit U-HLM's threshold
+    session_ttl_s: float = 60.0  # an LLM session unused this long is dropped (its client died)
+    reencode_sequences: int = 20  # LLM-only sequences timed with and without session reuse
+
+    def __post_init__(self) -> None:
+        check_range("generation", "max_new_tokens", self.max_new_tokens, 1, 256)
+        check_range("generation", "calib_prompts", self.calib_prompts, 1)
+        check_range("generation", "session_ttl_s", self.session_ttl_s, 0, lo_open=True)
+        check_range("generation", "reencode_sequences", self.reencode_sequences, 0)
+
+
+@dataclass
 class ModelConfig:
     # `fedhlm fit` configs of the two models; a model missing from the cache is trained once from them
     slm: str = "configs/slm.yaml"
@@ -118,6 +136,7 @@ class SimConfig:
     data: DataConfig = field(default_factory=DataConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     p2p: P2PSettings = field(default_factory=P2PSettings)
@@ -156,6 +175,14 @@ class SimConfig:
         if self.broker is not None and self.topology != "flat":
             raise ConfigError(f"topology: {self.topology!r} starts its own brokers; with broker: (your own) it must be "
                               "flat")
+        if self.generation.enabled:
+            for i, m in enumerate(self.methods):
+                if METHODS[m].p2p:
+                    raise ConfigError(f"methods[{i}]: {m} asks peers, which generation does not (yet): use "
+                                      "fedhlm_no_p2p")
+            if self.lambda_sweep or self.delta_sweep:
+                raise ConfigError("lambda_sweep: the sweeps run for classification only; leave them empty with "
+                                  "generation.enabled")
         if self.broker is not None and not self.broker.startswith(("mqtt://", "mqtts://")):
             raise ConfigError(f"broker: must be an mqtt:// or mqtts:// URL, got {self.broker!r}")
 

@@ -14,8 +14,8 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,6 +386,25 @@ def plan_clients(cfg: SimConfig, items: Sequence[Any], num_classes: int) -> Clie
     return ClientPlan(plan_rounds(parts, ids, cfg.federation.rounds), assignment, hist.tolist())
 
 
+@contextmanager
+def reporting(report: dict[str, Any], out_dir: Path, write: Callable[[dict[str, Any], Path], None]) -> Iterator[None]:
+    """A run whose report is written whatever happens: its status on Ctrl-C ("interrupted", what was measured
+    kept) or an error ("failed", re-raised), its wall time; `write` puts it (and its plots) into out_dir."""
+    started = time.time()
+    try:
+        yield
+    except KeyboardInterrupt:
+        report["status"] = "interrupted"
+        print("\n[fedhlm] interrupted: writing what was measured so far", flush=True)
+    except Exception as exc:
+        report["status"] = "failed"
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        report["wall_s"] = round(time.time() - started, 2)
+        write(report, out_dir)
+
+
 def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
     """Run every configured method and the sweeps; write report.json and the plots into out_dir."""
     from tqdm import tqdm
@@ -393,14 +412,13 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     from fedhlm.reporting.summary import check_consistency, per_round
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     report: dict[str, Any] = {"status": "running", "config": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
                               "methods": {}, "rounds": {"by_method": {}}}
     if report["config"].get("broker"):
         from fedhlm.transport.address import redact
 
         report["config"]["broker"] = redact(report["config"]["broker"])
-    try:
+    with reporting(report, out_dir, write_report):
         print("[fedhlm] preparing data and models ...", flush=True)
         prep = prepare(cfg, progress=show_progress)
         raise_if_terminated()
@@ -443,16 +461,6 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         report["degraded"] = {name: m["degraded"] for name, m in report["methods"].items() if m.get("degraded")}
         raise_if_terminated()
         report["status"] = "degraded" if report["degraded"] else "complete"
-    except KeyboardInterrupt:
-        report["status"] = "interrupted"
-        print("\n[fedhlm] interrupted: writing what was measured so far", flush=True)
-    except Exception as exc:
-        report["status"] = "failed"
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        report["wall_s"] = round(time.time() - started, 2)
-        write_report(report, out_dir)
     return report
 
 

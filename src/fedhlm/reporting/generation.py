@@ -1,0 +1,94 @@
+"""What a generation run reports (issue 18): pure arithmetic over the routed tokens of each sequence.
+
+Quality is scored offline: ROUGE-L F1 of the decoded title against the article's real title
+(Google's `rouge-score`), and, against the LLM-only run on the same prompts, the share of positions
+where the token is the LLM's and the share of sequences that are exactly the LLM's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedhlm.reporting.summary import percentile
+
+
+def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 of each candidate against its reference (0 for an empty candidate)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [scorer.score(ref, cand)["rougeL"].fmeasure if cand.strip() else 0.0
+              for cand, ref in zip(candidates, references)]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def token_agreement(sequences: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """Share of the reference's positions where the sequence has the same token (a longer or shorter
+    sequence loses the positions it does not match)."""
+    matched = total = 0
+    for seq, ref in zip(sequences, reference):
+        matched += sum(1 for a, b in zip(seq, ref) if a == b)
+        total += max(len(ref), len(seq))
+    return matched / total if total else 1.0
+
+
+def generation_summary(steps: Sequence[Any], tokens: Mapping[int, list[int]], references: Mapping[int, str],
+                       decode: Callable[[list[int]], str], llm_tokens: Mapping[int, list[int]] | None = None
+                       ) -> dict[str, Any]:
+    """One method's numbers: `steps` are its GeneratedTokens (all sequences), `tokens` uid -> generated ids."""
+    n = len(steps)
+    sent = [s for s in steps if s.route == "llm"]
+    verdicts = [s for s in sent if s.accepted is not None]
+    first = [s.uplink_bytes for s in sent if s.opened]
+    later = [s.uplink_bytes for s in sent if not s.opened]
+    uids = sorted(tokens)
+    texts = [decode(tokens[u]) for u in uids]
+    out: dict[str, Any] = {
+        "sequences": len(uids),
+        "tokens": {"generated": n, "local": n - len(sent), "peer": 0, "llm": len(sent),
+                   "exploration": sum(1 for s in sent if s.reason == "exploration"),
+                   "fallback": sum(1 for s in sent if s.reason == "fallback")},
+        "llm_share": len(sent) / n if n else 0.0,
+        "acceptance_rate": sum(1 for s in verdicts if s.accepted) / len(verdicts) if verdicts else None,
+        "uplink_bytes_per_offloaded_token": {
+            "first": float(np.mean(first)) if first else None, "later_mean": float(np.mean(later)) if later else None,
+            "later_max": int(max(later)) if later else None},
+        "latency_ms": {"p50": percentile([s.latency_ms for s in steps], 50),
+                       "p99": percentile([s.latency_ms for s in steps], 99)},
+        "rouge_l": rouge_l(texts, [references[u] for u in uids]),
+        "mean_new_tokens": n / len(uids) if uids else 0.0,
+    }
+    if llm_tokens is not None:
+        out["token_agreement_with_llm"] = token_agreement([tokens[u] for u in uids], [llm_tokens[u] for u in uids])
+        out["exact_match_with_llm"] = float(np.mean([tokens[u] == llm_tokens[u] for u in uids])) if uids else None
+    return out
+
+
+def generation_targets(methods: Mapping[str, Mapping[str, Any]], reencode: Mapping[str, Any] | None
+                       ) -> list[dict[str, Any]]:
+    """Issue 18's goals, each MET or MISSED with what was measured."""
+    out = []
+    later = [m["uplink_bytes_per_offloaded_token"]["later_max"] for m in methods.values()
+             if m["uplink_bytes_per_offloaded_token"]["later_max"] is not None]
+    if later:
+        out.append({"goal": "uplink per offloaded token after the first <= 122 B", "met": max(later) <= 122,
+                    "measured": f"at most {max(later)} B (payload)"})
+    if reencode and reencode.get("speedup") is not None:
+        out.append({"goal": "LLM compute per verified token with session reuse >= 3x lower than re-encoding",
+                    "met": reencode["speedup"] >= 3.0,
+                    "measured": f"{reencode['session_ms_per_token']:.2f} vs {reencode['reencode_ms_per_token']:.2f} ms "
+                                f"({reencode['speedup']:.1f}x)"})
+    llm = methods.get("llm_only")
+    for name in ("fedhlm_no_p2p", "static_hlm"):
+        m = methods.get(name)
+        if m is None or llm is None or not llm["rouge_l"]:
+            continue
+        ratio = m["rouge_l"] / llm["rouge_l"]
+        out.append({"goal": f"{name}: quality within 2 % of LLM-only at <= 20 % of tokens sent",
+                    "met": ratio >= 0.98 and m["llm_share"] <= 0.20,
+                    "measured": f"ROUGE-L {m['rouge_l']:.4f} = {100 * ratio:.1f} % of the LLM's at "
+                                f"{100 * m['llm_share']:.1f} % sent"})
+    return out

@@ -1,0 +1,314 @@
+"""`fedhlm simulate` with `generation.enabled` (issue 18): multi-token generation through the router.
+
+Each client writes the titles of its test articles from their descriptions, token by token with its SLM
+(`models.generation.SLMSequenceDrafter`), routing every token through its policy and threshold head
+(`roles.generation.SessionRouter`); an offloaded token is verified in the LLM's session of that
+sequence over MQTT. The methods are those of classification: the SLM alone, the LLM for every token
+(the quality reference), U-HLM's static threshold fitted on calibration descriptions, and FedHLM's
+learned heads federated through edges and the cloud, whose labels are the generation verdicts.
+Every method that talks gets its own private brokers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhlm.core.settings import UNCALIBRATED_TAU, ClientSettings
+from fedhlm.core.termination import raise_if_terminated
+from fedhlm.simulation.config import SimConfig
+from fedhlm.simulation.methods import METHODS, Method
+
+
+@dataclass
+class GenerationPrepared:
+    """What every method of a generation run shares."""
+
+    slm: Any  # the SLM's causal LM (torch module)
+    llm: Any  # models.llm.LLMRefiner, its sessions the workers' KV caches
+    tokenizer: Any
+    items: list[Any]  # test NewsItems
+    prompts: dict[int, list[int]]  # uid -> "[CLS] description headline :"
+    references: dict[int, str]  # uid -> the real title
+    calib_prompts: list[list[int]]
+    plan: Any  # simulation.run.ClientPlan
+    folders: dict[str, str]
+    source: str
+    top_k: int
+
+    @property
+    def stop_id(self) -> int:
+        return int(self.tokenizer.sep_token_id)
+
+
+def prepare_generation(cfg: SimConfig, progress: bool = True) -> GenerationPrepared:
+    """The two title models (trained once into the cache), the test and calibration descriptions, the plan."""
+    from fedhlm.data.encoding import title_prompt_ids
+    from fedhlm.data.module import NewsDataModule
+    from fedhlm.data.partition import stratified_subset
+    from fedhlm.models.backbone import load_causal_lm
+    from fedhlm.models.cache import fit_config_with, get_or_train
+    from fedhlm.models.llm import LLMRefiner
+    from fedhlm.simulation.run import plan_clients
+
+    overrides = cfg.data.model_overrides()
+    slm_cfg, llm_cfg = fit_config_with(cfg.models.slm, overrides), fit_config_with(cfg.models.llm, overrides)
+    slm_folder = get_or_train("gen", slm_cfg, progress=progress)
+    llm_folder = get_or_train("gen", llm_cfg, progress=progress)
+    slm = load_causal_lm(slm_folder).eval()
+    llm = LLMRefiner(pretrained=str(llm_folder), max_sessions=max(256, 4 * cfg.federation.clients)).eval()
+    data = NewsDataModule(**llm_cfg["data"])
+    data.setup()
+    splits = data.splits
+    items = list(splits.test) if not cfg.data.inputs else stratified_subset(splits.test, cfg.data.inputs, seed=cfg.seed)
+    max_length = int(llm_cfg["data"].get("max_length", 64))
+    prompts = dict(zip((it.uid for it in items), title_prompt_ids(data.tokenizer, items, max_length)))
+    calib = title_prompt_ids(data.tokenizer, data.calib_items()[: cfg.generation.calib_prompts], max_length)
+    return GenerationPrepared(
+        slm=slm, llm=llm, tokenizer=data.tokenizer, items=items, prompts=prompts,
+        references={it.uid: " ".join(it.title.split()) for it in items}, calib_prompts=calib,
+        plan=plan_clients(cfg, items, data.task.num_classes), folders={"slm": str(slm_folder), "llm": str(llm_folder)},
+        source=data.source_name or "?", top_k=cfg.routing.top_k)
+
+
+def calibration(cfg: SimConfig, prep: GenerationPrepared) -> dict[str, Any]:
+    """U-HLM's static threshold for generation: the SLM drafts each calibration title greedily; the LLM
+    verifies every draft in a session (the service's own verification); (entropy, beta) pairs -> the line."""
+    import torch
+
+    from fedhlm.maths.threshold import uhlm_threshold
+    from fedhlm.models.generation import SLMSequenceDrafter
+
+    u, beta = [], []
+    for i, prompt in enumerate(prep.calib_prompts):
+        drafter, key, sequence, synced = SLMSequenceDrafter(prep.slm, prep.top_k, seed=cfg.seed), f"calib/{i}", list(prompt), 0
+        proposal = drafter.open(prompt)
+        for _ in range(cfg.generation.max_new_tokens):
+            _, _, b, _ = prep.llm.verify_in_session(
+                key, sequence[synced:], synced, torch.from_numpy(proposal.topk_ids.astype("int64")),
+                torch.from_numpy(proposal.topk_probs), None, proposal.draft_token, mode=cfg.routing.verify)
+            synced = len(sequence)
+            u.append(float(proposal.features[0]))
+            beta.append(float(b))
+            sequence.append(proposal.draft_token)
+            if proposal.draft_token == prep.stop_id:
+                break
+            proposal = drafter.append(proposal.draft_token)
+        prep.llm.end_session(key)
+    fit = uhlm_threshold(np.asarray(u), np.asarray(beta), cfg.routing.lam)
+    return {**fit, "pairs": len(u), "mean_beta": float(np.mean(beta)) if beta else None}
+
+
+def slm_alone(prep: GenerationPrepared, prompt: list[int], max_new: int, seed: int) -> tuple[list[int], list[Any]]:
+    """The SLM's greedy title on the device, nothing sent (the slm_only method)."""
+    from fedhlm.models.generation import SLMSequenceDrafter
+    from fedhlm.roles.generation import GeneratedToken
+
+    drafter, tokens, steps = SLMSequenceDrafter(prep.slm, prep.top_k, seed=seed), [], []
+    proposal = drafter.open(prompt)
+    for _ in range(max_new):
+        steps.append(GeneratedToken(len(prompt) + len(tokens), proposal.draft_token, proposal.draft_token, "local",
+                                    latency_ms=proposal.ms))
+        tokens.append(proposal.draft_token)
+        if proposal.draft_token == prep.stop_id:
+            break
+        proposal = drafter.append(proposal.draft_token)
+    return tokens, steps
+
+
+def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepared, *, static_tau: float,
+                          init_tau: float, bar=None) -> dict[str, Any]:  # noqa: ANN001
+    """One method over its own brokers: uid -> tokens, every routed step, bytes and the LLM workers' numbers."""
+    import torch
+
+    from fedhlm.core.records import ModelLimits
+    from fedhlm.models.generation import SLMSequenceDrafter
+    from fedhlm.models.head_fit import TorchHead, routing_head
+    from fedhlm.roles.deployment import Deployment, DeploymentSpec
+    from fedhlm.roles.generation import SessionRouter
+    from fedhlm.transport.topology import TOPOLOGIES
+
+    plan, gen = prep.plan, cfg.generation
+    items = prep.items
+    tokens: dict[int, list[int]] = {}
+    steps: list[Any] = []
+    if not method.needs_network:
+        for r, by_client in enumerate(plan.rounds):
+            for idx in by_client.values():
+                for i in idx:
+                    tokens[items[i].uid], s = slm_alone(prep, prep.prompts[items[i].uid], gen.max_new_tokens, cfg.seed)
+                    steps.extend(s)
+            raise_if_terminated()
+            if bar is not None:
+                bar.update(1)
+        return {"tokens": tokens, "steps": steps, "bytes": None, "llm": None, "fallbacks": 0}
+    settings = ClientSettings.from_config(cfg, client_id="-", edge_id="-", policy=method.policy, static_tau=static_tau,
+                                          p2p=dataclasses.replace(cfg.p2p, enabled=False))
+
+    def q_fn(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return prep.llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})
+
+    config = prep.llm.model.config
+    spec = DeploymentSpec(
+        assignment=plan.assignment, client=settings,
+        head_factory=lambda: TorchHead(routing_head(cfg.routing, init_tau, cfg.seed), engine=cfg.routing.fit_engine),
+        q_fn=q_fn, class_of=lambda t: t, llm_sessions=prep.llm,
+        llm_limits=ModelLimits(int(config.vocab_size), int(config.max_position_embeddings)),
+        pad_id=prep.tokenizer.pad_token_id or 0)
+    users = {**{c: "client" for c in plan.assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
+             "llm": "llm", "admin": "admin"}
+    prep.llm.sessions.clear()
+    with TOPOLOGIES[cfg.topology](users, plan.assignment) as topology:
+        dep = Deployment(spec, topology.address).start()
+        for worker in dep.llm:
+            worker.session_ttl_s = gen.session_ttl_s
+        try:
+            for r, by_client in enumerate(plan.rounds):
+                def work(client, r=r):  # noqa: ANN001, ANN202
+                    router = SessionRouter(client)
+                    return [(items[i].uid, router.generate(SLMSequenceDrafter(prep.slm, prep.top_k, seed=cfg.seed),
+                                                           prep.prompts[items[i].uid], gen.max_new_tokens, r,
+                                                           stop_ids={prep.stop_id}))
+                            for i in by_client.get(client.id, [])]
+
+                for done in dep.run_clients(r, work).values():
+                    for uid, g in done:
+                        tokens[uid] = g.tokens
+                        steps.extend(g.steps)
+                raise_if_terminated()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{method.name} r{r}")
+        finally:
+            counts = dep.byte_counts()
+            stats = [w.stats for w in dep.llm]
+            fallbacks = sum(c.counters.fallbacks for c in dep.clients.values())
+            dep.stop()
+    llm = {"session_tokens": sum(s.session_tokens for s in stats), "new_tokens_encoded": sum(s.session_new_tokens for s in stats),
+           "misses": sum(s.session_misses for s in stats), "ended": sum(s.sessions_ended for s in stats),
+           "expired": sum(s.sessions_expired for s in stats), "compute_s": sum(s.compute_s for s in stats),
+           "sessions_left": len(prep.llm.sessions)}
+    llm["ms_per_verified_token"] = 1000.0 * llm["compute_s"] / llm["session_tokens"] if llm["session_tokens"] else None
+    return {"tokens": tokens, "steps": steps, "bytes": counts, "llm": llm, "fallbacks": fallbacks}
+
+
+def reencode_cost(prep: GenerationPrepared, sequences: list[list[int]]) -> dict[str, Any]:
+    """LLM compute per verified token when every token of a sequence is verified (LLM only): in one session
+    (each step encodes the new token) against re-encoding the whole prefix at every step."""
+    if not sequences:
+        return {"sequences": 0, "speedup": None}
+    session_s = reencode_s = 0.0
+    n = 0
+    for i, seq in enumerate(sequences):
+        prompt_len = len(seq[0])
+        full = seq[0] + seq[1]
+        key = f"bench/{i}"
+        start = time.perf_counter()
+        prep.llm.session_q(key, full[:prompt_len], 0)
+        for t in range(prompt_len, len(full)):
+            prep.llm.session_q(key, full[t:t + 1], t)
+        session_s += time.perf_counter() - start
+        prep.llm.end_session(key)
+        start = time.perf_counter()
+        for t in range(prompt_len, len(full) + 1):
+            prep.llm.reencoded_q(full[:t])
+        reencode_s += time.perf_counter() - start
+        n += len(full) - prompt_len + 1
+    s_ms, r_ms = 1000.0 * session_s / n, 1000.0 * reencode_s / n
+    return {"sequences": len(sequences), "verified_tokens": n, "session_ms_per_token": s_ms,
+            "reencode_ms_per_token": r_ms, "speedup": r_ms / s_ms if s_ms > 0 else None}
+
+
+def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> dict[str, Any]:
+    """Every configured method on the same prompts, split the same way; report.json and a plot in out_dir."""
+    from tqdm import tqdm
+
+    from fedhlm.reporting.generation import generation_summary, generation_targets
+    from fedhlm.simulation.run import reporting, versions
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"status": "running", "kind": "generation", "config": cfg.to_dict(), "seed": cfg.seed,
+                              "versions": versions(), "methods": {}}
+    with reporting(report, out_dir, write_generation_report):
+        print("[fedhlm] preparing the title models and data ...", flush=True)
+        prep = prepare_generation(cfg, progress=show_progress)
+        report["data"] = {"task": "title from description", "source": prep.source, "test_prompts": len(prep.items),
+                          "calibration_prompts": len(prep.calib_prompts), "assignment": prep.plan.assignment}
+        report["models"] = prep.folders
+        print("[fedhlm] calibrating U-HLM's threshold on generation drafts ...", flush=True)
+        static = calibration(cfg, prep)
+        report["static_hlm"] = static
+        init_tau = cfg.routing.init_tau if cfg.routing.init_tau is not None else static["tau"]
+        decode = lambda ids: prep.tokenizer.decode([t for t in ids if t != prep.stop_id])  # noqa: E731
+        order = sorted(cfg.methods, key=lambda m: m != "llm_only")  # the quality reference first
+        bar = tqdm(total=cfg.federation.rounds * len(order), desc="rounds", unit="round", disable=not show_progress)
+        llm_tokens = None
+        for name in order:
+            method = METHODS[name]
+            tau = static["tau"] if method.calibrated else UNCALIBRATED_TAU
+            result = run_generation_method(method, cfg, prep, static_tau=tau, init_tau=init_tau, bar=bar)
+            if name == "llm_only":
+                llm_tokens = result["tokens"]
+            entry = generation_summary(result["steps"], result["tokens"], prep.references, decode, llm_tokens)
+            entry["llm_service"] = result["llm"]
+            entry["fallbacks"] = result["fallbacks"]
+            if result["bytes"] is not None:
+                entry["bytes"] = {"uplink": sum(result["bytes"].uplink.values()),
+                                  "downlink": sum(result["bytes"].downlink.values()),
+                                  "by_kind": {"uplink": dict(result["bytes"].uplink),
+                                              "downlink": dict(result["bytes"].downlink)}}
+            entry["examples"] = [{"reference": prep.references[it.uid], "generated": decode(result["tokens"][it.uid])}
+                                 for it in prep.items[:3]]
+            report["methods"][name] = entry
+        bar.close()
+        if llm_tokens is not None and cfg.generation.reencode_sequences:
+            chosen = [it.uid for it in prep.items[: cfg.generation.reencode_sequences]]
+            report["reencode"] = reencode_cost(prep, [[prep.prompts[u], llm_tokens[u]] for u in chosen])
+        report["targets"] = generation_targets(report["methods"], report.get("reencode"))
+        degraded = {n: m["fallbacks"] for n, m in report["methods"].items() if m["fallbacks"]}
+        report["status"] = "degraded" if degraded else "complete"
+        if degraded:
+            report["degraded"] = {n: [f"{k} tokens fell back to the SLM (no verdict)"] for n, k in degraded.items()}
+    return report
+
+
+def write_generation_report(report: dict[str, Any], out_dir: Path) -> None:
+    import json
+
+    from fedhlm.reporting import plots
+    from fedhlm.simulation.run import _json_default
+
+    path = out_dir / "report.json"
+    if report.get("methods"):
+        report["plots"] = [str(plots.quality_vs_transmissions(report, out_dir / "quality_vs_transmissions.png"))]
+    path.write_text(json.dumps(report, indent=2, default=_json_default))
+    print_generation_table(report)
+    print(f"[fedhlm] report: {path}", flush=True)
+
+
+def print_generation_table(report: dict[str, Any]) -> None:
+    methods = report.get("methods", {})
+    if not methods:
+        return
+    print(f"\n{'method':15s} {'ROUGE-L':>7s} {'agree':>6s} {'LLM%':>6s} {'accept':>6s} {'tokens':>6s} "
+          f"{'up 1st':>6s} {'up next':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'LLM ms/tok':>10s}")
+    for name, m in methods.items():
+        up = m["uplink_bytes_per_offloaded_token"]
+        llm = m.get("llm_service") or {}
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        print(f"{name:15s} {m['rouge_l']:7.4f} {fmt(m.get('token_agreement_with_llm'), '6.3f'):>6s} "
+              f"{100 * m['llm_share']:6.2f} {fmt(m['acceptance_rate'], '6.3f'):>6s} {m['tokens']['generated']:6d} "
+              f"{fmt(up['first'], '6.0f'):>6s} {fmt(up['later_mean'], '7.1f'):>7s} {m['latency_ms']['p50']:7.2f} "
+              f"{m['latency_ms']['p99']:7.2f} {fmt(llm.get('ms_per_verified_token'), '10.2f'):>10s}")
+    if report.get("reencode"):
+        r = report["reencode"]
+        print(f"LLM per verified token: {r['session_ms_per_token']:.2f} ms in a session vs "
+              f"{r['reencode_ms_per_token']:.2f} ms re-encoding the prefix ({r['speedup']:.1f}x), "
+              f"{r['sequences']} sequences")
+    for t in report.get("targets", []):
+        print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['goal']}: {t['measured']}")
