@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import BertLMHeadModel
 
 from fedhlm.models.classifier import Batch, NextTokenClassifier
 
@@ -27,12 +28,20 @@ class TitleLM(NextTokenClassifier):
         self.save_hyperparameters()
 
     def _token_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the labelled positions, share of them predicted right)."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        """(mean loss over the labelled positions, share of them predicted right).
+
+        Only the positions that predict a title token go through the vocabulary projection (a BERT decoder's
+        LM head over every prompt position would cost as much as the rest of the step)."""
         labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         mask = labels != -100
-        right = ((logits.argmax(dim=-1) == labels) & mask).sum() / mask.sum().clamp_min(1)
+        if isinstance(self.model, BertLMHeadModel):
+            hidden = self.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = self.model.cls(hidden[:, :-1][mask])
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        targets = labels[mask]
+        loss = F.cross_entropy(logits.float(), targets)
+        right = (logits.argmax(dim=-1) == targets).float().mean()
         return loss, right
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

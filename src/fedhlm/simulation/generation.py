@@ -101,7 +101,8 @@ def calibration(cfg: SimConfig, prep: GenerationPrepared) -> dict[str, Any]:
             proposal = drafter.append(proposal.draft_token)
         prep.llm.end_session(key)
     fit = uhlm_threshold(np.asarray(u), np.asarray(beta), cfg.routing.lam)
-    return {**fit, "pairs": len(u), "mean_beta": float(np.mean(beta)) if beta else None}
+    return {**fit, "pairs": len(u), "mean_beta": float(np.mean(beta)) if beta else None,
+            "u": np.asarray(u), "beta": np.asarray(beta)}
 
 
 def slm_alone(prep: GenerationPrepared, prompt: list[int], max_new: int, seed: int) -> tuple[list[int], list[Any]]:
@@ -229,7 +230,7 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
     from tqdm import tqdm
 
     from fedhlm.reporting.generation import generation_summary, generation_targets
-    from fedhlm.simulation.run import reporting, versions
+    from fedhlm.simulation.run import reporting, versions, warm_start
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"status": "running", "kind": "generation", "config": cfg.to_dict(), "seed": cfg.seed,
@@ -242,8 +243,10 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
         report["models"] = prep.folders
         print("[fedhlm] calibrating U-HLM's threshold on generation drafts ...", flush=True)
         static = calibration(cfg, prep)
+        u, beta = static.pop("u"), static.pop("beta")
         report["static_hlm"] = static
-        init_tau = cfg.routing.init_tau if cfg.routing.init_tau is not None else static["tau"]
+        init_tau = warm_start(cfg.routing, static["tau"], u, beta)
+        report["init_tau"] = init_tau
         decode = lambda ids: prep.tokenizer.decode([t for t in ids if t != prep.stop_id])  # noqa: E731
         order = sorted(cfg.methods, key=lambda m: m != "llm_only")  # the quality reference first
         bar = tqdm(total=cfg.federation.rounds * len(order), desc="rounds", unit="round", disable=not show_progress)

@@ -465,18 +465,24 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
 
 
 def warm_start_tau(cfg: SimConfig, prep: Prepared, static_tau: float) -> float:
-    """The round-0 threshold every client starts from: routing.init_tau when given; for a target (share or
-    agreement), where the calibration split's drafts and LLM verdicts put it; else the static (U-HLM) threshold."""
+    """The round-0 threshold every client starts from (see `warm_start`), from the calibration split's drafts."""
+    r = cfg.routing
+    if r.init_tau is None and prep.calib:
+        u = np.array([float(d.features[0]) for d in prep.calib])
+        return warm_start(r, static_tau, u, prep.models.calibration_beta(prep.calib, r.verify))
+    return warm_start(r, static_tau, None, None)
+
+
+def warm_start(routing: Any, static_tau: float, u: np.ndarray | None, beta: np.ndarray | None) -> float:
+    """routing.init_tau when given; for a target (share or agreement), where the calibration pairs (entropy u,
+    LLM verdict beta) put it; else the static (U-HLM) threshold."""
     from fedhlm.core.operating_point import operating_point
 
-    r = cfg.routing
-    if r.init_tau is not None:
-        return r.init_tau
-    point = operating_point(r)
-    if point.name != "price" and prep.calib:
-        u = np.array([float(d.features[0]) for d in prep.calib])
-        beta = prep.models.calibration_beta(prep.calib, r.verify)
-        return float(point.tau(u, beta, np.ones_like(u), r.exploration_rate(0)))
+    if routing.init_tau is not None:
+        return routing.init_tau
+    point = operating_point(routing)
+    if point.name != "price" and u is not None and u.size:
+        return float(point.tau(u, beta, np.ones_like(u), routing.exploration_rate(0)))
     return static_tau
 
 
