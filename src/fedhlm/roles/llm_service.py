@@ -39,6 +39,7 @@ from fedhlm.transport.messages import LLMVerdict, SessionEnd, SessionMiss, Sessi
 
 log = logging.getLogger(__name__)
 
+
 class SessionVerifier(Protocol):
     """What the service needs of an LLM that keeps generation sessions (`models.llm.LLMRefiner`)."""
 
