@@ -19,6 +19,7 @@ from fedhlm.transport.messages import (
     Message,
     PeerQuery,
     PeerReply,
+    SessionToken,
     ThresholdModel,
     ThresholdUpdate,
     TokenRequest,
@@ -289,12 +290,25 @@ def peer_queries(draw: st.DrawFn) -> PeerQuery:
     return PeerQuery(draw(ids), draw(ids), draw(counts), draw(ids), embedding, draw(counts), draw(st.floats(-1, 1)))
 
 
+@st.composite
+def session_tokens(draw: st.DrawFn) -> SessionToken:
+    """Positional bodies (issue 18): ids up to int32, float16 probabilities summing with the tail to 1."""
+    k = draw(st.integers(1, 8))
+    probs = draw(hnp.arrays(np.float16, k, elements=st.floats(0, 0.125, width=16)))  # k * 0.125 <= 1
+    return SessionToken(
+        client_id=draw(ids), session_id=draw(ids), seq=draw(counts), start=draw(counts),
+        new_ids=draw(hnp.arrays(np.int32, st.integers(1, 32), elements=tokens)), draft_token=draw(tokens),
+        topk_ids=draw(st.lists(tokens, min_size=k, max_size=k, unique=True)), topk_probs=probs,
+        tail_mass=max(0.0, 1.0 - float(probs.astype(np.float64).sum())))
+
+
 params = st.dictionaries(
     ids, hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4), elements=finite32),
     min_size=1, max_size=4,
 )
 messages = st.one_of(
     token_requests(),
+    session_tokens(),
     peer_queries(),
     st.builds(LLMVerdict, ids, ids, counts, st.booleans(), tokens, unit, unit, st.floats(0, 1e9)),
     st.builds(PeerReply, ids, counts, tokens, st.floats(-1, 1)),
@@ -335,3 +349,43 @@ def test_corrupted_payloads_raise_only_decode_errors(message: Message, data: st.
 def test_random_bytes_raise_only_decode_errors(data: bytes) -> None:
     with pytest.raises(DecodeError):
         decode(data)
+
+
+def session_token(**changes: Any) -> SessionToken:
+    return SessionToken(**{**dict(client_id="c0", session_id="9f3a1c2e", seq=12, start=40, new_ids=[2054],
+                                  draft_token=2003, topk_ids=[2003, 2001, 1996, 1037],
+                                  topk_probs=np.array([0.5, 0.25, 0.125, 0.0625], np.float16), tail_mass=0.0625),
+                           **changes})
+
+
+def test_a_session_token_travels_as_a_positional_body_of_at_most_122_bytes() -> None:
+    """Issue 18's uplink goal (1/1000 of a full fp32 distribution) for a token after the session's first: the
+    values in field order, token ids as integers, the float16 probabilities as one bin."""
+    message = session_token()
+    data = encode(message)
+    assert len(data) <= 122 and decode(data, SessionToken) == message
+    body = msgpack.unpackb(data, raw=False)["b"]
+    assert isinstance(body, list) and body[:4] == ["c0", "9f3a1c2e", 12, 40] and body[4] == [2054]
+    assert body[7] == np.array([0.5, 0.25, 0.125, 0.0625], "<f2").tobytes()
+    big = session_token(new_ids=[70_000], topk_ids=[70_000, 1], draft_token=70_000,
+                        topk_probs=np.array([0.5, 0.25], np.float16), tail_mass=0.25)
+    assert decode(encode(big)) == big  # ids past uint16 need no other form
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"client_id": "c0"}, "bad_envelope"),  # a map where the type is positional
+        (["c0", "9f3a1c2e", 12, 40, [2054], 2003, [2003], b"\x00\x38"], "missing_field"),
+        (["c0", "9f3a1c2e", 12, 40, [2054], 2003, [2003], b"\x00\x3c", 0.0, 1], "extra_field"),
+        (["c0", "9f3a1c2e", 12, 40, [-1], 2003, [2003], b"\x00\x3c", 0.0], "field_type"),
+        (["c0", "9f3a1c2e", 12, 40, [True], 2003, [2003], b"\x00\x3c", 0.0], "field_type"),
+        (["c0", "9f3a1c2e", 12, 40, [2054], 2003, [2003], [1.0], 0.0], "field_type"),
+        (["c0", "9f3a1c2e", 12, 40, [2054], 2003, [2003], b"\x00", 0.0], "array_length"),
+        (["c0", "9f3a1c2e", 12, 40, [2054], 2003, [2003], b"\x00\x3c", 0.5], "invalid"),  # 1.0 + 0.5
+    ],
+)
+def test_a_bad_positional_body_is_dropped_with_its_reason(body: Any, reason: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(pack({"v": 1, "t": "session_token", "b": body}))
+    assert caught.value.reason == reason, caught.value

@@ -61,6 +61,11 @@ def test_body_schemas_list_the_dataclass_fields_in_wire_order(doc: dict[str, Any
     cls = MESSAGE_TYPES[tag]
     schema = doc["components"]["schemas"][cls.__name__]
     names = [spec.name for spec in cls.field_specs()]
+    if cls.POSITIONAL:  # an array of the values in field order, each item titled with its field's name
+        assert schema["type"] == "array" and schema["items"] is False
+        assert [item["title"] for item in schema["prefixItems"]] == names
+        assert schema["minItems"] == schema["maxItems"] == len(names)
+        return
     assert list(schema["properties"]) == names and schema["required"] == names
     assert schema["additionalProperties"] is False
     for spec in cls.field_specs():
@@ -164,3 +169,14 @@ def test_the_schema_refuses_what_the_decoder_refuses(doc: dict[str, Any]) -> Non
     request = msgpack.unpackb((VECTORS / "token_request_uncertain.msgpack").read_bytes(), raw=False)
     text_data = request["b"] | {"context_ids": request["b"]["context_ids"] | {"data": "not bytes"}}
     assert not schema_validator(doc, envelope_schema_name(doc, "token_request")).is_valid(request | {"b": text_data})
+
+
+def test_a_positional_body_is_refused_by_the_schema_where_the_decoder_refuses_it(doc: dict[str, Any]) -> None:
+    import msgpack
+
+    obj = msgpack.unpackb((VECTORS / "session_token_continue.msgpack").read_bytes(), raw=False)
+    validator = schema_validator(doc, envelope_schema_name(doc, "session_token"))
+    assert validator.is_valid(obj)
+    assert not validator.is_valid(obj | {"b": obj["b"][:-1]})  # a value missing
+    assert not validator.is_valid(obj | {"b": obj["b"] + [0]})  # one too many
+    assert not validator.is_valid(obj | {"b": obj["b"][:4] + [[-1]] + obj["b"][5:]})  # a negative token id

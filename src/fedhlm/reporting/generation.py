@@ -71,11 +71,13 @@ def generation_targets(methods: Mapping[str, Mapping[str, Any]], reencode: Mappi
                        ) -> list[dict[str, Any]]:
     """Issue 18's goals, each MET or MISSED with what was measured."""
     out = []
-    later = [m["uplink_bytes_per_offloaded_token"]["later_max"] for m in methods.values()
-             if m["uplink_bytes_per_offloaded_token"]["later_max"] is not None]
-    if later:
-        out.append({"goal": "uplink per offloaded token after the first <= 122 B", "met": max(later) <= 122,
-                    "measured": f"at most {max(later)} B (payload)"})
+    ups = [m["uplink_bytes_per_offloaded_token"] for m in methods.values()
+           if m["uplink_bytes_per_offloaded_token"]["later_mean"] is not None]
+    if ups:  # per offloaded token: a request also carries the tokens kept on the device since the last verdict
+        worst = max(u["later_mean"] for u in ups)
+        out.append({"goal": "uplink per offloaded token after the first <= 122 B", "met": worst <= 122,
+                    "measured": f"{worst:.1f} B mean in the worst method, {max(u['later_max'] for u in ups)} B "
+                                "at most (payload; the longest carried the tokens kept locally since its last verdict)"})
     if reencode and reencode.get("speedup") is not None:
         out.append({"goal": "LLM compute per verified token with session reuse >= 3x lower than re-encoding",
                     "met": reencode["speedup"] >= 3.0,

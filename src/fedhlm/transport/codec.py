@@ -23,6 +23,7 @@ import numpy as np
 from fedhlm.core.wire import SCHEMA_VERSION
 from fedhlm.transport import topics
 from fedhlm.transport.messages import (
+    MAX_TOKEN_ID,
     MESSAGE_TYPES,
     CacheEntry,
     ClientStatus,
@@ -100,7 +101,10 @@ def encode(message: Message) -> bytes:
     """The wire bytes of `message`; ValueError if they would exceed MAX_PAYLOAD_BYTES."""
     if not isinstance(message, Message):
         raise TypeError(f"expected a FedHLM message, got {type(message).__name__}")
-    body = {spec.name: _pack_field(spec, getattr(message, spec.name)) for spec in message.field_specs()}
+    specs = message.field_specs()
+    body: dict[str, Any] | list[Any] = (
+        [_pack_positional(spec, getattr(message, spec.name)) for spec in specs] if message.POSITIONAL
+        else {spec.name: _pack_field(spec, getattr(message, spec.name)) for spec in specs})
     data = msgpack.packb({"v": SCHEMA_VERSION, "t": message.TYPE, "b": body}, use_bin_type=True)
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"{type(message).__name__}: encoded size {len(data)} B exceeds {MAX_PAYLOAD_BYTES} B")
@@ -129,6 +133,16 @@ def _pack_field(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "float":
         return float(value)
     return value
+
+
+def _pack_positional(spec: FieldSpec, value: Any) -> Any:
+    """A positional body's value: token ids as a list of integers (MessagePack's smallest form each), a 1-D
+    array as the raw bytes of its wire dtype (its length gives its shape), anything else as in a map body."""
+    if spec.kind == "tokens":
+        return [int(t) for t in value]
+    if spec.kind == "array":
+        return np.ascontiguousarray(value, dtype=spec.dtype).tobytes()
+    return _pack_field(spec, value)
 
 
 # -- decode ---------------------------------------------------------------------
@@ -160,9 +174,39 @@ def decode(data: bytes | bytearray | memoryview, expected: type[Message] | tuple
     allowed = expected if isinstance(expected, tuple) else (expected,) if expected else None
     if allowed is not None and cls not in allowed:
         raise DecodeError("unexpected_type", f"{tag!r} where {[c.TYPE for c in allowed]} was expected")
+    if cls.POSITIONAL:
+        return _build(cls, _named_body(cls, body))
     if not isinstance(body, dict):
         raise DecodeError("bad_envelope", "body 'b' is not a map")
     return _build(cls, body)
+
+
+def _named_body(cls: type[Message], body: Any) -> dict[str, Any]:
+    """A positional body's values under their field names, each turned back into what a map body holds."""
+    specs = cls.field_specs()
+    if not isinstance(body, list):
+        raise DecodeError("bad_envelope", f"{cls.TYPE}: body 'b' is not an array")
+    if len(body) < len(specs):
+        raise DecodeError("missing_field", f"{cls.TYPE}: missing {[s.name for s in specs[len(body):]]}")
+    if len(body) > len(specs):
+        raise DecodeError("extra_field", f"{cls.TYPE}: {len(body) - len(specs)} values after the last field")
+    named = {}
+    for spec, value in zip(specs, body):
+        where = f"{cls.TYPE}.{spec.name}"
+        if spec.kind == "tokens":
+            if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and
+                                                       0 <= t <= MAX_TOKEN_ID for t in value):
+                raise DecodeError("field_type", f"{where}: expected an array of token ids in [0, {MAX_TOKEN_ID}]")
+            value = _pack_array(np.asarray(value, dtype="<i4"), "<i4")
+        elif spec.kind == "array":
+            if not isinstance(value, bytes):
+                raise DecodeError("field_type", f"{where}: expected bin, got {type(value).__name__}")
+            itemsize = np.dtype(spec.dtype).itemsize
+            if len(value) % itemsize:
+                raise DecodeError("array_length", f"{where}: {len(value)} B is not a multiple of {spec.dtype}")
+            value = {"dtype": spec.dtype, "shape": [len(value) // itemsize], "data": value}
+        named[spec.name] = value
+    return named
 
 
 def _build(cls: type[Message], body: dict[str, Any]) -> Message:

@@ -72,6 +72,9 @@ class Message:
     """Base of all messages: generic field checks from the annotations, then the class's own `_check`."""
 
     TYPE: ClassVar[str]
+    # the wire body: a map of field name -> value (self-describing), or, for a message sent per generated
+    # token, an array of the values in field order with token ids as integers and 1-D arrays as raw bin
+    POSITIONAL: ClassVar[bool] = False
 
     @classmethod
     @cache
@@ -309,6 +312,7 @@ class SessionToken(Message):
     """
 
     TYPE: ClassVar[str] = "session_token"
+    POSITIONAL: ClassVar[bool] = True  # one per offloaded token: field names would be a third of its bytes
 
     client_id: Id
     session_id: Id  # chosen at random by the client: another client cannot guess it to end the session
