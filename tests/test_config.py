@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -217,3 +218,13 @@ def test_read_fit_config_errors(tmp_path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert cache.read_fit_config(empty)["trainer"] == {}
+
+
+def test_a_generation_run_refuses_what_it_cannot_do_naming_the_field() -> None:
+    """Generation routes on the basic features, asks no peers, sweeps nothing and starts its own brokers."""
+    base = ["generation.enabled=true", "methods=[slm_only,llm_only,static_hlm,fedhlm_no_p2p]"]
+    for extra, field in ((["routing.features=label"], "routing.features"), (["methods=[fedhlm]"], "methods[0]"),
+                         (["lambda_sweep=[0.1]"], "lambda_sweep"), (["broker=mqtt://u:p@127.0.0.1:1883"], "broker")):
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            load_config(overrides=base + extra)
+    assert load_config(overrides=base).generation.enabled

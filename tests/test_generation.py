@@ -130,6 +130,29 @@ def test_a_token_the_worker_cannot_continue_is_answered_with_a_miss(broker, work
         c.stop()
 
 
+def test_a_refused_sequence_stays_local_at_once_instead_of_waiting_out_timeouts(broker, llm, slm, tokenizer) -> None:
+    """A worker that will not verify a sequence (here: its prompt holds ids past the LLM's vocabulary) answers a
+    SessionMiss at once; the client keeps the rest of that sequence on the device instead of paying its LLM
+    timeout (5 s) on every later token."""
+    from fedhlm.core.records import ModelLimits
+
+    q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
+    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=llm,
+                         limits=ModelLimits(vocab_size=1000, max_positions=512)).start()
+    c = client(broker, "always")
+    try:
+        started = time.monotonic()
+        gen = SessionRouter(c).generate(SLMSequenceDrafter(slm, top_k=4), prompt(tokenizer), NEW_TOKENS)
+        elapsed = time.monotonic() - started
+    finally:
+        c.stop()
+        service.stop()
+    assert elapsed < 3.0, elapsed
+    assert gen.steps[0].route == "llm" and gen.steps[0].reason == "fallback" and gen.misses == 1
+    assert all(s.route == "local" and s.reason == "refused" for s in gen.steps[1:])
+    assert service.stats.rejected == {"context_id": 1} and service.stats.session_tokens == 0
+
+
 def test_a_client_killed_mid_session_leaves_no_session_after_the_ttl(broker, worker, llm, slm, tokenizer) -> None:
     """The client opens a session and vanishes without a SessionEnd (its connection dropped, as a kill -9
     does): the worker's TTL (1 s here) removes the KV cache."""

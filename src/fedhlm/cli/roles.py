@@ -171,7 +171,8 @@ def run_llm(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: AN
                           task=cfg.data.task or slm_fit["model"].get("task"))
     service = LLMService(address, llm.q_fn, group=args.group, mode=cfg.routing.verify, limits=llm.limits(),
                          max_age_s=cfg.routing.llm_timeout_s, pad_id=tokenizer.pad_token_id or 0, seed=cfg.seed,
-                         sessions=getattr(llm, "sessions", None)).start()  # a remote engine keeps none here
+                         sessions=getattr(llm, "sessions", None),  # a remote engine keeps none here
+                         session_ttl_s=cfg.generation.session_ttl_s).start()
     where = cfg.models.remote.url if cfg.models.llm_backend == "openai" else "in this process"
     print(f"LLM worker {role_id} serving {address.public_url}; LLM {cfg.models.llm_backend} ({where})", flush=True)
     rc = _wait_for_signal(threading.Event(), service.endpoint)

@@ -47,6 +47,7 @@ class DeploymentSpec:
     pad_id: int = 0
     llm_limits: ModelLimits | None = None  # the LLM's vocabulary and positions, checked per request
     llm_sessions: SessionVerifier | None = None  # the LLM's generation sessions (None: it keeps none)
+    session_ttl_s: float = 60.0  # a session unused this long is dropped (the config's generation.session_ttl_s)
     embedding_dim: int = 384
     checkpoint_dir: Path | None = None
     llm_workers: int = 1
@@ -100,7 +101,7 @@ class Deployment:
             worker = LLMService(self.address("llm" if i == 0 else f"llm{i}"), spec.q_fn, mode=spec.client.routing.verify,
                                 pad_id=spec.pad_id, seed=seed + i, limits=spec.llm_limits,
                                 max_age_s=spec.client.routing.llm_timeout_s,  # older: its client gave up on it
-                                sessions=sessions)
+                                sessions=sessions, session_ttl_s=spec.session_ttl_s)
             self.llm.append(worker.start())
         p2p = spec.client.p2p
         if spec.federated or spec.neighbour_p2p or p2p.through_edge:  # edges also relay or answer peer queries

@@ -38,7 +38,8 @@ class GeneratedToken:
     token: int
     draft: int
     route: str  # "local" | "llm"
-    reason: str | None = None  # uncertain | exploration | fallback (no verdict: the draft kept)
+    reason: str | None = None  # uncertain | exploration | fallback (no verdict: the draft kept) | refused (local:
+    # the LLM refused this sequence, so a token the router would have sent stayed on the device)
     accepted: bool | None = None
     uplink_bytes: int = 0  # payload bytes of the session token(s) sent for it
     opened: bool = False  # its request carried the prefix (start 0)
@@ -70,15 +71,19 @@ class SessionRouter:
         gen = Generation(session_id=secrets.token_hex(4), prompt_ids=[int(t) for t in prompt_ids])
         sequence = list(gen.prompt_ids)
         synced = 0  # tokens of `sequence` the refiner's session holds (0: no session)
+        refused = False  # the LLM will not verify this sequence (it answered a miss to a token at start 0)
         proposal = drafter.open(sequence)
         for _ in range(max_new_tokens):
             start = time.perf_counter()
             reason = self._reason(proposal, round_)
-            if reason is None:
+            if reason is None or refused:
+                if reason is not None:
+                    c.counters.fallbacks += 1
                 step = GeneratedToken(len(sequence), proposal.draft_token, proposal.draft_token, "local",
+                                      "refused" if reason is not None else None,
                                       latency_ms=proposal.ms + (time.perf_counter() - start) * 1000.0)
             else:
-                verdict, sent, opened, misses = self._verify(gen.session_id, sequence, synced, proposal)
+                verdict, sent, opened, misses, refused = self._verify(gen.session_id, sequence, synced, proposal)
                 gen.misses += misses
                 latency = proposal.ms + (time.perf_counter() - start) * 1000.0
                 if verdict is None:
@@ -111,14 +116,16 @@ class SessionRouter:
         return None
 
     def _verify(self, session_id: str, sequence: list[int], synced: int,
-                proposal: NextToken) -> tuple[LLMVerdict | None, int, bool, int]:
-        """(verdict or None, payload bytes sent, whether the prefix was sent, SessionMiss answers)."""
+                proposal: NextToken) -> tuple[LLMVerdict | None, int, bool, int, bool]:
+        """(verdict or None, payload bytes sent, whether the prefix was sent, SessionMiss answers, whether the
+        LLM refused the sequence). A timeout is retried `routing.llm_retries` times; a miss at a later position
+        once more, from 0; a miss at 0 means the LLM will not verify this sequence."""
         c = self.client
         probs = proposal.topk_probs.astype(np.float16)
         tail = float(min(1.0, max(0.0, 1.0 - float(probs.astype(np.float64).sum()))))
-        sent, opened, misses = 0, False, 0
+        sent, opened, misses, timeouts = 0, False, 0, 0
         start = synced
-        for attempt in range(1 + c.s.routing.llm_retries + 1):  # a miss costs one extra attempt
+        while timeouts <= c.s.routing.llm_retries:
             message = SessionToken(client_id=c.id, session_id=session_id, seq=c._next_seq(), start=start,
                                    new_ids=np.asarray(sequence[start:], dtype=np.int32),
                                    draft_token=proposal.draft_token, topk_ids=proposal.topk_ids, topk_probs=probs,
@@ -131,19 +138,20 @@ class SessionRouter:
                                            also_on=(topics.client_llm_miss(c.id),),
                                            expiry_s=c.s.routing.llm_timeout_s)
             except TimeoutError:
-                log.info("%s: no verdict for session %s seq %d (attempt %d)", c.id, session_id, message.seq,
-                         attempt + 1)
+                timeouts += 1
+                log.info("%s: no verdict for session %s seq %d (%d timeouts)", c.id, session_id, message.seq, timeouts)
                 start = 0  # the refiner may or may not have taken the tokens: reopen
                 continue
             except ConnectionError:
                 break
             if isinstance(reply, SessionMiss):
                 misses += 1
-                if start == 0:
-                    break  # a miss at 0 cannot be mended by resending
+                if start == 0:  # refused outright (limits, no sessions, a failed verification): stop asking
+                    log.warning("%s: the LLM refused session %s; its remaining tokens stay local", c.id, session_id)
+                    return None, sent, opened, misses, True
                 start = 0
                 continue
             if isinstance(reply, LLMVerdict) and reply.seq == message.seq:
-                return reply, sent, opened, misses
+                return reply, sent, opened, misses, False
         log.warning("%s: the LLM gave no verdict for session %s; keeping the SLM token", c.id, session_id)
-        return None, sent, opened, misses
+        return None, sent, opened, misses, False

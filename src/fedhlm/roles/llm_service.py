@@ -31,6 +31,7 @@ from fedhlm.core.fair_queue import FairQueue
 from fedhlm.core.records import ModelLimits
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, QFunction, verify_drafts
+from fedhlm.models.llm import SessionMismatch
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Inbound
@@ -161,14 +162,14 @@ class LLMService:
                          f"{r.client_id}'s reply topic")
             return
         if isinstance(r, SessionToken):
-            if self.sessions is None:
-                self._reject(r.client_id, "no_sessions", "this LLM keeps no generation sessions")
-                return
-            problem = self.limits.problem(r.new_ids, r.topk_ids, r.draft_token, r.start) if self.limits else None
+            problem = (("no_sessions", "this LLM keeps no generation sessions") if self.sessions is None else
+                       self.limits.problem(r.new_ids, r.topk_ids, r.draft_token, r.start) if self.limits else None)
         else:
             problem = self.limits.problem(r.context_ids, r.topk_ids, r.draft_token) if self.limits else None
         if problem is not None:
             self._reject(r.client_id, *problem)
+            if isinstance(r, SessionToken):
+                self._refuse(inbound, r)
             return
         self._queue.put(r.client_id, inbound, ttl_s=inbound.expiry_s)
 
@@ -228,6 +229,12 @@ class LLMService:
             )
             self.endpoint.reply(inbound, verdict, qos=1)
 
+    def _refuse(self, inbound: Inbound, message: SessionToken) -> None:
+        """A session token this worker will not verify: a SessionMiss holding nothing, at once, so that the
+        client stops offloading that sequence instead of waiting out its timeout on every later token."""
+        miss = SessionMiss(message.client_id, message.session_id, message.seq, 0)
+        self.endpoint.answer_on(topics.client_llm_miss(message.client_id), inbound, miss, qos=1)
+
     def _serve_session(self, inbound: Inbound) -> bool:
         """Serve a session token or end (True), one at a time in its KV cache; False: a one-token request."""
         message = inbound.message
@@ -239,12 +246,11 @@ class LLMService:
             return False
         key = _session_key(message)
         start = time.perf_counter()
-        try:
+        try:  # the refiner's own generator: it lives on the model's device
             accepted, final, beta, q_draft = self.sessions.verify_in_session(  # type: ignore[union-attr]
                 key, message.new_ids.tolist(), message.start, torch.from_numpy(message.topk_ids.astype("int64")),
-                torch.from_numpy(message.topk_probs.astype("float32")), None, message.draft_token,
-                self.generator, mode=self.mode)
-        except LookupError:  # models.llm.SessionMismatch: evicted, expired, another worker's, out of step
+                torch.from_numpy(message.topk_probs.astype("float32")), None, message.draft_token, mode=self.mode)
+        except SessionMismatch:  # evicted, expired, another worker's, out of step: the client resends from 0
             self.stats.session_misses += 1
             held = self.sessions.held(key)  # type: ignore[union-attr]
             miss = SessionMiss(message.client_id, message.session_id, message.seq, held)
@@ -253,6 +259,7 @@ class LLMService:
         except Exception as exc:  # a bad request must not take the worker down
             self.stats.errors += 1
             self._reject(message.client_id, "verification_failed", f"{type(exc).__name__}: {exc}")
+            self._refuse(inbound, message)
             return True
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         self.stats.requests += 1

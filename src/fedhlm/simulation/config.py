@@ -183,6 +183,11 @@ class SimConfig:
             if self.lambda_sweep or self.delta_sweep:
                 raise ConfigError("lambda_sweep: the sweeps run for classification only; leave them empty with "
                                   "generation.enabled")
+            if self.routing.features != "basic":  # the label and hidden columns describe class tokens
+                raise ConfigError(f"routing.features: generation routes on the basic features, got "
+                                  f"{self.routing.features!r}")
+            if self.broker is not None:
+                raise ConfigError("broker: a generation run starts its own private brokers; leave broker unset")
         if self.broker is not None and not self.broker.startswith(("mqtt://", "mqtts://")):
             raise ConfigError(f"broker: must be an mqtt:// or mqtts:// URL, got {self.broker!r}")
 

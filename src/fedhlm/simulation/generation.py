@@ -158,7 +158,7 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
     spec = DeploymentSpec(
         assignment=plan.assignment, client=settings,
         head_factory=lambda: TorchHead(routing_head(cfg.routing, init_tau, cfg.seed), engine=cfg.routing.fit_engine),
-        q_fn=q_fn, class_of=lambda t: t, llm_sessions=prep.llm,
+        q_fn=q_fn, class_of=lambda t: t, llm_sessions=prep.llm, session_ttl_s=gen.session_ttl_s,
         llm_limits=ModelLimits(int(config.vocab_size), int(config.max_position_embeddings)),
         pad_id=prep.tokenizer.pad_token_id or 0)
     users = {**{c: "client" for c in plan.assignment}, **{e: "edge" for e in spec.edges}, "cloud": "cloud",
@@ -166,8 +166,6 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
     prep.llm.sessions.clear()
     with TOPOLOGIES[cfg.topology](users, plan.assignment) as topology:
         dep = Deployment(spec, topology.address).start()
-        for worker in dep.llm:
-            worker.session_ttl_s = gen.session_ttl_s
         try:
             for r, by_client in enumerate(plan.rounds):
                 def work(client, r=r):  # noqa: ANN001, ANN202
@@ -186,6 +184,9 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
                     bar.update(1)
                     bar.set_postfix_str(f"{method.name} r{r}")
         finally:
+            drained = time.monotonic() + 5.0  # the last titles' SessionEnds (QoS 1) may still be on their way
+            while prep.llm.sessions and time.monotonic() < drained:
+                time.sleep(0.05)
             counts = dep.byte_counts()
             stats = [w.stats for w in dep.llm]
             fallbacks = sum(c.counters.fallbacks for c in dep.clients.values())
