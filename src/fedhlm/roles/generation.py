@@ -99,8 +99,8 @@ class SessionRouter:
             gen.steps.append(step)
             gen.tokens.append(step.token)
             sequence.append(step.token)
-            if step.token in stop_ids:
-                break
+            if step.token in stop_ids or len(gen.tokens) == max_new_tokens:
+                break  # no SLM step for a position nobody will route
             proposal = drafter.append(step.token)
         if synced or any(s.route == "llm" for s in gen.steps):  # a session may be open: end it now, not at the TTL
             c.endpoint.publish(topics.llm_session_end(), SessionEnd(c.id, gen.session_id), qos=1)

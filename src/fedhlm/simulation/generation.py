@@ -96,7 +96,7 @@ def calibration(cfg: SimConfig, prep: GenerationPrepared) -> dict[str, Any]:
             u.append(float(proposal.features[0]))
             beta.append(float(b))
             sequence.append(proposal.draft_token)
-            if proposal.draft_token == prep.stop_id:
+            if proposal.draft_token == prep.stop_id or len(sequence) - len(prompt) == cfg.generation.max_new_tokens:
                 break
             proposal = drafter.append(proposal.draft_token)
         prep.llm.end_session(key)
@@ -116,7 +116,7 @@ def slm_alone(prep: GenerationPrepared, prompt: list[int], max_new: int, seed: i
         steps.append(GeneratedToken(len(prompt) + len(tokens), proposal.draft_token, proposal.draft_token, "local",
                                     latency_ms=proposal.ms))
         tokens.append(proposal.draft_token)
-        if proposal.draft_token == prep.stop_id:
+        if proposal.draft_token == prep.stop_id or len(tokens) == max_new:
             break
         proposal = drafter.append(proposal.draft_token)
     return tokens, steps

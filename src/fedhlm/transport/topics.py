@@ -154,6 +154,7 @@ def llm_session_end() -> str:
 
 
 def llm_session_end_shared(group: str) -> str:
+    """The workers' shared subscription to session ends (the end reaches one worker; another's copy expires)."""
     return f"$share/{validate_id(group, 'group')}/{llm_session_end()}"
 
 
