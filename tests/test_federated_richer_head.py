@@ -16,7 +16,7 @@ import torch
 from fedhlm.core.records import TokenInput
 from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
 from fedhlm.maths.route_features import feature_set
-from fedhlm.models.head_fit import TorchHead, routing_head
+from fedhlm.models.head_fit import TorchHead, routing_head, warm_head_params
 from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.transport.broker import LocalBroker
 
@@ -90,3 +90,34 @@ def test_a_linear_head_learns_a_signal_the_entropy_threshold_cannot_federated(tm
     assert linear["signal_weight"] > 1.0  # the global model weighs the signal column, which started at 0
     # the entropy is noise: whatever the scalar head sends, it sends wrong and right drafts alike
     assert abs(scalar["sent_of_wrong"] - scalar["sent_of_right"]) <= 0.2
+
+
+def calibration_pairs(n: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration-split pairs of the same world: beta = 1 exactly where the signal column is above 0.7."""
+    rng = np.random.default_rng(seed)
+    feats = rng.uniform(0.0, 1.0, (n, WIDTH)).astype(np.float32)
+    return feats, (feats[:, SIGNAL] > 0.7).astype(np.float32)
+
+
+def test_a_richer_heads_round0_model_is_its_fit_on_the_calibration_pairs() -> None:
+    """The warm start: a linear head fitted on calibration pairs weighs the signal column before any round, and
+    routes the wrong drafts where the entropy unit vector it started as cannot."""
+    feats, beta = calibration_pairs()
+    routing = RoutingSettings(head="linear", features="label", lam=0.2, temperature=0.25)
+    params, fitted = warm_head_params(routing, 0.5, 0, feats, beta)
+    assert fitted is not None and fitted["pairs"] == len(beta) and fitted["loss_after"] < 0.7 * fitted["loss_before"]
+    assert params["weight"][SIGNAL] > 1.0
+    head = TorchHead(routing_head(routing, 0.5, seed=0))
+    head.load(params)
+    sent = np.array([head.route(f) for f in feats])
+    assert sent[beta == 1].mean() >= 0.9 and sent[beta == 0].mean() <= 0.1
+
+
+@pytest.mark.parametrize("routing", [RoutingSettings(head="scalar", features="label"),
+                                     RoutingSettings(head="linear", features="label", warm_fit_steps=0)])
+def test_no_warm_fit_for_the_scalar_head_or_zero_steps_the_start_is_the_threshold(routing) -> None:  # noqa: ANN001
+    feats, beta = calibration_pairs()
+    params, fitted = warm_head_params(routing, 0.5, 0, feats, beta)
+    assert fitted is None and float(params["tau"]) == pytest.approx(0.5)
+    if "weight" in params:
+        assert np.array_equal(params["weight"], np.eye(WIDTH, dtype=np.float32)[0])

@@ -244,6 +244,8 @@ def test_a_richer_head_trains_federated_over_a_real_broker_and_is_compared_with_
     assert np.shape(fed["final_params"]["weight"]) == (width,)
     assert not np.allclose(fed["final_params"]["weight"], np.eye(width)[0])  # the non-entropy weights learned
     assert fed["central_loss"] > 0 and fed["loss_ratio"] >= 0.99  # the central fit is the optimum's reference
+    warm = report["warm_start"]["calibration_fit"]  # the round-0 model: the head fitted on the calibration pairs
+    assert warm["pairs"] > 0 and warm["loss_after"] <= warm["loss_before"]
     print(f"\n{head}/{features}: federated loss {fed['federated_loss']:.5f}, central {fed['central_loss']:.5f}, "
           f"ratio {fed['loss_ratio']:.3f}")
     assert report["methods"]["fedhlm_no_p2p"]["fl"]["updates_rejected"] == 0

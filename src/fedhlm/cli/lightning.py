@@ -56,10 +56,14 @@ class FedHLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """A ``config:<llm yaml>`` teacher becomes that LLM on this fit's task and files (trained first when
-        missing), before the student is built: the module alone would not know the fit's data."""
+        missing), before the student is built: the module alone would not know the fit's data. A bf16 precision
+        this machine would emulate becomes float32 (`models.precision`)."""
         from fedhlm.models.cache import resolve_teacher
+        from fedhlm.models.precision import runnable_precision
 
         cfg = self._cfg()
+        if cfg.trainer is not None:  # bf16 only where it is not emulated, before the cache key is taken from it
+            cfg.trainer.precision = runnable_precision(cfg.trainer.precision)
         init = getattr(cfg.model, "init_args", None) if cfg.model is not None else None
         teacher = getattr(init, "teacher", None) if init is not None else None
         if isinstance(teacher, str) and teacher.startswith("config:"):

@@ -93,6 +93,10 @@ class RoutingSettings:
     # tokens and their mass), hidden (+ hidden_dim whitened PCA components of the SLM's state, fitted on calibration)
     features: FeatureSetName = "basic"
     hidden_dim: int = 16
+    # a linear or mlp head's round-0 model: the head fitted on the calibration split's (features, beta) pairs with
+    # this many full-batch Adam steps of the routing loss (the richer analogue of U-HLM's calibrated threshold);
+    # 0: the entropy unit vector at the static threshold. The scalar head always starts at the static threshold.
+    warm_fit_steps: int = 600
     local_steps: int = 20  # head optimiser steps per round
     lr: float = 1.0  # local step size: plain SGD steps, so FedAvg follows the pooled loss's gradient
     optimizer: Optimizer = "sgd"
@@ -125,6 +129,7 @@ class RoutingSettings:
         if self.head != "scalar" and (self.target_share is not None or self.target_agreement is not None):
             raise SettingError(f"{s}.head: target_share / target_agreement place an entropy threshold, which only "
                                f"the scalar head is; got head {self.head!r}")
+        check_range(s, "warm_fit_steps", self.warm_fit_steps, 0)
         check_range(s, "local_steps", self.local_steps, 0)
         check_range(s, "lr", self.lr, 0, lo_open=True)
         check_range(s, "lr_decay", self.lr_decay, 0)

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedhlm.models.precision import runnable_trainer_args
 from fedhlm.models.store import METRICS_FILE, jsonable, is_complete, model_dir
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def cache_folder(kind: str, config: Mapping[str, Any], *, name: str | None = Non
                  ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     """(full configuration, cache folder, trainer arguments) of a model: where get_or_train puts it."""
     trainer_args = {**DEFAULT_TRAINER[kind], **dict(config.get("trainer") or {})} if kind in DEFAULT_TRAINER else {}
+    trainer_args = runnable_trainer_args(trainer_args)  # bf16 only where it is not emulated; the key says which ran
     full = full_config(kind, config.get("model"), config.get("data"), trainer_args)
     return full, model_dir(name or kind, full, root), trainer_args
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedhlm.maths.threshold import ThresholdHead
-from fedhlm.models.head_fit import fit_head
+from fedhlm.models.head_fit import fit_pooled
 from fedhlm.reporting.reference import oracle_accuracy, uncertainty_accuracy
 
 
@@ -57,7 +57,7 @@ def lam_for_share(u: np.ndarray, beta: np.ndarray, share: float) -> tuple[float,
 
 
 def fit_ranker(train: Pairs, share: float, mode: str, *, temperature: float = 0.1, steps: int = 400,
-               lr: float = 0.02, hidden: int = 8, seed: int = 0) -> ThresholdHead:
+               hidden: int = 8, seed: int = 0) -> ThresholdHead:
     """A `mode` head over all of train's columns, fitted with the routing loss at the price that sends `share`."""
     u = train.features[:, 0]
     lam, tau = lam_for_share(u, train.beta, share)
@@ -66,8 +66,7 @@ def fit_ranker(train: Pairs, share: float, mode: str, *, temperature: float = 0.
         head = ThresholdHead(mode=mode, num_features=train.features.shape[1], tau=tau, temperature=temperature,
                              hidden=hidden)
     if mode != "scalar":
-        fit_head(head, torch.from_numpy(train.features.astype(np.float32)),
-                 torch.from_numpy(train.beta.astype(np.float32)), lam=lam, steps=steps, lr=lr, optimizer="adam")
+        fit_pooled(head, train.features, train.beta, lam=lam, steps=steps)
     return head
 
 

@@ -71,6 +71,7 @@ class Prepared:
     plan: ClientPlan | None = None
     workload: dict[str, Any] = field(default_factory=dict)  # the report's workload section
     init_tau: float = UNCALIBRATED_TAU
+    init_params: dict[str, np.ndarray] | None = None  # the round-0 head (`models.head_fit.warm_head_params`)
     files: dict[str, Any] = field(default_factory=dict)  # training / evaluation file and overlap dropped
 
     @property
@@ -94,12 +95,21 @@ def client_settings(cfg: SimConfig, method: Method, prep: Prepared, *, lam: floa
                                       routing=routing, p2p=p2p, embedder_name=prep.embedder_name)
 
 
+def round0_head(cfg: SimConfig, prep: Prepared):  # noqa: ANN201
+    """A client's head as the round-0 global model has it: the warm start's parameters when there are any."""
+    from fedhlm.models.head_fit import TorchHead, routing_head
+
+    head = TorchHead(routing_head(cfg.routing, prep.init_tau, cfg.seed), engine=cfg.routing.fit_engine)
+    if prep.init_params is not None:
+        head.load(prep.init_params)
+    return head
+
+
 # ---- one method -------------------------------------------------------------------------------------
 def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | None = None,
                delta: float | None = None, static_tau: float = UNCALIBRATED_TAU, progress=None) -> dict[str, Any]:
     """Run one routing method over a private broker (or the given one); returns its records and telemetry."""
     from fedhlm.models.drafter import SLMDrafter
-    from fedhlm.models.head_fit import TorchHead, routing_head
     from fedhlm.reporting.summary import TokenRecord
     from fedhlm.roles.deployment import Deployment, DeploymentSpec
     from fedhlm.transport.address import BrokerAddress
@@ -125,7 +135,7 @@ def run_method(method: Method, cfg: SimConfig, prep: Prepared, *, lam: float | N
 
     spec = DeploymentSpec(
         assignment=plan.assignment, client=settings,
-        head_factory=lambda: TorchHead(routing_head(cfg.routing, prep.init_tau, cfg.seed), engine=cfg.routing.fit_engine),
+        head_factory=lambda: round0_head(cfg, prep),
         q_fn=models.q_fn, class_of=models.class_of, drafter=drafter, llm_limits=models.llm_limits(),
         llm_sessions=getattr(models.serving, "sessions", None),
         pad_id=models.tokenizer.pad_token_id or 0, embedding_dim=prep.embedding_dim,
@@ -436,6 +446,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
         static = prep.models.static_threshold(prep.calib, cfg.routing.lam, cfg.routing.verify)
         report["static_hlm"] = static
         prep.init_tau = warm_start_tau(cfg, prep, static["tau"])
+        report["warm_start"] = warm_start_head(cfg, prep)
         steps = cfg.federation.rounds * (len(cfg.methods) + 2 * len(cfg.lambda_sweep) + len(cfg.delta_sweep))
         bar = tqdm(total=steps, desc="rounds", unit="round", disable=not show_progress)
         results = {}
@@ -450,7 +461,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
             report["slm_ms_per_token"] = float(np.mean([t.latency_ms for t in results["slm_only"]["records"]]))
         if "fedhlm" in results or "fedhlm_no_p2p" in results:
             fed_name = "fedhlm" if "fedhlm" in results else "fedhlm_no_p2p"
-            report["federated"] = federated_section(results[fed_name], cfg, prep.init_tau)
+            report["federated"] = federated_section(results[fed_name], cfg, prep.init_tau, prep.init_params)
         if cfg.reference_shares or cfg.routing.target_agreement is not None:
             report["reference"] = reference_routers(cfg, prep, report["methods"], results)
         report["lambda_sweep"] = lambda_sweep(cfg, prep, bar) if cfg.lambda_sweep else {}
@@ -471,6 +482,21 @@ def warm_start_tau(cfg: SimConfig, prep: Prepared, static_tau: float) -> float:
         u = np.array([float(d.features[0]) for d in prep.calib])
         return warm_start(r, static_tau, u, prep.models.calibration_beta(prep.calib, r.verify))
     return warm_start(r, static_tau, None, None)
+
+
+def warm_start_head(cfg: SimConfig, prep: Prepared) -> dict[str, Any]:
+    """Fit a richer head's round-0 model on the calibration split (`models.head_fit.warm_head_params`) into
+    `prep.init_params`; returns the report's warm-start section."""
+    from fedhlm.models.head_fit import warm_head_params
+
+    r = cfg.routing
+    feats = beta = None
+    if r.head != "scalar" and prep.calib:
+        feats = np.stack([np.asarray(d.features, np.float32) for d in prep.calib])
+        beta = prep.models.calibration_beta(prep.calib, r.verify)
+    params, fitted = warm_head_params(r, prep.init_tau, cfg.seed, feats, beta)
+    prep.init_params = params if fitted is not None else None
+    return {"tau": prep.init_tau, "head": r.head, "features": r.features, "calibration_fit": fitted}
 
 
 def warm_start(routing: Any, static_tau: float, u: np.ndarray | None, beta: np.ndarray | None) -> float:
@@ -511,11 +537,12 @@ def reference_routers(cfg: SimConfig, prep: Prepared, methods: dict[str, Any], r
     return section
 
 
-def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = UNCALIBRATED_TAU) -> dict[str, Any]:
+def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = UNCALIBRATED_TAU,
+                      init_params: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Convergence of the learned head against the central optimum on the pooled pairs.
 
     The scalar head's optimum is exact (`central_threshold`); a linear or mlp head is compared with the
-    same head fitted centrally (same start, full batch, Adam) on the same weighted pairs.
+    same head fitted centrally (same round-0 start, full batch, Adam) on the same weighted pairs.
     """
     from fedhlm.maths.threshold import central_threshold
 
@@ -539,7 +566,7 @@ def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = 
                         "final_tau": final, "federated_loss": loss({"tau": final}) if final is not None else None,
                         "tau_gap": (abs(final - central_tau) / abs(central_tau)) if final is not None and central_tau else None})
     elif u.size and final_params is not None:
-        central = _central_head_params(cfg, feats, beta, weights, init_tau)
+        central = _central_head_params(cfg, feats, beta, weights, init_tau, init_params)
         loss = functools.partial(_pooled_loss, cfg, feats, beta, weights)
         section.update({"central_loss": loss(central), "federated_loss": loss(final_params),
                         "central_params": central, "final_params": final_params})
@@ -569,12 +596,15 @@ def _pooled_loss(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: n
 
 
 def _central_head_params(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: np.ndarray,
-                         init_tau: float, steps: int = 600, lr: float = 0.02) -> dict[str, list]:
+                         init_tau: float, init_params: dict[str, np.ndarray] | None = None,
+                         steps: int = 600) -> dict[str, list]:
     """The run's head fitted on all clients' pairs at once, from the round-0 start: the central reference."""
-    from fedhlm.models.head_fit import TorchHead, routing_head
+    from fedhlm.models.head_fit import TorchHead, fit_pooled, routing_head
 
     head = TorchHead(routing_head(cfg.routing, init_tau, cfg.seed))
-    head.fit(feats, beta, lam=cfg.routing.lam, steps=steps, lr=lr, optimizer="adam", weights=weights)
+    if init_params is not None:
+        head.load(init_params)
+    fit_pooled(head.module, feats, beta, lam=cfg.routing.lam, steps=steps, weights=weights)
     return {k: v.tolist() for k, v in head.params().items()}
 
 
