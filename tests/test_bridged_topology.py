@@ -84,7 +84,7 @@ def test_a_client_of_one_site_cannot_reach_another_sites_subtree_through_the_bri
             for ep in (*spies, attacker):
                 ep.start().wait_connected(5)
             update = ThresholdUpdate("c00", "e1", 0, 5, {"tau": np.array(9.0, np.float32)})
-            forged = LLMVerdict("c01", "s", 1, True, 1, 0.5, 0.5, 1.0)
+            forged = LLMVerdict("c01", "s", 1, True, 1, 0.5, 0.5, 1.0, "llm")
             attempts = [(topics.edge_update("e1", "c00"), update), (topics.global_update("e1"), update),
                         (topics.client_llm_reply("c01"), forged), (topics.client_status("c01"),
                                                                     ClientStatus("c01", False, "e1", 1.0))]

@@ -59,7 +59,7 @@ class FakeLLM:
         self.reasons[req.reason] += 1
         beta = float(np.clip(req.features[0], 0.0, 1.0))
         self.endpoint.reply(inbound, LLMVerdict(req.client_id, req.session_id, req.seq, accepted=req.draft_token == LLM_TOKEN,
-                                                final_token=LLM_TOKEN, beta=beta, q_draft=1.0 - beta, llm_ms=0.0))
+                                                final_token=LLM_TOKEN, beta=beta, q_draft=1.0 - beta, llm_ms=0.0, worker="llm"))
 
 
 class FakePeer:

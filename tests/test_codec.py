@@ -82,9 +82,9 @@ def test_token_request_refuses_bad_fields_naming_them(changes: dict[str, Any], f
 @pytest.mark.parametrize(
     ("build", "field"),
     [
-        (lambda: LLMVerdict("c0", "s", 1, True, 5, beta=1.5, q_draft=0.5, llm_ms=1.0), "LLMVerdict.beta"),
-        (lambda: LLMVerdict("c0", "s", 1, 1, 5, beta=1.0, q_draft=0.5, llm_ms=1.0), "LLMVerdict.accepted"),
-        (lambda: LLMVerdict("c0", "s", 1, True, 5, beta=1.0, q_draft=0.5, llm_ms=-2.0), "LLMVerdict.llm_ms"),
+        (lambda: LLMVerdict("c0", "s", 1, True, 5, beta=1.5, q_draft=0.5, llm_ms=1.0, worker="llm"), "LLMVerdict.beta"),
+        (lambda: LLMVerdict("c0", "s", 1, 1, 5, beta=1.0, q_draft=0.5, llm_ms=1.0, worker="llm"), "LLMVerdict.accepted"),
+        (lambda: LLMVerdict("c0", "s", 1, True, 5, beta=1.0, q_draft=0.5, llm_ms=-2.0, worker="llm"), "LLMVerdict.llm_ms"),
         (lambda: PeerQuery("c0", "e0", 1, "m", [0.5, 0.5], hops=0, delta=0.9), "PeerQuery.embedding"),  # norm 0.71
         (lambda: PeerQuery("c0", "e0", 1, "m", [], hops=0, delta=0.9), "PeerQuery.embedding"),
         (lambda: PeerQuery("c0", "e0", 1, "m", [1.0, 0.0], hops=0, delta=1.5), "PeerQuery.delta"),
@@ -310,7 +310,7 @@ messages = st.one_of(
     token_requests(),
     session_tokens(),
     peer_queries(),
-    st.builds(LLMVerdict, ids, ids, counts, st.booleans(), tokens, unit, unit, st.floats(0, 1e9)),
+    st.builds(LLMVerdict, ids, ids, counts, st.booleans(), tokens, unit, unit, st.floats(0, 1e9), ids),
     st.builds(PeerReply, ids, counts, tokens, st.floats(-1, 1)),
     st.builds(ThresholdUpdate, ids, ids, counts, counts, params),
     st.builds(ThresholdModel, ids, st.sampled_from(["edge", "global"]), counts, counts, params),

@@ -147,7 +147,7 @@ def test_a_client_cannot_forge_the_llm_verdict_its_edge_would_cache(broker) -> N
     dep = deployment(broker)
     try:
         forged = LLMVerdict(client_id="c000", session_id="s", seq=1, accepted=False, final_token=3, beta=1.0,
-                            q_draft=0.0, llm_ms=1.0)
+                            q_draft=0.0, llm_ms=1.0, worker="llm")
         with pytest.raises(PermissionError, match="Not authorized"):
             dep.clients["c000"].endpoint.publish(topics.client_llm_reply("c000"), forged, qos=1, wait=True)
     finally:

@@ -114,7 +114,7 @@ def raw_publish(broker: LocalBroker, topic: str, payloads: list[bytes]) -> None:
 
 def verdict_for(request: TokenRequest, worker: str = "llm") -> LLMVerdict:
     return LLMVerdict(client_id=request.client_id, session_id=request.session_id, seq=request.seq, accepted=False,
-                      final_token=request.draft_token + 1, beta=0.5, q_draft=0.25, llm_ms=float(len(worker)))
+                      final_token=request.draft_token + 1, beta=0.5, q_draft=0.25, llm_ms=float(len(worker)), worker="llm")
 
 
 # -- pub/sub and request/response ------------------------------------------------------------------

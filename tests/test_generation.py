@@ -33,9 +33,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory, tokenizer) -> LLMRefiner:
+def llm_folder(tmp_path_factory, tokenizer) -> str:
     model = build_bert_decoder(BackboneSpec(**TINY, seed=1), vocab_size=len(tokenizer))
-    return LLMRefiner(pretrained=str(save_model(model, tmp_path_factory.mktemp("llm"), tokenizer))).eval()
+    return str(save_model(model, tmp_path_factory.mktemp("llm"), tokenizer))
+
+
+@pytest.fixture(scope="module")
+def llm(llm_folder) -> LLMRefiner:
+    return LLMRefiner(pretrained=llm_folder).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +57,9 @@ def worker(broker, llm):
     service.stop()
 
 
-def client(broker, policy: str, client_id: str = "c0") -> Client:
+def client(broker, policy: str, client_id: str = "c0", timeout_s: float = 5.0) -> Client:
     settings = ClientSettings(client_id=client_id, edge_id="e0", policy=policy, p2p=P2PSettings(enabled=False),
-                              routing=RoutingSettings(exploration=0.0, llm_timeout_s=5.0, top_k=4))
+                              routing=RoutingSettings(exploration=0.0, llm_timeout_s=timeout_s, top_k=4))
     return Client(settings, broker.address(client_id), TorchHead(ThresholdHead(tau=0.5)), lambda t: t).start()
 
 
@@ -173,6 +178,73 @@ def test_a_client_killed_mid_session_leaves_no_session_after_the_ttl(broker, wor
     while "c1/abcd0001" in llm.sessions and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "c1/abcd0001" not in llm.sessions and worker.stats.sessions_expired == 1
+
+
+def two_workers(broker, llm_folder) -> list[tuple[LLMService, LLMRefiner]]:
+    """Two LLM worker processes' worth: each its own refiner (its own KV caches), one shared subscription."""
+    out = []
+    for name in ("llm", "llm-2"):
+        refiner = LLMRefiner(pretrained=llm_folder).eval()
+        q_fn = lambda ids, mask, last, r=refiner: r.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
+        out.append((LLMService(broker.address(name), q_fn, mode="greedy", sessions=refiner).start(), refiner))
+    return out
+
+
+def test_with_two_workers_a_sequence_stays_on_the_worker_that_opened_it(broker, llm, llm_folder, slm,
+                                                                        tokenizer) -> None:
+    """Session affinity: the first token goes to the shared subscription, its verdict names the worker, and every
+    later token goes to that worker's own topic. Without it, the shared subscription alternates the workers and
+    every other token is a SessionMiss and a prefix resend."""
+    workers = two_workers(broker, llm_folder)
+    c = client(broker, "always")
+    try:
+        gens = [SessionRouter(c).generate(SLMSequenceDrafter(slm, top_k=4), prompt(tokenizer), NEW_TOKENS)
+                for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while sum(w.stats.sessions_ended for w, _ in workers) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        c.stop()
+        for w, _ in workers:
+            w.stop()
+    expected = greedy(lambda seq: llm.reencoded_q(seq), prompt(tokenizer), NEW_TOKENS)
+    for gen in gens:
+        assert gen.tokens == expected and gen.misses == 0
+        assert [s.opened for s in gen.steps] == [True] + [False] * (NEW_TOKENS - 1)  # the prefix went once
+        assert gen.worker in ("llm", "llm-2")
+    assert sum(w.stats.session_misses for w, _ in workers) == 0
+    assert sum(w.stats.session_tokens for w, _ in workers) == 4 * NEW_TOKENS
+    assert sum(w.stats.sessions_ended for w, _ in workers) == 4 and not any(r.sessions for _, r in workers)
+
+
+def test_when_the_worker_holding_a_session_dies_the_sequence_reopens_on_another(broker, llm, llm_folder, slm,
+                                                                                tokenizer) -> None:
+    """The worker named by the first verdict stops mid-sequence: the next token times out on its topic and the
+    client sends the prefix again through the shared subscription, where the other worker continues."""
+    workers = two_workers(broker, llm_folder)
+    c = client(broker, "always", timeout_s=1.0)
+    by_name = {w.worker: w for w, _ in workers}
+    router, holders = SessionRouter(c), []
+    verify = router._verify
+
+    def verify_then_stop_the_holder_after_three(gen, *args):  # noqa: ANN001, ANN202
+        out = verify(gen, *args)
+        holders.append(gen.worker)
+        if len(holders) == 3:
+            by_name[gen.worker].stop()  # the worker process holding the session dies
+        return out
+
+    router._verify = verify_then_stop_the_holder_after_three
+    try:
+        gen = router.generate(SLMSequenceDrafter(slm, top_k=4), prompt(tokenizer), NEW_TOKENS)
+    finally:
+        c.stop()
+        for w, _ in workers:
+            w.stop()
+    assert gen.tokens == greedy(lambda seq: llm.reencoded_q(seq), prompt(tokenizer), NEW_TOKENS)
+    assert all(s.reason == "uncertain" for s in gen.steps)  # no token fell back to the SLM
+    assert len(set(holders[:3])) == 1 and holders[-1] != holders[0]  # one worker, then the other to the end
+    assert sum(s.opened for s in gen.steps) == 2  # the prefix went again once, to the worker that took over
 
 
 @pytest.mark.slow

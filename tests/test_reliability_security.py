@@ -47,7 +47,7 @@ def test_hostile_client_cannot_forge_updates_models_replies_or_status_and_the_ag
             (topics.edge_update("e0", "c00"), ThresholdUpdate("c00", "e0", 0, 10_000, params(900.0))),
             (topics.edge_model("e0"), ThresholdModel("e0", "edge", 0, 10_000, params(900.0))),
             (topics.global_model(), ThresholdModel("cloud", "global", 0, 10_000, params(900.0))),
-            (topics.client_llm_reply("c00"), LLMVerdict("c00", "s", 1, True, 1, 1.0, 1.0, 0.0)),
+            (topics.client_llm_reply("c00"), LLMVerdict("c00", "s", 1, True, 1, 1.0, 1.0, 0.0, "llm")),
             (topics.client_status("c00"), ClientStatus("c00", False, "e0", time.time())),  # "c00 is dead"
         ]
         for topic, message in forgeries:

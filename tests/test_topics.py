@@ -84,7 +84,7 @@ def test_filters_match_exactly_their_topics() -> None:
 
 def test_all_templates_cover_every_builder_once() -> None:
     templates = topics.all_topic_templates()
-    assert len(templates) == len(set(templates)) == 14
+    assert len(templates) == len(set(templates)) == 16
     assert all(t.startswith(topics.PREFIX + "/") for t in templates)
     assert set(topics.KINDS) == set(topics.TEMPLATES)
 
@@ -94,3 +94,11 @@ def test_session_topics_are_llm_traffic_that_a_shared_subscription_matches() -> 
     assert topics.parse(topics.client_llm_miss("c0")) == ("client_llm_miss", {"client_id": "c0"})
     assert {topics.kind_of(t) for t in (topics.llm_session(), topics.llm_session_end(), topics.client_llm_miss("c0"))} \
         == {"llm"}
+
+
+def test_a_workers_session_topics_name_it_and_are_llm_traffic() -> None:
+    assert topics.parse(topics.llm_worker_session("llm1")) == ("llm_worker_session", {"worker_id": "llm1"})
+    assert topics.parse(topics.llm_worker_session_end("llm1")) == ("llm_worker_session_end", {"worker_id": "llm1"})
+    assert topics.kind_of(topics.llm_worker_session("llm1")) == "llm"
+    with pytest.raises(ValueError, match="worker_id"):
+        topics.llm_worker_session("a/b")

@@ -170,7 +170,7 @@ def sized_request(target_bytes: int) -> TokenRequest:
 def verdict_for(request: TokenRequest) -> LLMVerdict:
     """The reply an LLM worker sends for `request`."""
     return LLMVerdict(client_id=request.client_id, session_id=request.session_id, seq=request.seq, accepted=True,
-                      final_token=request.draft_token, beta=1.0, q_draft=0.5, llm_ms=0.0)
+                      final_token=request.draft_token, beta=1.0, q_draft=0.5, llm_ms=0.0, worker="llm")
 
 
 # -- measuring ----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ tokens since the last verdict (that verdict's token first), so the refiner's KV 
 is new and the uplink of a token does not grow with the sequence. The client continues from the
 verdict's token, and the verdict's beta is a (features, beta) label for the federated head, as in
 classification. A sequence ends with a `SessionEnd`; a client that dies leaves its session to the
-refiner's TTL. The peer step is not used for generation tokens (yet): their contexts differ per sequence.
+refiner's TTL. With several LLM workers a session lives on the one that opened it: the first token goes to
+the workers' shared subscription, its verdict names the worker, and the later tokens (and the end) go to
+that worker's own topic; if it does not answer, the sequence reopens on the shared topic from position 0. The peer step is not used for generation tokens (yet): their contexts differ per sequence.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)  # the new tokens
     steps: list[GeneratedToken] = field(default_factory=list)
     misses: int = 0  # SessionMiss answers (the prefix was sent again)
+    worker: str = ""  # the LLM worker holding the session ("" : none yet, or lost: the next offload reopens it)
 
 
 class SessionRouter:
@@ -83,7 +86,7 @@ class SessionRouter:
                                       "refused" if reason is not None else None,
                                       latency_ms=proposal.ms + (time.perf_counter() - start) * 1000.0)
             else:
-                verdict, sent, opened, misses, refused = self._verify(gen.session_id, sequence, synced, proposal)
+                verdict, sent, opened, misses, refused = self._verify(gen, sequence, synced, proposal)
                 gen.misses += misses
                 latency = proposal.ms + (time.perf_counter() - start) * 1000.0
                 if verdict is None:
@@ -103,7 +106,8 @@ class SessionRouter:
                 break  # no SLM step for a position nobody will route
             proposal = drafter.append(step.token)
         if synced or any(s.route == "llm" for s in gen.steps):  # a session may be open: end it now, not at the TTL
-            c.endpoint.publish(topics.llm_session_end(), SessionEnd(c.id, gen.session_id), qos=1)
+            end = topics.llm_worker_session_end(gen.worker) if gen.worker else topics.llm_session_end()
+            c.endpoint.publish(end, SessionEnd(c.id, gen.session_id), qos=1)
         return gen
 
     def _reason(self, proposal: NextToken, round_: int) -> str | None:
@@ -115,12 +119,15 @@ class SessionRouter:
             return "exploration"
         return None
 
-    def _verify(self, session_id: str, sequence: list[int], synced: int,
+    def _verify(self, gen: Generation, sequence: list[int], synced: int,
                 proposal: NextToken) -> tuple[LLMVerdict | None, int, bool, int, bool]:
         """(verdict or None, payload bytes sent, whether the prefix was sent, SessionMiss answers, whether the
-        LLM refused the sequence). A timeout is retried `routing.llm_retries` times; a miss at a later position
-        once more, from 0; a miss at 0 means the LLM will not verify this sequence."""
+        LLM refused the sequence). A later token goes to the worker holding the session (`gen.worker`), a
+        first one (or a resend from 0) to the shared topic. A timeout is retried `routing.llm_retries` times
+        from 0 on the shared topic; a miss at a later position once more, from 0; a miss at 0 means the LLM
+        will not verify this sequence."""
         c = self.client
+        session_id = gen.session_id
         probs = proposal.topk_probs.astype(np.float16)
         tail = float(min(1.0, max(0.0, 1.0 - float(probs.astype(np.float64).sum()))))
         sent, opened, misses, timeouts = 0, False, 0, 0
@@ -132,15 +139,16 @@ class SessionRouter:
                                    tail_mass=tail)
             sent += len(encode(message))
             opened = opened or start == 0
+            topic = topics.llm_worker_session(gen.worker) if gen.worker and start > 0 else topics.llm_session()
             try:
-                reply = c.endpoint.request(topics.llm_session(), message, topics.client_llm_reply(c.id),
+                reply = c.endpoint.request(topic, message, topics.client_llm_reply(c.id),
                                            timeout_s=c.s.routing.llm_timeout_s, qos=1,
                                            also_on=(topics.client_llm_miss(c.id),),
                                            expiry_s=c.s.routing.llm_timeout_s)
             except TimeoutError:
                 timeouts += 1
                 log.info("%s: no verdict for session %s seq %d (%d timeouts)", c.id, session_id, message.seq, timeouts)
-                start = 0  # the refiner may or may not have taken the tokens: reopen
+                start, gen.worker = 0, ""  # the worker may be gone, or may or may not have taken the tokens: reopen
                 continue
             except ConnectionError:
                 break
@@ -149,9 +157,11 @@ class SessionRouter:
                 if start == 0:  # refused outright (limits, no sessions, a failed verification): stop asking
                     log.warning("%s: the LLM refused session %s; its remaining tokens stay local", c.id, session_id)
                     return None, sent, opened, misses, True
-                start = 0
+                start, gen.worker = 0, ""
                 continue
             if isinstance(reply, LLMVerdict) and reply.seq == message.seq:
+                gen.worker = reply.worker  # checked as a topic level when decoded
                 return reply, sent, opened, misses, False
         log.warning("%s: the LLM gave no verdict for session %s; keeping the SLM token", c.id, session_id)
         return None, sent, opened, misses, False
+

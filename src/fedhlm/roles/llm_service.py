@@ -13,7 +13,10 @@ runs out, or, for a client that sets none, after `max_age_s`.
 Generation sessions (`SessionToken` on `fedhlm/v1/llm/session`) are verified one at a time in the
 session's KV cache (`sessions`, the refiner's), which only grows by the tokens each request adds; a
 token the worker cannot continue is answered with a `SessionMiss`. Sessions end on a `SessionEnd`
-or after `session_ttl_s` unused, so a client that dies mid-sequence leaves nothing behind.
+or after `session_ttl_s` unused, so a client that dies mid-sequence leaves nothing behind. A sequence's
+first token comes through the shared subscription; every verdict names this worker (`worker`, its client
+id), and the later tokens of the sessions it opened come to it by name on
+`fedhlm/v1/llm/worker/<id>/session`, so with several worker processes a session stays where its cache is.
 """
 
 from __future__ import annotations
@@ -136,9 +139,17 @@ class LLMService:
         self.endpoint.subscribe(topics.llm_request_shared(self.group), self._on_request, qos=1)
         self.endpoint.subscribe(topics.llm_session_shared(self.group), self._on_request, qos=1)
         self.endpoint.subscribe(topics.llm_session_end_shared(self.group), self._on_session_end, qos=1)
+        # session affinity: the later tokens (and the end) of the sessions this worker opened come to it by name
+        self.endpoint.subscribe(topics.llm_worker_session(self.worker), self._on_request, qos=1)
+        self.endpoint.subscribe(topics.llm_worker_session_end(self.worker), self._on_session_end, qos=1)
         self.endpoint.start().wait_connected(timeout_s)
         self._thread.start()
         return self
+
+    @property
+    def worker(self) -> str:
+        """This worker's name in its verdicts and its session topic: its MQTT client id."""
+        return self.endpoint.client_id
 
     def stop(self) -> None:
         self._stopping.set()
@@ -225,7 +236,7 @@ class LLMService:
                 client_id=r.client_id, session_id=r.session_id, seq=r.seq,
                 accepted=bool(v.accepted[i]), final_token=int(v.token[i]),
                 beta=float(v.beta[i].clamp(0, 1)), q_draft=float(v.q_draft[i].clamp(0, 1)),
-                llm_ms=elapsed_ms,
+                llm_ms=elapsed_ms, worker=self.worker,
             )
             self.endpoint.reply(inbound, verdict, qos=1)
 
@@ -268,7 +279,7 @@ class LLMService:
         self.stats.compute_s += elapsed_ms / 1000.0
         verdict = LLMVerdict(client_id=message.client_id, session_id=message.session_id, seq=message.seq,
                              accepted=bool(accepted), final_token=int(final), beta=min(1.0, max(0.0, float(beta))),
-                             q_draft=min(1.0, max(0.0, float(q_draft))), llm_ms=elapsed_ms)
+                             q_draft=min(1.0, max(0.0, float(q_draft))), llm_ms=elapsed_ms, worker=self.worker)
         self.endpoint.reply(inbound, verdict, qos=1)
         return True
 

@@ -56,6 +56,8 @@ TOPIC_PAYLOADS: dict[str, type[Message]] = {
     "client_llm_reply": LLMVerdict,
     "llm_session": SessionToken,
     "llm_session_end": SessionEnd,
+    "llm_worker_session": SessionToken,
+    "llm_worker_session_end": SessionEnd,
     "client_llm_miss": SessionMiss,
     "edge_update": ThresholdUpdate,
     "edge_model": ThresholdModel,

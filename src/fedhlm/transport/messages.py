@@ -271,6 +271,9 @@ class LLMVerdict(Message):
     beta: float  # rejection probability of the draft, max(0, 1 - q(x)/p(x)): the threshold heads learn from it
     q_draft: float  # the LLM's probability of the draft token
     llm_ms: float  # LLM compute time
+    # the worker that verified (its client id): a generation's later tokens go to that worker's own topic, where
+    # its KV cache of the sequence is
+    worker: Id
 
     def _check(self) -> None:
         _check_token(self, "final_token", self.final_token)

@@ -26,6 +26,8 @@ TEMPLATES: dict[str, str] = {
     "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
     "llm_session": PREFIX + "/llm/session",
     "llm_session_end": PREFIX + "/llm/session/end",
+    "llm_worker_session": PREFIX + "/llm/worker/{worker_id}/session",
+    "llm_worker_session_end": PREFIX + "/llm/worker/{worker_id}/session/end",
     "client_llm_miss": PREFIX + "/client/{client_id}/llm/miss",
     "edge_update": PREFIX + "/edge/{edge_id}/update/{client_id}",
     "edge_model": PREFIX + "/edge/{edge_id}/model",
@@ -44,6 +46,8 @@ KINDS: dict[str, str] = {
     "client_llm_reply": "llm",
     "llm_session": "llm",
     "llm_session_end": "llm",
+    "llm_worker_session": "llm",
+    "llm_worker_session_end": "llm",
     "client_llm_miss": "llm",
     "edge_update": "fl",
     "edge_model": "fl",
@@ -143,8 +147,8 @@ def llm_session() -> str:
 
 
 def llm_session_shared(group: str) -> str:
-    """The workers' shared subscription to session tokens (a session lives on the worker that holds it: a
-    token that reaches another worker is answered with a SessionMiss and sent again from position 0)."""
+    """The workers' shared subscription to session tokens: where a sequence's first token goes (any worker may
+    open its session; its verdict names the worker, and the later tokens go to `llm_worker_session`)."""
     return f"$share/{validate_id(group, 'group')}/{llm_session()}"
 
 
@@ -156,6 +160,16 @@ def llm_session_end() -> str:
 def llm_session_end_shared(group: str) -> str:
     """The workers' shared subscription to session ends (the end reaches one worker; another's copy expires)."""
     return f"$share/{validate_id(group, 'group')}/{llm_session_end()}"
+
+
+def llm_worker_session(worker_id: str) -> str:
+    """The later tokens of the sessions one LLM worker holds: only that worker reads it (session affinity)."""
+    return _build("llm_worker_session", worker_id=worker_id)
+
+
+def llm_worker_session_end(worker_id: str) -> str:
+    """The end of a session that one LLM worker holds."""
+    return _build("llm_worker_session_end", worker_id=worker_id)
 
 
 def client_llm_miss(client_id: str) -> str:

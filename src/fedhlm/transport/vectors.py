@@ -79,11 +79,11 @@ def golden_messages() -> dict[str, Message]:
                                           token=3001),
         "llm_verdict_accepted": LLMVerdict(
             client_id="c0", session_id="s-0001", seq=7, accepted=True, final_token=3000,
-            beta=1.0, q_draft=0.625, llm_ms=12.5,
+            beta=1.0, q_draft=0.625, llm_ms=12.5, worker="llm",
         ),
         "llm_verdict_resampled": LLMVerdict(
             client_id="c0", session_id="s-0001", seq=8, accepted=False, final_token=3001,
-            beta=0.25, q_draft=0.125, llm_ms=13.75,
+            beta=0.25, q_draft=0.125, llm_ms=13.75, worker="llm1",
         ),
         "peer_query_small": PeerQuery(
             client_id="c1", edge_id="e0", seq=42, model_name=MINILM,
