@@ -9,6 +9,7 @@ import yaml
 
 from fedhlm.cli.lightning import main
 from fedhlm.models.cache import cache_folder, full_config, read_fit_config
+from fedhlm.models.precision import runnable_trainer_args
 from fedhlm.models.store import cached_models, config_hash
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -61,7 +62,9 @@ def test_shipped_config_names_the_same_cached_model_as_the_simulation(kind, caps
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / f"{kind}.yaml"), "--print_config"])
     parsed = yaml.safe_load(capsys.readouterr().out)
-    from_cli = full_config(kind, parsed["model"]["init_args"], parsed["data"], parsed["trainer"])
+    # the CLI makes the precision runnable here before it takes the key, as the simulation does (models.precision)
+    trainer = runnable_trainer_args(parsed["trainer"])
+    from_cli = full_config(kind, parsed["model"]["init_args"], parsed["data"], trainer)
     _, folder, _ = cache_folder(kind, read_fit_config(CONFIGS / f"{kind}.yaml"))
     assert folder.name == f"{kind}-{config_hash(from_cli)}"
 
