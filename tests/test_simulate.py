@@ -279,6 +279,9 @@ def test_repeated_deliveries_are_answered_by_the_edges_cache_instead_of_the_llm(
     # an exact repeat gets the token the LLM gave the same text: as accurate as asking the LLM again
     assert m["fedhlm"]["accuracy"] == pytest.approx(m["llm_only"]["accuracy"], abs=0.02)
     assert m["fedhlm"]["peer"]["label_error"] is not None and m["fedhlm"]["peer"]["wrong_reuse_ci95"] is None  # no audit
+    by = m["fedhlm"]["peer"]["by_delivery"]  # reuse apart for first deliveries, exact and near repeats
+    assert (by["first"]["tokens"], by["exact_repeat"]["tokens"], by["near_repeat"]["tokens"]) == (60, 120, 0)
+    assert by["first"]["reused"] + by["exact_repeat"]["reused"] == cache["hits"] and by["exact_repeat"]["reused"] > 0
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ percentiles) is tested without a broker or a model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -80,6 +80,26 @@ def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok
             "slm_error_same_tokens": slm_wrong / len(reused) if reused else None,
         },
     }
+
+
+def reuse_by_delivery(records: Sequence[TokenRecord], repeat_of: Mapping[int, int],
+                      near: Collection[int]) -> dict[str, dict]:
+    """Tokens, peer/cache answers and their error against ground truth (with the SLM's on the same tokens),
+    for first deliveries, exact repeats and near repeats (another outlet's version) apart: a cache that answers
+    a near repeat with the original's LLM token is right only as often as the two stories share a label."""
+    groups: dict[str, list[TokenRecord]] = {"first": [], "exact_repeat": [], "near_repeat": []}
+    for t in records:
+        groups["first" if t.uid not in repeat_of else "near_repeat" if t.uid in near else "exact_repeat"].append(t)
+    out = {}
+    for name, recs in groups.items():
+        reused = [t for t in recs if (t.route == "peer" or t.reason == "audit") and t.peer_token is not None]
+        wrong = sum(1 for t in reused if t.peer_token != t.label)
+        out[name] = {"tokens": len(recs), "llm": sum(1 for t in recs if t.route == "llm"), "reused": len(reused),
+                     "label_error": wrong / len(reused) if reused else None,
+                     "label_error_ci95": wilson_interval(wrong, len(reused)),
+                     "slm_error_same_tokens": (sum(1 for t in reused if t.draft != t.label) / len(reused)
+                                               if reused else None)}
+    return out
 
 
 def per_round(records: Iterable[TokenRecord]) -> list[dict]:

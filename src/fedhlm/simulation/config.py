@@ -78,11 +78,13 @@ class WorkloadConfig:
     deliveries: float = 1.0  # mean deliveries per article
     zipf_s: float = 1.0  # popularity exponent of the repeats over a random ranking of the articles
     locality: float = 0.8  # share of repeats that go to the first recipient's own edge cluster
+    near_repeats: float = 0.0  # share of repeats that are another outlet's version of the story, not the same text
 
     def __post_init__(self) -> None:
         check_range("workload", "deliveries", self.deliveries, 1, 100)
         check_range("workload", "zipf_s", self.zipf_s, 0, 10)
         check_range("workload", "locality", self.locality, 0, 1)
+        check_range("workload", "near_repeats", self.near_repeats, 0, 1)
 
 
 @dataclass

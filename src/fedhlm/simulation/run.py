@@ -55,6 +55,7 @@ class ClientPlan:
     assignment: dict[str, str]  # client id -> edge id
     label_histograms: list[list[int]]
     repeat_of: dict[int, int] = field(default_factory=dict)  # uid of a repeat delivery -> its article's uid
+    near_repeats: frozenset[int] = frozenset()  # uids of the repeats that are another outlet's version
 
 
 @dataclass
@@ -322,7 +323,7 @@ def prepare(cfg: SimConfig, progress: bool = True) -> Prepared:
 def add_repeats(cfg: SimConfig, items: list[Any], plan: ClientPlan) -> dict[str, Any]:
     """Append the workload's repeat deliveries to `items` (copies under new uids) and to the plan's rounds;
     returns the report's workload section."""
-    from fedhlm.simulation.workload import plan_repeats, workload_summary
+    from fedhlm.simulation.workload import outlet_version, plan_repeats, workload_summary
 
     w = cfg.workload
     first: list[tuple[str, int]] = [("", 0)] * len(items)
@@ -331,19 +332,23 @@ def add_repeats(cfg: SimConfig, items: list[Any], plan: ClientPlan) -> dict[str,
             for i in idx:
                 first[i] = (cid, r)
     repeats = plan_repeats(first, plan.assignment, len(plan.rounds), deliveries=w.deliveries, zipf_s=w.zipf_s,
-                           locality=w.locality, seed=cfg.seed)
+                           locality=w.locality, seed=cfg.seed, near=w.near_repeats)
     next_uid = max((it.uid for it in items), default=-1) + 1
     rng = np.random.default_rng([cfg.seed, 8])
     touched: set[tuple[int, str]] = set()
+    near_rng = np.random.default_rng([cfg.seed, 10])
     for j, rep in enumerate(repeats):
-        items.append(dataclasses.replace(items[rep.index], uid=next_uid + j))
+        original = items[rep.index]
+        items.append(outlet_version(original, near_rng, next_uid + j) if rep.near
+                     else dataclasses.replace(original, uid=next_uid + j))
         plan.rounds[rep.round].setdefault(rep.client_id, []).append(len(items) - 1)
         touched.add((rep.round, rep.client_id))
     for r, cid in sorted(touched):  # a repeat arrives at some time within its round, not after everything else
         plan.rounds[r][cid] = rng.permutation(plan.rounds[r][cid]).tolist()
     plan.repeat_of = {next_uid + j: items[rep.index].uid for j, rep in enumerate(repeats)}
+    plan.near_repeats = frozenset(next_uid + j for j, rep in enumerate(repeats) if rep.near)
     return workload_summary(repeats, first, plan.assignment, deliveries=w.deliveries, zipf_s=w.zipf_s,
-                            locality=w.locality)
+                            locality=w.locality, near=w.near_repeats)
 
 
 def prepare_inputs(cfg: SimConfig, progress: bool = True) -> Prepared:
@@ -419,7 +424,7 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
     """Run every configured method and the sweeps; write report.json and the plots into out_dir."""
     from tqdm import tqdm
 
-    from fedhlm.reporting.summary import check_consistency, per_round
+    from fedhlm.reporting.summary import check_consistency, per_round, reuse_by_delivery
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"status": "running", "config": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
@@ -456,6 +461,9 @@ def simulate(cfg: SimConfig, out_dir: Path, *, show_progress: bool = True) -> di
             result = run_method(method, cfg, prep, static_tau=tau, progress=bar)
             results[name] = result
             report["methods"][name] = method_entry(result)
+            if prep.plan.repeat_of:
+                report["methods"][name]["peer"]["by_delivery"] = reuse_by_delivery(
+                    result["records"], prep.plan.repeat_of, prep.plan.near_repeats)
             report["rounds"]["by_method"][name] = per_round(result["records"])
         if "slm_only" in results:  # each client's own SLM batch, per token
             report["slm_ms_per_token"] = float(np.mean([t.latency_ms for t in results["slm_only"]["records"]]))
@@ -572,6 +580,12 @@ def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = 
                         "central_params": central, "final_params": final_params})
     if section.get("central_loss") and section.get("federated_loss") is not None:
         section["loss_ratio"] = section["federated_loss"] / section["central_loss"]
+        hard = functools.partial(_pooled_loss, cfg, feats, beta, weights, hard=True)
+        central_p = section.get("central_params") or {"tau": section.get("central_tau")}
+        final_p = final_params if cfg.routing.head != "scalar" else {"tau": section.get("final_tau")}
+        section.update({"central_hard_loss": hard(central_p), "federated_hard_loss": hard(final_p)})
+        if section["central_hard_loss"] > 0:
+            section["hard_loss_ratio"] = section["federated_hard_loss"] / section["central_hard_loss"]
     recs = result["records"]
     tel = result["dep"]
     section["transmissions"] = {"exploration": sum(1 for t in recs if t.reason == "exploration"),
@@ -580,8 +594,10 @@ def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = 
 
 
 def _pooled_loss(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: np.ndarray,
-                 params: dict[str, Any]) -> float:
-    """The weighted routing loss on the pooled pairs of the run's head with `params` (the rest at its start)."""
+                 params: dict[str, Any], hard: bool = False) -> float:
+    """The weighted routing loss on the pooled pairs of the run's head with `params` (the rest at its start);
+    `hard`: of its hard decisions (send iff score > tau), what a deployment pays, and blind to the scale of w and
+    tau, which the sigmoid loss of a linear head keeps rewarding (a larger scale is a steeper sigmoid)."""
     import torch
 
     from fedhlm.maths.threshold import routing_loss
@@ -590,7 +606,8 @@ def _pooled_loss(cfg: SimConfig, feats: np.ndarray, beta: np.ndarray, weights: n
     head = TorchHead(routing_head(cfg.routing, UNCALIBRATED_TAU, cfg.seed))
     head.load({**head.params(), **{k: np.asarray(v, np.float32) for k, v in params.items()}})
     with torch.no_grad():
-        s = head.module(torch.from_numpy(np.asarray(feats, np.float32)))
+        f = torch.from_numpy(np.asarray(feats, np.float32))
+        s = head.module.route(f).float() if hard else head.module(f)
         return float(routing_loss(s, torch.from_numpy(np.asarray(beta, np.float32)), cfg.routing.lam,
                                   torch.from_numpy(np.asarray(weights, np.float32))))
 
@@ -621,14 +638,20 @@ def lambda_sweep(cfg: SimConfig, prep: Prepared, bar) -> dict[str, list[dict[str
 
 
 def delta_sweep(cfg: SimConfig, prep: Prepared, bar) -> list[dict[str, Any]]:
+    from fedhlm.reporting.summary import reuse_by_delivery
+
     points = []
     for delta in cfg.delta_sweep:
-        res = method_entry(run_method(METHODS["fedhlm"], cfg, prep, delta=delta, progress=bar))
+        result = run_method(METHODS["fedhlm"], cfg, prep, delta=delta, progress=bar)
+        res = method_entry(result)
         peer = res["peer"]
-        points.append({"delta": delta, "hit_rate": peer.get("hit_rate") or 0.0,
-                       "wrong_reuse_rate": peer.get("wrong_reuse_rate"), "audited": peer["audited"],
-                       "added_latency_ms_p50": peer.get("added_latency_ms_p50"), "llm_share": res["llm_share"],
-                       "accuracy": res["accuracy"]})
+        point = {"delta": delta, "hit_rate": peer.get("hit_rate") or 0.0,
+                 "wrong_reuse_rate": peer.get("wrong_reuse_rate"), "audited": peer["audited"],
+                 "added_latency_ms_p50": peer.get("added_latency_ms_p50"), "llm_share": res["llm_share"],
+                 "llm_tokens": res["tokens"]["llm"], "accuracy": res["accuracy"]}
+        if prep.plan is not None and prep.plan.repeat_of:
+            point["by_delivery"] = reuse_by_delivery(result["records"], prep.plan.repeat_of, prep.plan.near_repeats)
+        points.append(point)
     return points
 
 
@@ -727,7 +750,8 @@ def print_table(report: dict[str, Any]) -> None:
     w = report.get("workload") or {}
     if w.get("repeat_deliveries"):
         print(f"workload: {w['articles']} articles, {w['total_deliveries']} deliveries (mean {w['deliveries']:g}, Zipf s "
-              f"{w['zipf_s']:g}, {100 * w['repeats_same_cluster']:.0f} % of repeats in the first recipient's cluster)")
+              f"{w['zipf_s']:g}, {100 * w['repeats_same_cluster']:.0f} % of repeats in the first recipient's cluster, "
+              f"{w.get('near_repeat_deliveries', 0)} of them another outlet's version)")
     for name, m in methods.items():
         peer = m.get("peer", {})
         cache = peer.get("edge_cache")
@@ -737,6 +761,12 @@ def print_table(report: dict[str, Any]) -> None:
                    f"the SLM on the same tokens {100 * peer['slm_error_same_tokens']:.1f} %)" if ci else "nothing reused")
             print(f"  {name}: edge caches answered {cache['hits']} of {cache['requests']} uncertain tokens "
                   f"({100 * cache['hit_rate']:.1f} %), {cache['entries']} entries; {err}")
+            near = (peer.get("by_delivery") or {}).get("near_repeat")
+            if near and near["tokens"]:
+                wrong = "-" if near["label_error"] is None else f"{100 * near['label_error']:.1f} %"
+                slm = "-" if near["slm_error_same_tokens"] is None else f"{100 * near['slm_error_same_tokens']:.1f} %"
+                print(f"    near repeats: {near['tokens']} tokens, {near['llm']} to the LLM, {near['reused']} answered "
+                      f"from a cache, {wrong} of those wrong (the SLM on them {slm})")
     ref = report.get("reference")
     if ref:
         shares = "  ".join(f"{100 * p['share']:g}%: {100 * p['uncertainty']:.2f} / {100 * p['oracle']:.2f}"
