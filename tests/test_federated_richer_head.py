@@ -106,7 +106,9 @@ def test_a_richer_heads_round0_model_is_its_fit_on_the_calibration_pairs() -> No
     routing = RoutingSettings(head="linear", features="label", lam=0.2, temperature=0.25)
     params, fitted = warm_head_params(routing, 0.5, 0, feats, beta)
     assert fitted is not None and fitted["pairs"] == len(beta) and fitted["loss_after"] < 0.7 * fitted["loss_before"]
-    assert params["weight"][SIGNAL] > 1.0
+    # the signal column weighs most, at unit norm: the same decisions at the unit vector's sigmoid steepness
+    assert int(np.argmax(np.abs(params["weight"]))) == SIGNAL and np.linalg.norm(params["weight"]) == pytest.approx(1.0)
+    assert fitted["scale"] > 1.0
     head = TorchHead(routing_head(routing, 0.5, seed=0))
     head.load(params)
     sent = np.array([head.route(f) for f in feats])

@@ -200,15 +200,32 @@ def warm_head_params(routing: RoutingSettings, tau: float, seed: int, features: 
 
     The scalar head is U-HLM's calibrated threshold `tau`. A linear or mlp head is fitted on the calibration
     pairs (every one labelled, so unweighted) for `routing.warm_fit_steps` steps from the entropy unit vector at
-    `tau`: without it a richer head has to learn its weights from the few pairs exploration buys, by small
-    federated SGD steps, and ended 22 % above the central fit's loss on the paper setting.
+    `tau`, then brought to unit |w| (`unit_scale`). Measured on the paper setting with the quick pair (linear
+    head, label features): the federated head's pooled hard routing loss 2.7 % above the central fit's, the
+    lowest of the three starts (entropy unit vector 2.5 % above a higher optimum; the fitted head left steep,
+    27 % above).
     """
     head = routing_head(routing, tau, seed)
     fitted = None
     if routing.head != "scalar" and routing.warm_fit_steps > 0 and features is not None and len(features):
         fitted = {**fit_pooled(head, features, beta, lam=routing.lam, steps=routing.warm_fit_steps),
-                  "pairs": int(len(features))}
+                  "pairs": int(len(features)), "scale": unit_scale(head)}
     return {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}, fitted
+
+
+@torch.no_grad()
+def unit_scale(head: ThresholdHead) -> float:
+    """Divide a linear/mlp head's score and tau by |w| (returned): the same decisions, at the sigmoid steepness
+    the entropy unit vector starts with. The routing loss rewards a larger scale (a steeper sigmoid, nearer the
+    hard loss), so a fitted head comes out steep, and the clients' SGD steps on it overshoot."""
+    scale = float(head.weight.norm())
+    if scale > 0:
+        head.weight.div_(scale)
+        head.tau.div_(scale)
+        if head.mode == "mlp":
+            head.mlp[2].weight.div_(scale)
+            head.mlp[2].bias.div_(scale)
+    return scale
 
 
 def initial_head_params(routing: RoutingSettings, seed: int = 0) -> dict[str, np.ndarray]:
