@@ -10,7 +10,8 @@ verdict's token, and the verdict's beta is a (features, beta) label for the fede
 classification. A sequence ends with a `SessionEnd`; a client that dies leaves its session to the
 refiner's TTL. With several LLM workers a session lives on the one that opened it: the first token goes to
 the workers' shared subscription, its verdict names the worker, and the later tokens (and the end) go to
-that worker's own topic; if it does not answer, the sequence reopens on the shared topic from position 0. The peer step is not used for generation tokens (yet): their contexts differ per sequence.
+that worker's own topic; if it does not answer, the sequence reopens on the shared topic from position 0.
+The peer step is not used for generation tokens (yet): their contexts differ per sequence.
 """
 
 from __future__ import annotations
