@@ -1,13 +1,19 @@
 """Fair LLM access (issue 19, item 4): a client flooding the LLM with valid requests does not starve another.
 
 The worker keeps one bounded queue per client and takes them round-robin, and drops requests older
-than the clients' timeout unserved. A q function costing 50 ms a batch makes 5,000 flood requests
-worth seconds of compute: behind one FIFO the victim's requests would wait past its 2 s timeout.
+than the clients' timeout unserved. A q function costing 100 ms a batch makes 1,500 flood requests
+worth 4.7 s of compute: behind one FIFO the victim's requests would wait past its 2 s timeout.
+
+The attacker floods from a process of its own, as a device would (in the test's process its publishing
+loop took the worker's GIL). The flood is sized to what the worker can read: it reads about 1,100
+requests a second on a 2-core AVX2 machine (5,000-7,700 on an AVX-512 one), and whatever the broker holds
+behind an unread flood waits for it in the one TCP stream; the fair queue orders what was read, a flood
+faster than the worker reads is a broker-side (rate limit) matter.
 """
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 import time
 
 import numpy as np
@@ -26,16 +32,17 @@ from test_reliability_support import assignment, federated_spec, round_inputs, u
 pytestmark = pytest.mark.reliability
 
 TIMEOUT_S = 2.0
-FLOOD = 5000
+FLOOD = 1500
 
 
 def costly_q(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    time.sleep(0.05)  # a forward pass: about 640 requests a second at 32 a batch
+    time.sleep(0.1)  # a forward pass: about 320 requests a second at 32 a batch
     return q_fn(ids, mask, last)
 
 
-def flood(broker: LocalBroker, sent: list[float]) -> None:
-    with Endpoint(broker.address("c01")) as ep:
+def flood(address) -> None:  # noqa: ANN001
+    """The attacker's process: FLOOD valid requests as fast as it can publish them."""
+    with Endpoint(address) as ep:
         ep.wait_connected()
         reply = topics.client_llm_reply("c01")
         for i in range(FLOOD):
@@ -44,7 +51,7 @@ def flood(broker: LocalBroker, sent: list[float]) -> None:
                                topk_ids=np.array([0, 1], np.int32), topk_probs=np.array([0.7, 0.3], np.float32),
                                tail_mass=0.0, features=np.zeros(4, np.float32), reason="uncertain")
             ep._publish(topics.llm_request(), req, 0, False, response_topic=reply, correlation=b"%d" % i)
-        sent.append(time.monotonic())
+        time.sleep(0.5)  # QoS 0 goes out from the network thread: let it drain before the connection closes
 
 
 def test_a_flooding_client_does_not_starve_a_victim() -> None:
@@ -55,14 +62,14 @@ def test_a_flooding_client_does_not_starve_a_victim() -> None:
                               routing=dict(llm_timeout_s=TIMEOUT_S, llm_retries=0))
         dep = Deployment(spec, broker.address).start()
         worker = LLMService(broker.address("llm"), costly_q, mode="greedy", max_age_s=TIMEOUT_S).start()
-        sent: list[float] = []
-        attacker = threading.Thread(target=flood, args=(broker, sent))
+        attacker = multiprocessing.get_context("spawn").Process(target=flood, args=(broker.address("c01"),))
         try:
             attacker.start()
             time.sleep(2.0)  # a backlog of the flood builds before the victim's first token
             victim = dep.clients["c00"]
             records = victim.run_round(0, round_inputs({"c00": victim}, 0, 50)["c00"])
             attacker.join(60)
+            assert attacker.exitcode == 0
         finally:
             worker.stop()
             dep.stop()
