@@ -18,11 +18,11 @@ has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null && echo ON || echo OFF; }
 FEATURES="-DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) \
 -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_BF16=$(has avx512_bf16)"
 UNUSABLE="$HOME_DIR/llama-cpp-unusable"  # holds the features of a build that did not run here: not built again
-if [ -f "$UNUSABLE" ] && [ "$(cat "$UNUSABLE")" = "$FEATURES" ]; then
-  echo "[llm-server] a build for this CPU ($FEATURES) did not run here before (rm $UNUSABLE to try again)"
-  exit 1
-fi
 if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+  if [ -f "$UNUSABLE" ] && [ "$(cat "$UNUSABLE")" = "$FEATURES" ]; then
+    echo "[llm-server] a build for this CPU ($FEATURES) did not run here before (rm $UNUSABLE to try again)"
+    exit 1
+  fi
   echo "[llm-server] building llama-cpp-python 0.3.36 for this CPU ($FEATURES; 15-20 min on 2 cores)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF $FEATURES -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
