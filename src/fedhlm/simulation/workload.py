@@ -26,8 +26,8 @@ import numpy as np
 from fedhlm.data.items import NewsItem
 
 # what another outlet would not print: datelines and agency tags ("NEW YORK (AP) --", "(Reuters)", "AFP -")
-_TAGS = re.compile(r"^\s*[A-Z][A-Z .,'/-]*\s*\((?:AP|Reuters|AFP|CP|SPACE\.com|[A-Za-z.]+)\)\s*-*\s*|"
-                   r"\((?:AP|Reuters|AFP|CP)\)\s*-*\s*|^\s*(?:AFP|AP|Reuters)\s+-+\s*")
+_TAGS = re.compile(r"^\s*[A-Z][A-Z .,'/-]*\s*\([A-Za-z.]+\)\s*-*\s*|"  # a dateline with its source
+                   r"\((?:AP|Reuters|AFP|CP)\)\s*-*\s*|^\s*(?:AFP|AP|Reuters)\s+-+\s*")  # a bare agency tag
 
 
 @dataclass(frozen=True)
