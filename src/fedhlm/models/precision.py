@@ -7,12 +7,14 @@ actually ran.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 FALLBACK_PRECISION = "32-true"
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively here: on the GPU Lightning would pick, else on the CPU (oneDNN)."""
     import torch
@@ -26,9 +28,15 @@ def runnable_precision(precision: Any) -> Any:
     """`precision` unless it is a bf16 one that this machine would emulate; then float32, said on stdout."""
     if precision is None or "bf16" not in str(precision) or native_bf16():
         return precision
+    _say_fallback(str(precision))
+    return FALLBACK_PRECISION
+
+
+@functools.cache
+def _say_fallback(precision: str) -> None:
+    """Once per process and precision: every cache lookup resolves the precision, not only a training run."""
     print(f"[fedhlm] precision {precision} is emulated on this CPU (no native bf16): training in {FALLBACK_PRECISION}",
           flush=True)
-    return FALLBACK_PRECISION
 
 
 def runnable_trainer_args(trainer: Mapping[str, Any]) -> dict[str, Any]:
