@@ -18,7 +18,8 @@ from fedhlm.models.backbone import (
     project_embeddings,
     save_model,
 )
-from fedhlm.models.llm import LLMRefiner, SessionMismatch
+from fedhlm.models.kv_cache import SessionMismatch
+from fedhlm.models.llm import LLMRefiner
 from fedhlm.models.cache import get_or_train, save_to_cache
 from fedhlm.models.head_fit import FIT_ENGINES, OPTIMIZERS, CentralHeadModule, HeadModule, TorchHead, fit_head
 from fedhlm.models.store import HEAD_FILE, ModelFolderError, cached_models, latest
@@ -388,7 +389,7 @@ def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
     ids = [101, *range(2000, 2040)]
     tiny_llm.session_q("s", ids[:-1], 0)
     seen = []
-    handle = tiny_llm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    handle = tiny_llm.model.bert.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     try:
         q = tiny_llm.session_q("s", ids[-1:], len(ids) - 1)
         draft = int(q.argmax())

@@ -43,12 +43,47 @@ def test_title_lm_learns_the_titles_it_is_trained_on(tokenizer) -> None:
     model = TitleLM(pretrained=None, **TINY, lr=0.01)
     batch = encode_title_pairs(tokenizer, items())
     optimiser = torch.optim.AdamW(model.parameters(), lr=0.01)
-    before, _ = model._token_loss(batch)
+    before = model._token_loss(batch)["ce"]
     for _ in range(60):
-        loss, _ = model._token_loss(batch)
+        loss = model.training_step(batch, 0)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     model.eval()
-    after, right = model._token_loss(batch)
-    assert after < 0.2 * before and right > 0.9
+    out = model._token_loss(batch)
+    assert out["ce"] < 0.2 * before and out["right"] > 0.9
+    assert "agree" not in out  # no teacher, no agreement
+
+
+def test_a_distilled_title_lm_learns_its_teachers_tokens(tokenizer, tmp_path) -> None:
+    """The student, loaded with a saved teacher folder, comes to agree with the teacher's greedy title tokens
+    (not the reference titles: the teacher learnt other titles for the same descriptions), and only where
+    distillation is on."""
+
+    def fit(model: TitleLM, batch: dict[str, torch.Tensor], steps: int = 60) -> TitleLM:
+        optimiser = torch.optim.AdamW(model.parameters(), lr=0.01)
+        for _ in range(steps):
+            loss = model.training_step(batch, 0)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        return model.eval()
+
+    torch.manual_seed(1)
+    other = [NewsItem(i.uid, i.label, t, i.description) for i, t in zip(items(), ("Markets fall on fears", "A draw at home"))]
+    fit(TitleLM(pretrained=None, **TINY, seed=1), encode_title_pairs(tokenizer, other)).save_pretrained(
+        str(tmp_path / "teacher"))
+    batch = encode_title_pairs(tokenizer, items())
+
+    def trained(weight: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        student = TitleLM(pretrained=None, **TINY, teacher=str(tmp_path / "teacher"), distill_weight=weight,
+                          distill_temperature=1.0)
+        return fit(student, batch)._token_loss(batch)
+
+    distilled, plain = trained(10.0), trained(0.0)
+    assert distilled["agree"] > 0.8 and plain["agree"] < 0.5
+    assert distilled["kl"] < 0.5 * plain["kl"]
+    assert plain["right"] > distilled["right"]  # the reference titles pull the other way
+    with pytest.raises(ValueError, match="model.teacher"):
+        TitleLM(pretrained=None, **TINY, distill_weight=1.0)

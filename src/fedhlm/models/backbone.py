@@ -15,7 +15,6 @@ cached model of that name (see :mod:`fedhlm.models.cache`), anything else is a f
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,27 +227,3 @@ def next_token_logits(
         return model.cls(hidden[rows, last_index])
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return logits[rows, last_index]
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The name under which this model's forward takes a KV cache (transformers renamed it)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def extend_cache(model: nn.Module, new_ids: torch.Tensor, cache: Any | None) -> tuple[torch.Tensor, Any]:
-    """Feed ``new_ids`` [1, n] after the tokens already in ``cache``; returns (last logits [V], new cache).
-
-    Only the new tokens are encoded: the keys/values of the prefix come from the cache.
-    """
-    kwargs = {cache_kwarg(model): cache, "use_cache": True}
-    out = model(input_ids=new_ids, **kwargs)
-    new_cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return out.logits[0, -1], new_cache
-
-
-def cache_length(cache: Any | None) -> int:
-    """Number of tokens held in a KV cache (0 for None)."""
-    if cache is None:
-        return 0
-    return int(cache.get_seq_length())

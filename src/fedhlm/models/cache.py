@@ -52,7 +52,8 @@ DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {
 # modules whose code decides the trained weights, by module name: the fingerprint reads their source
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
 TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
-                 "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.data.encoding", "fedhlm.data.items",
+                 "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.maths.distill", "fedhlm.models.teacher",
+                 "fedhlm.data.encoding", "fedhlm.data.items",
                  "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
                  "fedhlm.data.partition", "fedhlm.data.task")
 # what else decides a kind's trained weights: the central head fit labels its pairs with the verification maths
@@ -66,6 +67,12 @@ def module_class(kind: str) -> type:
         raise ValueError(f"model kind must be one of {sorted(KINDS)}, got {kind!r}")
     module, name = KINDS[kind].rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
+
+
+def kind_of_class_path(class_path: str) -> str:
+    """The kind of a fit config's ``model.class_path`` (a class of KINDS or a subclass of one)."""
+    module, _, name = class_path.rpartition(".")
+    return kind_of(getattr(importlib.import_module(module), name))
 
 
 def kind_of(model: Any) -> str:
@@ -170,7 +177,9 @@ def read_fit_config(path: str | Path) -> dict[str, Any]:
         cfg = namespace_to_dict(parser.parse_args([f"--config={path}"] if path.read_text().strip() else []))
     except ArgumentError as exc:
         raise ValueError(f"model config {path}: {' '.join(str(exc).split())}") from None
+    class_path = (cfg.get("model") or {}).get("class_path")
     return {
+        "kind": kind_of_class_path(class_path) if class_path else None,
         "model": dict((cfg.get("model") or {}).get("init_args") or {}),
         "data": dict(cfg["data"]),
         "trainer": dict(cfg["trainer"] or {}),
@@ -212,7 +221,8 @@ def resolve_teacher(spec: str | None, data: Mapping[str, Any] | None = None, *, 
     cfg = read_fit_config(str(spec)[len(CONFIG_PREFIX):])
     cfg["data"].update({k: v for k, v in dict(data or {}).items() if k in SPLIT_DATA_KEYS})
     cfg["model"] = with_data_task(cfg["model"], cfg["data"])
-    folder = get_or_train("llm", cfg, progress=progress) if train else cache_folder("llm", cfg)[1]
+    kind = cfg.get("kind") or "llm"  # a title student's teacher is a title model ("gen")
+    folder = get_or_train(kind, cfg, progress=progress) if train else cache_folder(kind, cfg)[1]
     return f"cache:{folder.name}"
 
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from fedhlm import __version__
-from fedhlm.models.backbone import cache_kwarg, load_causal_lm
+from fedhlm.models.backbone import load_causal_lm
+from fedhlm.models.kv_cache import cache_kwarg
 from fedhlm.models.store import HEAD_FILE, METRICS_FILE, minilm_path, resolve_model_path
 from fedhlm.core.wire import SCHEMA_VERSION
 from fedhlm.maths.uncertainty import FEATURE_NAMES

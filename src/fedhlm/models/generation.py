@@ -19,7 +19,8 @@ from torch import nn
 
 from fedhlm.core.records import NextToken
 from fedhlm.maths.uncertainty import features, topk_compress
-from fedhlm.models.backbone import extend_cache, prompt_attention
+from fedhlm.models.backbone import prompt_attention
+from fedhlm.models.kv_cache import extend_cache
 
 
 class SLMSequenceDrafter:

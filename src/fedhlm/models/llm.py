@@ -9,38 +9,17 @@ contact, so a verification encodes those few tokens, never the whole prefix agai
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch, NextTokenClassifier
-from fedhlm.models.backbone import cache_length, extend_cache, next_token_logits
+from fedhlm.models.backbone import next_token_logits
 from fedhlm.models.backbone import prompt_attention as attention_of
+from fedhlm.models.kv_cache import SessionStore
 from fedhlm.maths.speculative import VerifyMode, verify
-
-log = logging.getLogger(__name__)
-
-
-class SessionMismatch(LookupError):
-    """The request does not continue the session the refiner holds (evicted, or out of step): resend from 0."""
-
-
-@dataclass
-class Session:
-    """One generation session: its KV cache, how many tokens it holds, q after the last one and when it was
-    last used (monotonic seconds: a session whose client died expires after a TTL)."""
-
-    cache: Any
-    length: int
-    q: torch.Tensor
-    used: float = 0.0
-
 
 class LLMRefiner(NextTokenClassifier):
     """The LLM (by default pretrained MiniLM as a decoder) with verification and per-session KV caches.
@@ -76,10 +55,7 @@ class LLMRefiner(NextTokenClassifier):
             lr_schedule=lr_schedule, prompt_attention=prompt_attention,
         )
         self.save_hyperparameters()
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        self.max_sessions = max_sessions
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions = SessionStore(max_sessions)
         self.generator = torch.Generator().manual_seed(seed)
 
     # ---- one-token requests (classification) -------------------------------------------
@@ -97,40 +73,14 @@ class LLMRefiner(NextTokenClassifier):
     def session_q(self, session_id: str, token_ids: Sequence[int] | torch.Tensor, start: int) -> torch.Tensor:
         """Extend ``session_id`` with the tokens at positions ``start``.. and return q [V] after the last.
 
-        ``start == 0`` (re)opens the session with the whole prefix. Otherwise ``start`` must
-        equal the number of tokens the session holds, else :class:`SessionMismatch`
-        (the session was evicted or a message was lost) and the client resends from 0.
+        ``start == 0`` (re)opens the session with the whole prefix; a request that does not continue the
+        session raises :class:`~fedhlm.models.kv_cache.SessionMismatch` (the client resends from 0).
         """
         if attention_of(self.model) != "causal":
             raise ValueError(f"session {session_id}: this LLM reads prompts {attention_of(self.model)}ly, which "
                              "cannot extend a KV cache token by token; sessions need prompt_attention: causal")
-        ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long)
-        ids = ids.reshape(1, -1).to(self.device)
-        session = self.sessions.get(session_id)
-        if start == 0:
-            session = None
-            if ids.shape[1] == 0:
-                raise ValueError(f"session {session_id}: opening a session needs at least one token")
-        elif session is None:
-            raise SessionMismatch(f"session {session_id}: not held by this refiner (evicted or never opened); resend from 0")
-        elif session.length != start:
-            raise SessionMismatch(f"session {session_id}: holds {session.length} tokens, request starts at {start}; resend from 0")
-        if session is not None and ids.shape[1] == 0:
-            session.used = time.monotonic()
-            self.sessions.move_to_end(session_id)
-            return session.q
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and start + ids.shape[1] > limit:
-            raise ValueError(f"session {session_id}: {start + ids.shape[1]} tokens exceed the model's {limit} positions")
         with self.serving():
-            logits, cache = extend_cache(self.model, ids, None if session is None else session.cache)
-        q = torch.softmax(logits.float(), dim=-1)
-        self.sessions[session_id] = Session(cache=cache, length=cache_length(cache), q=q, used=time.monotonic())
-        self.sessions.move_to_end(session_id)
-        while len(self.sessions) > self.max_sessions:
-            evicted, _ = self.sessions.popitem(last=False)
-            log.debug("evicted LLM session %s", evicted)
-        return q
+            return self.sessions.extend(self.model, session_id, token_ids, start, self.device)
 
     @torch.no_grad()
     def verify_in_session(
@@ -166,16 +116,11 @@ class LLMRefiner(NextTokenClassifier):
 
     def held(self, session_id: str) -> int:
         """Tokens held of a session (0: none)."""
-        session = self.sessions.get(session_id)
-        return 0 if session is None else session.length
+        return self.sessions.held(session_id)
 
     def expire_sessions(self, ttl_s: float, now: float | None = None) -> list[str]:
         """Drop the sessions unused for more than `ttl_s` (their clients died or forgot to end them)."""
-        now = time.monotonic() if now is None else now
-        stale = [sid for sid, session in self.sessions.items() if now - session.used > ttl_s]
-        for sid in stale:
-            del self.sessions[sid]
-        return stale
+        return self.sessions.expire(ttl_s, now)
 
     @torch.no_grad()
     def reencoded_q(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

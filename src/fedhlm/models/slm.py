@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from fedhlm.data.task import DEFAULT_TASK
 from fedhlm.models.classifier import Batch, NextTokenClassifier
-from fedhlm.models.backbone import load_causal_lm, next_token_logits
+from fedhlm.models.backbone import next_token_logits
 from fedhlm.models.store import HEAD_FILE, resolve_model_path
+from fedhlm.models.teacher import FrozenTeacher
+from fedhlm.maths.distill import distill_kl
 from fedhlm.maths.speculative import draft_from_topk, draft_distribution
 from fedhlm.maths.threshold import HeadMode, ThresholdHead
 from fedhlm.maths.uncertainty import FEATURE_NAMES, features as uncertainty_features, topk_compress
@@ -132,17 +133,10 @@ class SLMModule(NextTokenClassifier):
         self.make_draft = DRAFTS[draft]
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
-        self._aux: dict[str, Any] = {}  # unregistered: the teacher is neither trained nor checkpointed
+        self._teacher = FrozenTeacher(teacher)
         # the frozen teacher's class logits per training article (uid), computed on first sight: epochs after
         # the first cost no teacher forward pass (the teacher is in eval mode, so its logits do not change)
         self._teacher_memo: dict[int, torch.Tensor] = {}
-        if teacher is not None:
-            if teacher.startswith("config:"):  # resolving here would train the LLM without the fit's data
-                raise ValueError(f"model.teacher {teacher!r}: a config teacher is resolved on the fit's data by "
-                                 "get_or_train or `fedhlm fit`; give the module a model folder or cache:<name>")
-            teacher_model = load_causal_lm(teacher)
-            teacher_model.eval().requires_grad_(False)
-            self._aux["teacher"] = teacher_model
         self._generator: torch.Generator | None = None
         if pretrained is not None:
             head_file = resolve_model_path(pretrained) / HEAD_FILE
@@ -229,18 +223,12 @@ class SLMModule(NextTokenClassifier):
     # ---- the teacher ---------------------------------------------------------------------
     @property
     def teacher(self) -> torch.nn.Module | None:
-        teacher = self._aux.get("teacher")
-        if teacher is not None and next(teacher.parameters()).device != self.device:
-            teacher.to(self.device)
-        return teacher
+        return self._teacher.on(self.device)
 
     def set_teacher(self, model: torch.nn.Module | None) -> None:
         """Attach an LLM (a HF causal LM) to distil from; it is never trained or saved."""
         self._teacher_memo.clear()
-        if model is None:
-            self._aux.pop("teacher", None)
-        else:
-            self._aux["teacher"] = model.eval().requires_grad_(False)
+        self._teacher.set(model)
 
     def teacher_logits(self, batch: Batch) -> torch.Tensor:
         """The teacher's full next-token logits [B, V] (float32, no autograd)."""
@@ -266,10 +254,8 @@ class SLMModule(NextTokenClassifier):
         logits = self.next_logits(batch)
         loss = self.lm_loss(logits, batch["labels"])
         if self.distill_weight > 0:
-            t = self.distill_temperature
-            student = F.log_softmax(self.class_logits(logits).float() / t, dim=-1)
-            target = F.softmax(self.teacher_class_logits(batch) / t, dim=-1)
-            loss = loss + self.distill_weight * (t * t) * F.kl_div(student, target, reduction="batchmean")
+            kl = distill_kl(self.class_logits(logits), self.teacher_class_logits(batch), self.distill_temperature)
+            loss = loss + self.distill_weight * kl
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

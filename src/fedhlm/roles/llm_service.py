@@ -34,7 +34,7 @@ from fedhlm.core.fair_queue import FairQueue
 from fedhlm.core.records import ModelLimits
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, QFunction, verify_drafts
-from fedhlm.models.llm import SessionMismatch
+from fedhlm.models.kv_cache import SessionMismatch
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Inbound
