@@ -389,7 +389,7 @@ def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
     ids = [101, *range(2000, 2040)]
     tiny_llm.session_q("s", ids[:-1], 0)
     seen = []
-    handle = tiny_llm.model.bert.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    handle = tiny_llm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     try:
         q = tiny_llm.session_q("s", ids[-1:], len(ids) - 1)
         draft = int(q.argmax())

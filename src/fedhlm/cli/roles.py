@@ -15,6 +15,7 @@ roles can run on separate hosts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -213,7 +214,8 @@ def run_edge(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: A
 def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
     """The clients of one process: each its own share of the simulation's inputs (shard i of N), its own
     connection, head and rounds; one SLM and one network thread for all of them, as a site gateway would."""
-    from concurrent.futures import ThreadPoolExecutor
+    if cfg.generation.enabled:
+        return run_generating_client(args, cfg, address, role_id)
 
     from fedhlm.data import partition
     from fedhlm.data.module import NewsDataModule
@@ -250,11 +252,106 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
         clients[cid] = Client(settings, addresses[cid], head, slm.class_of, embedder.dim if embedder else 384,
                               drafter=drafter, network=network).start()
     label_of = {item.uid: item.label for item in test}
-    correct = total_tokens = 0
+
+    def serve(client, r: int, items: list) -> str:  # noqa: ANN001
+        records = client.serve_round(r, items)
+        tally["correct"] += sum(1 for t in records if t.final == label_of[t.uid])
+        tally["tokens"] += len(records)
+        llm = sum(1 for t in records if t.route == "llm")
+        return f"{len(records)} tokens, {llm} to the LLM"
+
+    tally = {"correct": 0, "tokens": 0}
+    ready_s = time.monotonic() - process_start  # models, data and every connection up
+    _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}
+                                           for by_client in rounds], serve)
+    print(f"client {_ids_text(ids)}: accuracy {tally['correct'] / max(1, tally['tokens']):.4f} over {tally['tokens']} "
+          f"tokens; ready in {ready_s:.1f} s, rounds in {time.monotonic() - process_start - ready_s:.1f} s", flush=True)
+    time.sleep(0.1)
+    return 0
+
+
+def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
+    """`generation.enabled`: the clients of this process write the titles of their share of the test articles
+    token by token with the title SLM, each token routed by the client's head; an uncertain one is verified in
+    the LLM's session of its title (`roles.generation.SessionRouter`), exactly as in a generation simulation.
+    The heads learn from the verdicts and federate through the edge as in classification."""
+    from fedhlm.data import partition
+    from fedhlm.data.encoding import title_prompt_ids
+    from fedhlm.data.module import NewsDataModule
+    from fedhlm.models.backbone import load_causal_lm
+    from fedhlm.models.cache import fit_config_with, get_or_train
+    from fedhlm.models.generation import SLMSequenceDrafter
+    from fedhlm.models.head_fit import TorchHead, routing_head
+    from fedhlm.reporting.generation import rouge_l
+    from fedhlm.roles.client import Client
+    from fedhlm.roles.generation import SessionRouter
+    from fedhlm.simulation.run import plan_rounds, test_items
+    from fedhlm.transport.network import OwnThreads, SharedLoop
+
+    process_start = time.monotonic()
+    indices, total = args.shard
+    ids = args.client_ids
+    addresses = {cid: address if len(ids) == 1 else BrokerAddress.from_url(args.credentials_map[cid]) for cid in ids}
+    slm_cfg = fit_config_with(cfg.models.slm, cfg.data.model_overrides())
+    slm = load_causal_lm(get_or_train(slm_cfg.get("kind") or "gen", slm_cfg)).eval()
+    dm = NewsDataModule(**slm_cfg["data"])
+    dm.setup()
+    test = test_items(cfg, dm.splits)  # the articles, shares and rounds of a generation simulation
+    prompts = dict(zip((it.uid for it in test),
+                       title_prompt_ids(dm.tokenizer, test, int(slm_cfg["data"].get("max_length", 64)))))
+    parts = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)
+    rounds = plan_rounds([parts[i] for i in indices], ids, cfg.federation.rounds)
+    network = SharedLoop(name="clients") if len(ids) > 1 else OwnThreads()
+    clients = {}
+    for cid in ids:
+        settings = ClientSettings.from_config(cfg, client_id=cid, edge_id=args.edge, policy="learned",
+                                              p2p=dataclasses.replace(cfg.p2p, enabled=False))  # no peer step (yet)
+        head = TorchHead(routing_head(cfg.routing, cfg.routing.process_tau, cfg.seed), engine=cfg.routing.fit_engine)
+        clients[cid] = Client(settings, addresses[cid], head, lambda t: t, 384, network=network).start()
+    stop = {int(dm.tokenizer.sep_token_id)}
+    titles: dict[int, str] = {}
+    tally = {"tokens": 0, "llm": 0}
+
+    def serve(client, r: int, items: list) -> str:  # noqa: ANN001
+        router, sent = SessionRouter(client), 0
+        for item in items:
+            gen = router.generate(SLMSequenceDrafter(slm, cfg.routing.top_k, seed=cfg.seed), prompts[item.uid],
+                                  cfg.generation.max_new_tokens, r, stop_ids=stop)
+            titles[item.uid] = dm.tokenizer.decode([t for t in gen.tokens if t not in stop])
+            sent += sum(1 for step in gen.steps if step.route == "llm")
+            tally["tokens"] += len(gen.tokens)
+            tally["llm"] += sum(1 for step in gen.steps if step.route == "llm")
+        return f"{len(items)} titles, {sum(len(titles[it.uid].split()) for it in items)} words, {sent} tokens to the LLM"
+
+    ready_s = time.monotonic() - process_start
+    _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}
+                                           for by_client in rounds], serve)
+    done = [it for it in test if it.uid in titles]
+    score = rouge_l([titles[it.uid] for it in done], [" ".join(it.title.split()) for it in done]) if done else 0.0
+    print(f"client {_ids_text(ids)}: {len(done)} titles, {tally['tokens']} tokens, {tally['llm']} to the LLM, "
+          f"ROUGE-L {score:.4f}; ready in {ready_s:.1f} s, rounds in {time.monotonic() - process_start - ready_s:.1f} s",
+          flush=True)
+    time.sleep(0.1)
+    return 0
+
+
+def _ids_text(ids: list[str]) -> str:
+    return ",".join(ids) if len(ids) < 4 else f"{ids[0]}..{ids[-1]} ({len(ids)})"
+
+
+def _serve_rounds(args, clients: dict, network, rounds: list[dict[str, list]],  # noqa: ANN001
+                  serve: Callable[..., str]) -> None:
+    """The clients' rounds: each serves its inputs of the round (`serve(client, round, items)` -> a progress line),
+    all at once so that their LLM round trips overlap (and the worker batches them); then every update goes out
+    before any client waits for the edge's model (the edge needs a quorum of them), and the waits overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedhlm.transport.network import SharedLoop
+
+    ids = list(clients)
     prefix = (lambda cid: f"{cid} ") if len(ids) > 1 else (lambda cid: "")
     # a restarted client joins the round its edge is collecting (its retained model says which), not round 0,
     # whose updates the edge would refuse as stale; a fresh federation has no model yet: it starts at 0
-    ready_s = time.monotonic() - process_start  # models, data and every connection up
     first_client = clients[ids[0]]
     first_client.wait_model(0, timeout_s=RETAINED_MODEL_WAIT_S)
     first = first_client.current_round()
@@ -265,33 +362,20 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
         for r, by_client in enumerate(rounds):
             if r < first:
                 continue
-            # clients serve at once, so that their LLM round trips overlap (and the worker batches them)
-            futures = {cid: pool.submit(c.serve_round, r, [test[i] for i in by_client[cid]])
-                       for cid, c in clients.items()}
-            served = {cid: f.result() for cid, f in futures.items()}
-            # every client's update goes out before any waits for the edge's model (the edge needs a quorum of
-            # them); the waits then overlap: the edge publishes one model that every member receives
+            futures = {cid: pool.submit(serve, c, r, by_client.get(cid, [])) for cid, c in clients.items()}
+            lines = {cid: f.result() for cid, f in futures.items()}
             for c in clients.values():
                 c.send_round_update(r)
             for c in clients.values():
                 c.adopt_round_model(r)
-            for cid, records in served.items():
-                correct += sum(1 for t in records if t.final == label_of[t.uid])
-                total_tokens += len(records)
-                llm = sum(1 for t in records if t.route == "llm")
-                print(f"{prefix(cid)}round {r}: {len(records)} tokens, {llm} to the LLM, "
-                      f"tau={clients[cid].head.effective_tau():.4f}", flush=True)
+            for cid, line in lines.items():
+                print(f"{prefix(cid)}round {r}: {line}, tau={clients[cid].head.effective_tau():.4f}", flush=True)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         for c in clients.values():
             c.stop()
         if isinstance(network, SharedLoop):
             network.close()
-    print(f"client {','.join(ids) if len(ids) < 4 else f'{ids[0]}..{ids[-1]} ({len(ids)})'}: accuracy "
-          f"{correct / max(1, total_tokens):.4f} over {total_tokens} tokens; ready in {ready_s:.1f} s, rounds in "
-          f"{time.monotonic() - process_start - ready_s:.1f} s", flush=True)
-    time.sleep(0.1)
-    return 0
 
 
 def _client_ids(args, role_id: str, indices: list[int]) -> list[str]:  # noqa: ANN001

@@ -29,16 +29,13 @@ def cache_kwarg(model: nn.Module) -> str:
 def extend_cache(model: nn.Module, new_ids: torch.Tensor, cache: Any | None) -> tuple[torch.Tensor, Any]:
     """Feed ``new_ids`` [1, n] after the tokens already in ``cache``; returns (last logits [V], new cache).
 
-    Only the new tokens are encoded: the keys/values of the prefix come from the cache. A BERT decoder
-    projects only the last position onto the vocabulary (an opening prompt of 50 tokens would otherwise pay
-    50 vocabulary projections, each as dear as a token's six layers, for one distribution).
+    Only the new tokens are encoded: the keys/values of the prefix come from the cache. Where the model can
+    (``logits_to_keep``), only the last position is projected onto the vocabulary: an opening prompt of 50
+    tokens would otherwise pay 50 vocabulary projections, each as dear as a token's six layers, for one row.
     """
-    from transformers import BertLMHeadModel
-
-    if isinstance(model, BertLMHeadModel):
-        out = model.bert(input_ids=new_ids, **{cache_kwarg(model.bert): cache, "use_cache": True})
-        return model.cls(out.last_hidden_state[0, -1:])[0], out.past_key_values
-    out = model(input_ids=new_ids, **{cache_kwarg(model): cache, "use_cache": True})
+    params = inspect.signature(model.forward).parameters
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+    out = model(input_ids=new_ids, **kwargs)
     new_cache = out["cache"] if "cache" in out else out["past_key_values"]
     return out.logits[0, -1], new_cache
 

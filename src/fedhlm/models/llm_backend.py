@@ -60,7 +60,7 @@ class ServingLLM:
 def load_llm(config: str | Path, *, data_overrides: dict[str, Any] | None = None, progress: bool = True) -> ServingLLM:
     """The LLM of a `fedhlm fit` YAML from the model cache (trained once when missing)."""
     cfg = fit_config_with(config, data_overrides)
-    return ServingLLM(cfg, get_or_train("llm", cfg, progress=progress))
+    return ServingLLM(cfg, get_or_train(cfg.get("kind") or "llm", cfg, progress=progress))  # a title LLM: "gen"
 
 
 class LocalBackend:
