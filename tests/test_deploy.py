@@ -62,6 +62,37 @@ def test_a_bridged_deployment_of_processes_runs_its_rounds_and_stops_cleanly(tmp
         assert b["peak_rss_mb"] > 0 and b["publish_received"] > 0, (name, b)
 
 
+def test_a_generation_deployment_writes_titles_through_the_llm_workers_sessions(tmp_path, monkeypatch) -> None:
+    """generation.enabled: the title models go into the cache first (the distilled SLM's teacher with it), then
+    every client process writes its titles token by token, offloaded tokens verified in LLM sessions."""
+    from test_generation_processes import tiny_title_configs
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_title_configs(tmp_path)
+    sim = tmp_path / "gen.yaml"
+    sim.write_text(yaml.safe_dump({
+        "models": {"slm": slm, "llm": llm}, "data": {"source": "synthetic", "inputs": 12},
+        "generation": {"enabled": True, "max_new_tokens": 5},
+        "methods": ["slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"],
+        "routing": {"top_k": 4, "exploration": 0.0, "init_tau": 0.0},
+        "federation": {"clients": 4, "edges": 2, "rounds": 2, "round_deadline_s": 30, "cloud_every": 1,
+                       "clustering": "round_robin"},
+        "p2p": {"enabled": False},
+    }))
+    out = io.StringIO()
+    config = DeployConfig(simulation=str(sim), topology="bridged", llm_workers=2, run_dir=str(tmp_path / "d"),
+                          client_timeout_s=300)
+    report = Launcher(config, out=out).run()
+    assert report["status"] == "complete", out.getvalue()
+    assert all(p["rc"] == 0 for p in report["processes"]), report["processes"]
+    gen = report["generation"]
+    assert gen["titles"] == 12 and report["accuracy"] is None
+    assert 0 < gen["llm_tokens"] <= report["tokens"] <= 12 * 5 and 0.0 <= gen["rouge_l"] <= 1.0
+    assert {e: [r["round"] for r in rounds] for e, rounds in report["edges"].items()} == {"e0": [0, 1], "e1": [0, 1]}
+    for p in report["processes"]:
+        assert "Traceback" not in open(p["log"]).read(), p["name"]
+
+
 def test_a_bad_deploy_setting_fails_before_any_process_starts(tmp_path) -> None:
     with pytest.raises(ConfigError, match="llm_workers"):
         DeployConfig(llm_workers=0)
