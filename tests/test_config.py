@@ -177,7 +177,8 @@ def test_shipped_config_values() -> None:
 def test_read_fit_config_sections() -> None:
     from fedhlm.models import cache
     cfg = cache.read_fit_config(CONFIGS / "slm.yaml")
-    assert set(cfg) == {"model", "data", "trainer"}
+    assert set(cfg) == {"kind", "model", "data", "trainer"}
+    assert cfg["kind"] == "slm" and cache.read_fit_config(CONFIGS / "gen-llm.yaml")["kind"] == "gen"  # from class_path
     assert cfg["model"]["hidden_size"] == 128 and cfg["model"]["pretrained"] is None
     assert cfg["model"]["weight_decay"] == 0.01  # a default the YAML leaves out, written out
     assert cfg["data"]["max_length"] == 64 and cfg["data"]["source"] == "auto"
