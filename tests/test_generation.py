@@ -15,6 +15,7 @@ from fedhlm.maths.threshold import ThresholdHead
 from fedhlm.models.backbone import BackboneSpec, build_bert_decoder, next_token_logits, save_model
 from fedhlm.models.generation import SLMSequenceDrafter
 from fedhlm.models.head_fit import TorchHead
+from fedhlm.models.kv_cache import RefinerSessions
 from fedhlm.models.llm import LLMRefiner
 from fedhlm.roles.client import Client
 from fedhlm.roles.generation import SessionRouter
@@ -52,7 +53,7 @@ def slm(tokenizer) -> torch.nn.Module:
 def worker(broker, llm):
     llm.sessions.clear()
     q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
-    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=llm, session_ttl_s=1.0).start()
+    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=RefinerSessions(llm), session_ttl_s=1.0).start()
     yield service
     service.stop()
 
@@ -142,7 +143,7 @@ def test_a_refused_sequence_stays_local_at_once_instead_of_waiting_out_timeouts(
     from fedhlm.core.records import ModelLimits
 
     q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
-    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=llm,
+    service = LLMService(broker.address("llm"), q_fn, mode="greedy", sessions=RefinerSessions(llm),
                          limits=ModelLimits(vocab_size=1000, max_positions=512)).start()
     c = client(broker, "always")
     try:
@@ -186,7 +187,7 @@ def two_workers(broker, llm_folder) -> list[tuple[LLMService, LLMRefiner]]:
     for name in ("llm", "llm-2"):
         refiner = LLMRefiner(pretrained=llm_folder).eval()
         q_fn = lambda ids, mask, last, r=refiner: r.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
-        out.append((LLMService(broker.address(name), q_fn, mode="greedy", sessions=refiner).start(), refiner))
+        out.append((LLMService(broker.address(name), q_fn, mode="greedy", sessions=RefinerSessions(refiner)).start(), refiner))
     return out
 
 

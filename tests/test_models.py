@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,7 +390,7 @@ def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
     ids = [101, *range(2000, 2040)]
     tiny_llm.session_q("s", ids[:-1], 0)
     seen = []
-    handle = tiny_llm.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    handle = tiny_llm.model.bert.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     try:
         q = tiny_llm.session_q("s", ids[-1:], len(ids) - 1)
         draft = int(q.argmax())
@@ -402,6 +403,57 @@ def test_session_verification_never_reencodes_the_prefix(tiny_llm, tokenizer):
     # p' is one-hot on the draft: beta = 1 - q(draft), and a rejection resamples elsewhere
     assert beta == pytest.approx(1 - float(q[draft]), abs=1e-6) and q_draft == pytest.approx(float(q[draft]))
     assert (token == draft) == accepted
+
+
+def test_sessions_extended_together_match_each_extended_alone(tiny_llm):
+    """One forward pass for several sessions of different lengths, each adding a different number of tokens,
+    gives every session the q and the cache it would have had alone (padding masked, cut out again)."""
+    from fedhlm.models.kv_cache import extend_cache, extend_caches
+
+    m = tiny_llm.model.eval()
+    prefixes = [[101, *range(2000, 2000 + n)] for n in (4, 11, 7)]
+    new = [[3000], [3001, 3002, 3003], [3004, 3005]]
+    with torch.inference_mode():
+        caches = [extend_cache(m, torch.tensor([p]), None)[1] for p in prefixes]
+        together = extend_caches(m, caches, new)
+        for prefix, tokens, (logits, cache) in zip(prefixes, new, together):
+            alone, _ = extend_cache(m, torch.tensor([prefix + tokens]), None)
+            assert torch.allclose(logits, alone, atol=1e-5) and cache.get_seq_length() == len(prefix) + len(tokens)
+            after, _ = extend_cache(m, torch.tensor([[4000]]), cache)  # the cut cache continues like the real one
+            assert torch.allclose(after, extend_cache(m, torch.tensor([prefix + tokens + [4000]]), None)[0], atol=1e-5)
+        assert [c.get_seq_length() for c in caches] == [len(p) for p in prefixes]  # the inputs were not touched
+        with pytest.raises(ValueError, match="at least one new token"):
+            extend_caches(m, [caches[0]], [[]])
+        opened = extend_caches(m, [None, None], [prefixes[0], prefixes[1]])  # openings in one pass
+        for prefix, (logits, cache) in zip(prefixes, opened):
+            assert torch.allclose(logits, extend_cache(m, torch.tensor([prefix]), None)[0], atol=1e-5)
+            assert cache.get_seq_length() == len(prefix)
+
+
+def test_a_batch_of_session_requests_serves_each_as_alone_and_fails_only_the_bad_ones(tiny_llm_folder):
+    from fedhlm.models.kv_cache import RefinerSessions, SessionDraft
+
+    tiny_llm = LLMRefiner(pretrained=str(tiny_llm_folder), max_sessions=8)
+    for sid, n in (("a", 5), ("b", 9)):
+        tiny_llm.session_q(sid, [101, *range(2000, 2000 + n)], 0)
+    reference = {sid: tiny_llm.reencoded_q(ids) for sid, ids in
+                 (("a", [101, *range(2000, 2005), 3000]), ("b", [101, *range(2000, 2009), 3001, 3002]),
+                  ("c", [101, 2500, 2501]))}
+    requests = [("a", [3000], 6), ("b", [3001, 3002], 10), ("c", [101, 2500, 2501], 0), ("x", [7], 3), ("a", [], 7),
+                ("b", [3003], 4)]
+    qs = tiny_llm.sessions.extend_many(tiny_llm.model.eval(), requests, tiny_llm.device)
+    for i, sid in enumerate("abc"):
+        assert torch.allclose(qs[i], reference[sid], atol=1e-5), sid
+    assert isinstance(qs[3], SessionMismatch) and "not held" in str(qs[3])  # never opened
+    assert torch.equal(qs[4], qs[0])  # nothing new: a's q after the batch, served in order
+    assert isinstance(qs[5], SessionMismatch) and "holds 12 tokens" in str(qs[5])
+    # the worker's view: greedy verdicts per draft; a draft that is no token of its top-k fails alone
+    top = np.array([5, 6], dtype=np.int32), np.array([0.6, 0.4], dtype=np.float32)
+    drafts = [SessionDraft("a", [4000], 7, *top, 5), SessionDraft("b", [4001], 12, *top, 99)]
+    results = RefinerSessions(tiny_llm).verify_many(drafts, mode="greedy")
+    assert isinstance(results[1], Exception) and not isinstance(results[1], SessionMismatch)
+    accepted, token, beta, _ = results[0]
+    assert token == int(tiny_llm.reencoded_q([101, *range(2000, 2005), 3000, 4000]).argmax()) and accepted == (token == 5)
 
 
 def test_sessions_are_evicted_least_recently_used_and_out_of_step_requests_refused(tiny_llm):

@@ -18,6 +18,7 @@ from fedhlm.core.settings import LLMBackendName, RemoteLLMSettings
 from fedhlm.data.task import Task
 from fedhlm.maths.verification import QFunction
 from fedhlm.models.cache import fit_config_with, get_or_train
+from fedhlm.models.kv_cache import RefinerSessions
 from fedhlm.models.llm import LLMRefiner
 
 
@@ -42,9 +43,9 @@ class ServingLLM:
         self.tokenizer = self.llm.tokenizer
 
     @property
-    def sessions(self) -> LLMRefiner:
+    def sessions(self) -> RefinerSessions:
         """Generation sessions (per-sequence KV caches) live in the refiner itself."""
-        return self.llm
+        return RefinerSessions(self.llm)
 
     def limits(self) -> ModelLimits:
         """The vocabulary and positions a request to this LLM must stay within."""

@@ -10,9 +10,10 @@ worker delays the others by one slot per batch, its own oldest requests are drop
 MQTT v5 Message Expiry (the client's timeout, counted down by the broker while it held the request)
 runs out, or, for a client that sets none, after `max_age_s`.
 
-Generation sessions (`SessionToken` on `fedhlm/v1/llm/session`) are verified one at a time in the
-session's KV cache (`sessions`, the refiner's), which only grows by the tokens each request adds; a
-token the worker cannot continue is answered with a `SessionMiss`. Sessions end on a `SessionEnd`
+Generation sessions (`SessionToken` on `fedhlm/v1/llm/session`) are verified in the session's KV cache
+(`sessions`, the refiner's), which only grows by the tokens each request adds; the tokens of different
+sessions taken together go through the LLM in one forward pass (a one-token step is bound by reading the
+weights, so they share one read). A token the worker cannot continue is answered with a `SessionMiss`. Sessions end on a `SessionEnd`
 or after `session_ttl_s` unused, so a client that dies mid-sequence leaves nothing behind. A sequence's
 first token comes through the shared subscription; every verdict names this worker (`worker`, its client
 id), and the later tokens of the sessions it opened come to it by name on
@@ -34,7 +35,7 @@ from fedhlm.core.fair_queue import FairQueue
 from fedhlm.core.records import ModelLimits
 from fedhlm.maths.speculative import VerifyMode
 from fedhlm.maths.verification import Draft, QFunction, verify_drafts
-from fedhlm.models.kv_cache import SessionMismatch
+from fedhlm.models.kv_cache import SessionDraft, SessionMismatch
 from fedhlm.transport import topics
 from fedhlm.transport.address import BrokerAddress
 from fedhlm.transport.endpoint import Inbound
@@ -45,12 +46,10 @@ log = logging.getLogger(__name__)
 
 
 class SessionVerifier(Protocol):
-    """What the service needs of an LLM that keeps generation sessions (`models.llm.LLMRefiner`)."""
+    """What the service needs of an LLM that keeps generation sessions (`models.kv_cache.RefinerSessions`)."""
 
-    def verify_in_session(self, session_id: str, token_ids: Sequence[int], start: int, topk_ids: torch.Tensor,
-                          topk_probs: torch.Tensor, tail_mass: float | None, draft_token: int,
-                          generator: torch.Generator | None = None, *,
-                          mode: VerifyMode) -> tuple[bool, int, float, float]: ...
+    def verify_many(self, drafts: Sequence[SessionDraft], *, mode: VerifyMode
+                    ) -> list[tuple[bool, int, float, float] | Exception]: ...
 
     def end_session(self, session_id: str) -> bool: ...
 
@@ -67,9 +66,10 @@ class SharedSessions:
         self._sessions = sessions
         self._lock = threading.Lock()
 
-    def verify_in_session(self, *args, **kwargs) -> tuple[bool, int, float, float]:  # noqa: ANN002, ANN003
+    def verify_many(self, drafts: Sequence[SessionDraft], *, mode: VerifyMode
+                    ) -> list[tuple[bool, int, float, float] | Exception]:
         with self._lock:
-            return self._sessions.verify_in_session(*args, **kwargs)
+            return self._sessions.verify_many(drafts, mode=mode)
 
     def end_session(self, session_id: str) -> bool:
         with self._lock:
@@ -207,7 +207,10 @@ class LLMService:
             batch = self._queue.take(self.max_batch, timeout_s=0.5, linger_s=self.max_wait_s)
             if self.sessions is not None:
                 self.stats.sessions_expired += len(self.sessions.expire_sessions(self.session_ttl_s))
-            batch = [b for b in batch if not self._serve_session(b)]
+            sessions = [b for b in batch if isinstance(b.message, (SessionToken, SessionEnd))]
+            if sessions:
+                self._serve_sessions(sessions)
+            batch = [b for b in batch if not isinstance(b.message, (SessionToken, SessionEnd))]
             if not batch:
                 continue
             try:
@@ -246,42 +249,49 @@ class LLMService:
         miss = SessionMiss(message.client_id, message.session_id, message.seq, 0)
         self.endpoint.answer_on(topics.client_llm_miss(message.client_id), inbound, miss, qos=1)
 
-    def _serve_session(self, inbound: Inbound) -> bool:
-        """Serve a session token or end (True), one at a time in its KV cache; False: a one-token request."""
-        message = inbound.message
-        if isinstance(message, SessionEnd):
-            if self.sessions is not None and self.sessions.end_session(_session_key(message)):
+    def _serve_sessions(self, inbounds: list[Inbound]) -> None:
+        """Verify the session tokens taken together in one pass through their KV caches, answer each (a verdict,
+        or a SessionMiss when its session is not held here or is out of step), then apply the session ends."""
+        tokens = [b for b in inbounds if isinstance(b.message, SessionToken)]
+        if tokens and self.sessions is not None:
+            messages: list[SessionToken] = [b.message for b in tokens]  # type: ignore[misc]
+            drafts = [SessionDraft(_session_key(m), m.new_ids.tolist(), m.start, m.topk_ids, m.topk_probs,
+                                   m.draft_token) for m in messages]
+            start = time.perf_counter()
+            try:
+                results = self.sessions.verify_many(drafts, mode=self.mode)
+            except Exception as exc:  # a failed pass must not take the worker down
+                results = [exc] * len(drafts)
+            elapsed_ms = (time.perf_counter() - start) * 1000.0
+            self.stats.batches += 1
+            self.stats.compute_s += elapsed_ms / 1000.0
+            for inbound, message, draft, result in zip(tokens, messages, drafts, results):
+                self._answer_session(inbound, message, draft.session_id, result, elapsed_ms)
+        for inbound in inbounds:
+            end = inbound.message
+            if isinstance(end, SessionEnd) and self.sessions is not None and self.sessions.end_session(_session_key(end)):
                 self.stats.sessions_ended += 1
-            return True
-        if not isinstance(message, SessionToken):
-            return False
-        key = _session_key(message)
-        start = time.perf_counter()
-        try:  # the refiner's own generator: it lives on the model's device
-            accepted, final, beta, q_draft = self.sessions.verify_in_session(  # type: ignore[union-attr]
-                key, message.new_ids.tolist(), message.start, torch.from_numpy(message.topk_ids.astype("int64")),
-                torch.from_numpy(message.topk_probs.astype("float32")), None, message.draft_token, mode=self.mode)
-        except SessionMismatch:  # evicted, expired, another worker's, out of step: the client resends from 0
+
+    def _answer_session(self, inbound: Inbound, message: SessionToken, key: str,
+                        result: tuple[bool, int, float, float] | Exception, elapsed_ms: float) -> None:
+        if isinstance(result, SessionMismatch):  # evicted, expired, another worker's, out of step: resend from 0
             self.stats.session_misses += 1
-            held = self.sessions.held(key)  # type: ignore[union-attr]
-            miss = SessionMiss(message.client_id, message.session_id, message.seq, held)
+            miss = SessionMiss(message.client_id, message.session_id, message.seq, self.sessions.held(key))  # type: ignore[union-attr]
             self.endpoint.answer_on(topics.client_llm_miss(message.client_id), inbound, miss, qos=1)
-            return True
-        except Exception as exc:  # a bad request must not take the worker down
+            return
+        if isinstance(result, Exception):  # a bad request must not take the worker down
             self.stats.errors += 1
-            self._reject(message.client_id, "verification_failed", f"{type(exc).__name__}: {exc}")
+            self._reject(message.client_id, "verification_failed", f"{type(result).__name__}: {result}")
             self._refuse(inbound, message)
-            return True
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
+            return
+        accepted, final, beta, q_draft = result
         self.stats.requests += 1
         self.stats.session_tokens += 1
         self.stats.session_new_tokens += int(message.new_ids.size)
-        self.stats.compute_s += elapsed_ms / 1000.0
         verdict = LLMVerdict(client_id=message.client_id, session_id=message.session_id, seq=message.seq,
                              accepted=bool(accepted), final_token=int(final), beta=min(1.0, max(0.0, float(beta))),
                              q_draft=min(1.0, max(0.0, float(q_draft))), llm_ms=elapsed_ms, worker=self.worker)
         self.endpoint.reply(inbound, verdict, qos=1)
-        return True
 
 
 def _session_key(message: SessionToken | SessionEnd) -> str:
