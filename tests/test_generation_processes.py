@@ -97,3 +97,28 @@ def test_processes_generate_titles_through_llm_sessions_with_a_distilled_slm(tmp
         sent += llm_tokens
     assert titles == INPUTS  # the two shards cover the inputs exactly
     assert re.search(r"round 0: 2 of 2 clients, [1-9]\d* samples", server_out[2]), server_out[2]  # labels from verdicts
+
+
+def test_a_generation_simulation_reports_every_method_and_the_session_reuse(tmp_path, monkeypatch) -> None:
+    """`fedhlm simulate` with generation.enabled, tiny distilled title models: every method's titles and the
+    session-reuse benchmark (alone and at the run's concurrency) in report.json."""
+    from fedhlm.simulation.config import load_config
+    from fedhlm.simulation.generation import simulate_generation
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    slm, llm = tiny_title_configs(tmp_path)
+    cfg = load_config("configs/generation.yaml", [
+        f"models.slm={slm}", f"models.llm={llm}", "data.source=synthetic", "data.inputs=24",
+        "federation.clients=4", "federation.edges=2", "federation.rounds=2", "generation.max_new_tokens=5",
+        "generation.calib_prompts=4", "generation.reencode_sequences=8", "routing.top_k=4"])
+    report = simulate_generation(cfg, tmp_path / "run", show_progress=False)
+    methods = report["methods"]
+    assert set(methods) == {"slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"}
+    assert methods["llm_only"]["llm_share"] == 1.0 and methods["slm_only"]["llm_share"] == 0.0
+    assert methods["llm_only"]["token_agreement_with_llm"] == 1.0
+    reuse = report["reencode"]
+    assert reuse["batch"] == 4 and reuse["alone"]["batch"] == 1 and reuse["sequences"] == 8
+    assert reuse["verified_tokens"] == reuse["alone"]["verified_tokens"] > 8  # the same work, scheduled two ways
+    assert reuse["tokens_encoded"]["ratio"] > 1 and reuse["session_ms_per_token"] > 0
+    assert any("session reuse" in t["goal"] for t in report["targets"])
+    assert (tmp_path / "run" / "report.json").is_file()

@@ -96,7 +96,7 @@ class GenerationConfig:
     max_new_tokens: int = 24  # per title; [SEP] ends one earlier
     calib_prompts: int = 40  # calibration descriptions whose SLM drafts and LLM verdicts fit U-HLM's threshold
     session_ttl_s: float = 60.0  # an LLM session unused this long is dropped (its client died)
-    reencode_sequences: int = 24  # LLM-only sequences timed with and without session reuse (at the run's concurrency and alone)
+    reencode_sequences: int = 48  # LLM-only sequences timed with and without session reuse (at the run's concurrency and alone)
 
     def __post_init__(self) -> None:
         check_range("generation", "max_new_tokens", self.max_new_tokens, 1, 256)

@@ -201,47 +201,53 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
 
 
 def reencode_cost(prep: GenerationPrepared, sequences: list[list[list[int]]], batch: int = 1) -> dict[str, Any]:
-    """LLM compute per verified token when every token of a sequence is verified (LLM only), `batch` sequences
-    stepping together as a worker serving that many generating clients takes them: in their sessions (each
-    step encodes the new token of every sequence, in one pass) against re-encoding every prefix at every step
-    (one padded pass per step). Both open with the whole prompt; the times are the forward passes'."""
+    """LLM compute per verified token when every token of a sequence is verified (LLM only), with `batch`
+    sequences in flight as a worker serving that many generating clients has them: a sequence that ends makes
+    room for the next one (continuous batching). In sessions, each tick opens the new sequences in one pass and
+    encodes the next token of every other one in another; re-encoding, each tick runs every sequence's whole
+    prefix in one padded pass. The times are the forward passes'."""
     import torch
 
     if not sequences:
         return {"sequences": 0, "batch": batch, "speedup": None}
     llm = prep.llm
+    # the schedule: which sequences are in flight at each tick, and how far each has got (the same for both)
+    waiting = list(range(len(sequences)))
+    flight: dict[int, int] = {}  # sequence -> verified tokens so far
+    ticks: list[list[tuple[int, int]]] = []
+    while waiting or flight:
+        while waiting and len(flight) < batch:
+            flight[waiting.pop(0)] = 0
+        ticks.append(sorted(flight.items()))
+        for i in list(flight):
+            flight[i] += 1
+            if flight[i] > len(sequences[i][1]):  # the prompt's verdict and one per token generated
+                del flight[i]
     session_s = reencode_s = 0.0
-    n = session_tokens = reencode_tokens = 0
-    for first in range(0, len(sequences), batch):
-        group = [(seq[0], seq[0] + seq[1]) for seq in sequences[first: first + batch]]
-        keys = [f"bench/{first + i}" for i in range(len(group))]
-        start = time.perf_counter()
-        for key, (prompt, _) in zip(keys, group):
-            llm.session_q(key, prompt, 0)
-        for t in range(1, max(len(full) - len(prompt) for prompt, full in group) + 1):
-            rows = [(key, full[len(prompt) + t - 1: len(prompt) + t], len(prompt) + t - 1)
-                    for key, (prompt, full) in zip(keys, group) if len(prompt) + t <= len(full)]
-            with llm.serving():
-                llm.sessions.extend_many(llm.model, rows, llm.device)
-        session_s += time.perf_counter() - start
-        for key in keys:
-            llm.end_session(key)
-        start = time.perf_counter()
-        for t in range(0, max(len(full) - len(prompt) for prompt, full in group) + 1):
-            prefixes = [full[: len(prompt) + t] for prompt, full in group if len(prompt) + t <= len(full)]
-            width = max(len(p) for p in prefixes)
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in prefixes])
-            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prefixes])
-            llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": torch.tensor([len(p) - 1 for p in prefixes])})
-        reencode_s += time.perf_counter() - start
-        for prompt, full in group:
-            n += len(full) - len(prompt) + 1
-            session_tokens += len(full)
-            reencode_tokens += sum(range(len(prompt), len(full) + 1))
+    start = time.perf_counter()
+    for tick in ticks:
+        openings = [(f"bench/{i}", sequences[i][0], 0) for i, done in tick if done == 0]
+        steps = [(f"bench/{i}", [sequences[i][1][done - 1]], len(sequences[i][0]) + done - 1) for i, done in tick if done]
+        with llm.serving():
+            llm.sessions.extend_many(llm.model, openings + steps, llm.device)
+    session_s = time.perf_counter() - start
+    for i in range(len(sequences)):
+        llm.end_session(f"bench/{i}")
+    start = time.perf_counter()
+    for tick in ticks:
+        prefixes = [sequences[i][0] + sequences[i][1][:done] for i, done in tick]
+        width = max(len(p) for p in prefixes)
+        llm.q_probs({"input_ids": torch.tensor([p + [0] * (width - len(p)) for p in prefixes]),
+                     "attention_mask": torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prefixes]),
+                     "last_index": torch.tensor([len(p) - 1 for p in prefixes])})
+    reencode_s = time.perf_counter() - start
+    n = sum(len(out) + 1 for _, out in sequences)
+    session_tokens = sum(len(prompt) + len(out) for prompt, out in sequences)
+    reencode_tokens = sum(sum(range(len(prompt), len(prompt) + len(out) + 1)) for prompt, out in sequences)
     s_ms, r_ms = 1000.0 * session_s / n, 1000.0 * reencode_s / n
     # a one-token pass is bound by reading the weights, not by its arithmetic: what a batch shares
-    return {"sequences": len(sequences), "batch": batch, "verified_tokens": n, "session_ms_per_token": s_ms,
-            "reencode_ms_per_token": r_ms, "speedup": r_ms / s_ms if s_ms > 0 else None,
+    return {"sequences": len(sequences), "batch": batch, "ticks": len(ticks), "verified_tokens": n,
+            "session_ms_per_token": s_ms, "reencode_ms_per_token": r_ms, "speedup": r_ms / s_ms if s_ms > 0 else None,
             "tokens_encoded": {"session": session_tokens, "reencode": reencode_tokens,
                                "ratio": reencode_tokens / session_tokens if session_tokens else None}}
 
