@@ -101,9 +101,9 @@ def extend_caches(model: nn.Module, caches: Sequence[Any | None], new_ids: Seque
     results = []
     for i, (held_len, k) in enumerate(zip(lengths, news)):
         cache = DynamicCache()
+        span = slice(past - held_len, past + k)
         for layer, state in enumerate(grown.layers):  # update copies the slices: no view keeps the batch alive
-            cache.update(state.keys[i: i + 1, :, past - held_len: past + k], state.values[i: i + 1, :, past - held_len: past + k],
-                         layer)
+            cache.update(state.keys[i: i + 1, :, span], state.values[i: i + 1, :, span], layer)
         results.append((logits[i], cache))
     return results
 
@@ -207,9 +207,11 @@ class SessionStore(OrderedDict[str, Session]):
             if not ids:
                 return ValueError(f"session {session_id}: opening a session needs at least one token")
         elif session is None:
-            return SessionMismatch(f"session {session_id}: not held by this refiner (evicted or never opened); resend from 0")
+            return SessionMismatch(f"session {session_id}: not held by this refiner (evicted or never opened); "
+                                   "resend from 0")
         elif session.length != start:
-            return SessionMismatch(f"session {session_id}: holds {session.length} tokens, request starts at {start}; resend from 0")
+            return SessionMismatch(f"session {session_id}: holds {session.length} tokens, request starts at {start}; "
+                                   "resend from 0")
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and start + len(ids) > limit:
             return ValueError(f"session {session_id}: {start + len(ids)} tokens exceed the model's {limit} positions")

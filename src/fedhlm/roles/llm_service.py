@@ -13,10 +13,10 @@ runs out, or, for a client that sets none, after `max_age_s`.
 Generation sessions (`SessionToken` on `fedhlm/v1/llm/session`) are verified in the session's KV cache
 (`sessions`, the refiner's), which only grows by the tokens each request adds; the tokens of different
 sessions taken together go through the LLM in one forward pass (a one-token step is bound by reading the
-weights, so they share one read). A token the worker cannot continue is answered with a `SessionMiss`. Sessions end on a `SessionEnd`
-or after `session_ttl_s` unused, so a client that dies mid-sequence leaves nothing behind. A sequence's
-first token comes through the shared subscription; every verdict names this worker (`worker`, its client
-id), and the later tokens of the sessions it opened come to it by name on
+weights, so they share one read). A token the worker cannot continue is answered with a `SessionMiss`.
+Sessions end on a `SessionEnd` or after `session_ttl_s` unused, so a client that dies mid-sequence leaves
+nothing behind. A sequence's first token comes through the shared subscription; every verdict names this
+worker (`worker`, its client id), and the later tokens of the sessions it opened come to it by name on
 `fedhlm/v1/llm/worker/<id>/session`, so with several worker processes a session stays where its cache is.
 """
 
