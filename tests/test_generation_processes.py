@@ -8,14 +8,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from fedhlm.transport.broker import LocalBroker
-from test_role_processes import spawn
+from test_role_processes import USERS, start_federation
 from test_simulate import DATA, TINY_BACKBONE, TRAINER
 
 pytestmark = pytest.mark.slow
@@ -65,13 +63,8 @@ def test_processes_generate_titles_through_llm_sessions_with_a_distilled_slm(tmp
         "federation": {"rounds": ROUNDS, "round_deadline_s": 30, "cloud_every": 1}, "p2p": {"enabled": False},
     }))
     env["SIM_CONFIG"] = str(sim)
-    users = {"c00": "client", "c01": "client", "e0": "edge", "cloud": "cloud", "llm": "llm"}
-    with LocalBroker(users) as broker:
-        servers = [spawn(broker, "llm", "llm", env=env),
-                   spawn(broker, "cloud", "cloud", "--edges", "e0", env=env),
-                   spawn(broker, "edge", "e0", "--clients", "c00,c01", env=env)]
-        clients = [spawn(broker, "client", cid, "--edge", "e0", "--shard", f"{i}/2", env=env)
-                   for i, cid in enumerate(("c00", "c01"))]
+    with LocalBroker(USERS) as broker:
+        servers, clients = start_federation(broker, env)
         try:
             outputs = [c.communicate(timeout=240)[0] for c in clients]
         finally:

@@ -29,6 +29,19 @@ def spawn(broker: LocalBroker, role: str, user: str, *args: str, env: dict[str, 
     )
 
 
+USERS = {"c00": "client", "c01": "client", "e0": "edge", "cloud": "cloud", "llm": "llm"}
+
+
+def start_federation(broker: LocalBroker, env: dict[str, str]) -> tuple[list[subprocess.Popen], list[subprocess.Popen]]:
+    """(servers: llm, cloud, edge e0; clients c00 and c01, each half of the inputs) as separate processes."""
+    servers = [spawn(broker, "llm", "llm", env=env),
+               spawn(broker, "cloud", "cloud", "--edges", "e0", env=env),
+               spawn(broker, "edge", "e0", "--clients", "c00,c01", env=env)]
+    clients = [spawn(broker, "client", cid, "--edge", "e0", "--shard", f"{i}/2", env=env)
+               for i, cid in enumerate(("c00", "c01"))]
+    return servers, clients
+
+
 def test_a_federation_of_separate_processes_routes_learns_and_stops_cleanly(tmp_path) -> None:
     from fedhlm.models.hybrid import HybridModels
 
@@ -47,13 +60,8 @@ def test_a_federation_of_separate_processes_routes_learns_and_stops_cleanly(tmp_
         "federation": {"rounds": ROUNDS, "round_deadline_s": 30, "cloud_every": 1}, "p2p": {"enabled": False},
     }))
     env["SIM_CONFIG"] = str(sim)
-    users = {"c00": "client", "c01": "client", "e0": "edge", "cloud": "cloud", "llm": "llm"}
-    with LocalBroker(users) as broker:
-        servers = [spawn(broker, "llm", "llm", env=env),
-                   spawn(broker, "cloud", "cloud", "--edges", "e0", env=env),
-                   spawn(broker, "edge", "e0", "--clients", "c00,c01", env=env)]
-        clients = [spawn(broker, "client", cid, "--edge", "e0", "--shard", f"{i}/2", env=env)
-                   for i, cid in enumerate(("c00", "c01"))]
+    with LocalBroker(USERS) as broker:
+        servers, clients = start_federation(broker, env)
         try:
             outputs = [c.communicate(timeout=240)[0] for c in clients]
             codes = [c.returncode for c in clients]
