@@ -30,3 +30,4 @@ def test_the_temperature_factor_keeps_the_loss_in_scale() -> None:
     at_large_t = float(distill_kl(student, teacher, 100.0))
     centred = (student - student.mean(-1, keepdim=True)) - (teacher - teacher.mean(-1, keepdim=True))
     assert at_large_t == pytest.approx(float((centred ** 2).sum(-1).mean() / (2 * 8)), rel=0.05)
+

@@ -85,14 +85,19 @@ def generation_targets(methods: Mapping[str, Mapping[str, Any]], reencode: Mappi
                     "measured": f"{reencode['session_ms_per_token']:.2f} vs {reencode['reencode_ms_per_token']:.2f} ms "
                                 f"({reencode['speedup']:.1f}x) with {reencode.get('batch', 1)} sequences at once"
                                 + (f"; {alone['speedup']:.1f}x one at a time" if alone.get("speedup") else "")})
-    llm = methods.get("llm_only")
+    llm, slm = methods.get("llm_only"), methods.get("slm_only")
+    # an LLM-only run that writes no better than the SLM alone (e.g. titles sampled from a small LLM) is no
+    # ceiling: "within 2 % of it" would be met by sending nothing, so the goal is not judged met against it
+    weak = llm is not None and slm is not None and llm["rouge_l"] <= slm["rouge_l"]
     for name in ("fedhlm_no_p2p", "static_hlm"):
         m = methods.get(name)
         if m is None or llm is None or not llm["rouge_l"]:
             continue
         ratio = m["rouge_l"] / llm["rouge_l"]
         out.append({"goal": f"{name}: quality within 2 % of LLM-only at <= 20 % of tokens sent",
-                    "met": ratio >= 0.98 and m["llm_share"] <= 0.20,
+                    "met": ratio >= 0.98 and m["llm_share"] <= 0.20 and not weak,
                     "measured": f"ROUGE-L {m['rouge_l']:.4f} = {100 * ratio:.1f} % of the LLM's at "
-                                f"{100 * m['llm_share']:.1f} % sent"})
+                                f"{100 * m['llm_share']:.1f} % sent"
+                                + (f" (not judged: LLM-only {llm['rouge_l']:.4f} is no better than SLM-only "
+                                   f"{slm['rouge_l']:.4f})" if weak else "")})
     return out
