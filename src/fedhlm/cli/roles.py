@@ -255,12 +255,13 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
 
     def serve(client, r: int, items: list) -> str:  # noqa: ANN001
         records = client.serve_round(r, items)
-        tally["correct"] += sum(1 for t in records if t.final == label_of[t.uid])
-        tally["tokens"] += len(records)
+        with lock:  # the clients serve on threads of their own
+            tally["correct"] += sum(1 for t in records if t.final == label_of[t.uid])
+            tally["tokens"] += len(records)
         llm = sum(1 for t in records if t.route == "llm")
         return f"{len(records)} tokens, {llm} to the LLM"
 
-    tally = {"correct": 0, "tokens": 0}
+    tally, lock = {"correct": 0, "tokens": 0}, threading.Lock()
     ready_s = time.monotonic() - process_start  # models, data and every connection up
     _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}
                                            for by_client in rounds], serve)
@@ -310,18 +311,23 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
         clients[cid] = Client(settings, addresses[cid], head, lambda t: t, 384, network=network).start()
     stop = {int(dm.tokenizer.sep_token_id)}
     titles: dict[int, str] = {}
-    tally = {"tokens": 0, "llm": 0}
+    tally, lock = {"tokens": 0, "llm": 0}, threading.Lock()
 
     def serve(client, r: int, items: list) -> str:  # noqa: ANN001
-        router, sent = SessionRouter(client), 0
+        router, written = SessionRouter(client), {}
+        sent = tokens = 0
         for item in items:
             gen = router.generate(SLMSequenceDrafter(slm, cfg.routing.top_k, seed=cfg.seed), prompts[item.uid],
                                   cfg.generation.max_new_tokens, r, stop_ids=stop)
-            titles[item.uid] = dm.tokenizer.decode([t for t in gen.tokens if t not in stop])
+            written[item.uid] = dm.tokenizer.decode([t for t in gen.tokens if t not in stop])
             sent += sum(1 for step in gen.steps if step.route == "llm")
-            tally["tokens"] += len(gen.tokens)
-            tally["llm"] += sum(1 for step in gen.steps if step.route == "llm")
-        return f"{len(items)} titles, {sum(len(titles[it.uid].split()) for it in items)} words, {sent} tokens to the LLM"
+            tokens += len(gen.tokens)
+        with lock:  # the clients serve on threads of their own
+            titles.update(written)
+            tally["tokens"] += tokens
+            tally["llm"] += sent
+        words = sum(len(text.split()) for text in written.values())
+        return f"{len(items)} titles, {words} words, {sent} tokens to the LLM"
 
     ready_s = time.monotonic() - process_start
     _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}

@@ -6,6 +6,7 @@ change a trained weight, so tuning it retrains nothing.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -23,10 +24,15 @@ from fedhlm.maths.speculative import VerifyMode, verify
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _forward_params(model_type: type) -> frozenset[str]:
+    """The keyword names of a model class's forward (read once per class: a decoding step is the hot path)."""
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
 def cache_kwarg(model: nn.Module) -> str:
     """The name under which this model's forward takes a KV cache (transformers renamed it)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
 
 
 def extend_cache(model: nn.Module, new_ids: torch.Tensor, cache: Any | None) -> tuple[torch.Tensor, Any]:
@@ -36,8 +42,8 @@ def extend_cache(model: nn.Module, new_ids: torch.Tensor, cache: Any | None) -> 
     (``logits_to_keep``), only the last position is projected onto the vocabulary: an opening prompt of 50
     tokens would otherwise pay 50 vocabulary projections, each as dear as a token's six layers, for one row.
     """
-    params = inspect.signature(model.forward).parameters
-    kwargs = {cache_kwarg(model): cache, "use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(model)) else {}
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **keep}
     out = model(input_ids=new_ids, **kwargs)
     new_cache = out["cache"] if "cache" in out else out["past_key_values"]
     return out.logits[0, -1], new_cache
