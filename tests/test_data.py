@@ -17,7 +17,6 @@ from fedhlm.data import (
     TaskError,
     encode_prompts,
     fetch_ag_news,
-    generation_pairs,
     load_tokenizer,
     prompt_text,
     load_task,
@@ -236,12 +235,6 @@ def test_encode_prompts_rejects_a_length_without_room_for_the_article(tokenizer)
 def test_load_tokenizer_names_a_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no_tokenizer_here"):
         load_tokenizer(tmp_path / "no_tokenizer_here")
-
-
-def test_generation_pairs_cut_articles_into_prompt_and_continuation() -> None:
-    items = [NewsItem(0, 0, "A B", "c d e f g h"), NewsItem(1, 1, "", "short")]
-    assert generation_pairs(items, prompt_words=3, max_new_tokens=2) == [("A B .", "c d")]
-    assert generation_pairs(items, prompt_words=3, max_new_tokens=None) == [("A B .", "c d e f g h")]
 
 
 # --- sources ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedhlm.data import NewsItem, load_tokenizer
-from fedhlm.data.encoding import TITLE_SUFFIX, encode_title_pairs, make_collator
+from fedhlm.data.objectives import TITLE_SUFFIX, encode_lm_pairs, make_collator
 from fedhlm.data.task import load_task
 from fedhlm.models.title_lm import TitleLM
 
@@ -24,7 +24,7 @@ def items() -> list[NewsItem]:
 
 
 def test_title_pairs_label_exactly_the_title_and_its_stop_token(tokenizer) -> None:
-    batch = encode_title_pairs(tokenizer, items(), max_length=16)
+    batch = encode_lm_pairs(tokenizer, items(), "title", 16)
     for i, item in enumerate(items()):
         start = int(batch["prompt_length"][i])
         prompt = tokenizer.decode(batch["input_ids"][i, :start])
@@ -41,7 +41,7 @@ def test_title_lm_learns_the_titles_it_is_trained_on(tokenizer) -> None:
     """Teacher-forced: a few steps on two pairs drive their loss down and the greedy title tokens right."""
     torch.manual_seed(0)
     model = TitleLM(pretrained=None, **TINY, lr=0.01)
-    batch = encode_title_pairs(tokenizer, items())
+    batch = encode_lm_pairs(tokenizer, items())
     optimiser = torch.optim.AdamW(model.parameters(), lr=0.01)
     before = model._token_loss(batch)["ce"]
     for _ in range(60):
@@ -71,9 +71,9 @@ def test_a_distilled_title_lm_learns_its_teachers_tokens(tokenizer, tmp_path) ->
 
     torch.manual_seed(1)
     other = [NewsItem(i.uid, i.label, t, i.description) for i, t in zip(items(), ("Markets fall on fears", "A draw at home"))]
-    fit(TitleLM(pretrained=None, **TINY, seed=1), encode_title_pairs(tokenizer, other)).save_pretrained(
+    fit(TitleLM(pretrained=None, **TINY, seed=1), encode_lm_pairs(tokenizer, other)).save_pretrained(
         str(tmp_path / "teacher"))
-    batch = encode_title_pairs(tokenizer, items())
+    batch = encode_lm_pairs(tokenizer, items())
 
     def trained(weight: float) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

@@ -277,8 +277,8 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
     the LLM's session of its title (`roles.generation.SessionRouter`), exactly as in a generation simulation.
     The heads learn from the verdicts and federate through the edge as in classification."""
     from fedhlm.data import partition
-    from fedhlm.data.encoding import title_prompt_ids
     from fedhlm.data.module import NewsDataModule
+    from fedhlm.data.objectives import generation_task
     from fedhlm.models.backbone import load_causal_lm
     from fedhlm.models.cache import fit_config_with, get_or_train
     from fedhlm.models.generation import SLMSequenceDrafter
@@ -298,8 +298,9 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
     dm = NewsDataModule(**slm_cfg["data"])
     dm.setup()
     test = test_items(cfg, dm.splits)  # the articles, shares and rounds of a generation simulation
-    prompts = dict(zip((it.uid for it in test),
-                       title_prompt_ids(dm.tokenizer, test, int(slm_cfg["data"].get("max_length", 64)))))
+    task, max_length = generation_task(dm.objective), int(slm_cfg["data"].get("max_length", 64))
+    prompts = dict(zip((it.uid for it in test), task.prompts(dm.tokenizer, test, max_length)))
+    references = dict(zip((it.uid for it in test), task.references(dm.tokenizer, test, max_length)))
     parts = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)
     rounds = plan_rounds([parts[i] for i in indices], ids, cfg.federation.rounds)
     network = SharedLoop(name="clients") if len(ids) > 1 else OwnThreads()
@@ -333,7 +334,7 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
     _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}
                                            for by_client in rounds], serve)
     done = [it for it in test if it.uid in titles]
-    score = rouge_l([titles[it.uid] for it in done], [" ".join(it.title.split()) for it in done]) if done else 0.0
+    score = rouge_l([titles[it.uid] for it in done], [references[it.uid] for it in done]) if done else 0.0
     print(f"client {_ids_text(ids)}: {len(done)} titles, {tally['tokens']} tokens, {tally['llm']} to the LLM, "
           f"ROUGE-L {score:.4f}; ready in {ready_s:.1f} s, rounds in {time.monotonic() - process_start - ready_s:.1f} s",
           flush=True)

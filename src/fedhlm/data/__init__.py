@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from fedhlm.data.encoding import (
     PromptCollator,
     encode_prompts,
-    generation_pairs,
     load_tokenizer,
     verbaliser_token_ids,
 )
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TASK", "SOURCES", "Corpus", "NewsDataModule", "NewsItem", "PromptCollator", "Splits",
     "Task", "TaskClass", "TaskError", "clean_text", "drop_overlap", "encode_prompts", "fetch_ag_news",
-    "find_file", "generation_pairs", "label_histograms", "load_task", "load_tokenizer", "partition",
+    "find_file", "label_histograms", "load_task", "load_tokenizer", "partition",
     "prompt_text", "read_news_csv", "resolve_corpus", "split_items", "stratified_subset",
     "synthetic_corpus", "text_key", "verbaliser_token_ids",
 ]

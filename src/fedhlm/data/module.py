@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from fedhlm.data.encoding import load_tokenizer, make_collator, verbaliser_token_ids
+from fedhlm.data.encoding import load_tokenizer, verbaliser_token_ids
+from fedhlm.data.objectives import make_collator
 from fedhlm.data.items import NewsItem
 from fedhlm.data.reader import DataFileError
 from fedhlm.data.partition import Splits, partition, split_items, stratified_subset
@@ -47,8 +48,9 @@ class NewsDataModule(LightningDataModule):
         holdout: shares of the training file kept for validation, calibration and - only
             where there is no evaluation file - testing.
         hard_fraction: share of mixed-topic articles in the generated corpus.
-        objective: what a batch is for: "classify" (the prompts above) or "title" (description in,
-            title out: a title-generation language model's training pairs).
+        objective: what a batch is for: "classify" (the prompts above) or a generation task of
+            `fedhlm.data.objectives` ("title": description in, title out; "continue": the article's
+            first tokens in, the next ones out): a causal language model's training pairs.
     """
 
     def __init__(

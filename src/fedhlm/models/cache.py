@@ -53,7 +53,7 @@ DEFAULT_TRAINER: dict[str, dict[str, Any]] = {"slm": {"max_epochs": 4}, "llm": {
 # wherever the package puts them, and ignores where each import comes from, so a move retrains nothing
 TRAINING_CODE = ("fedhlm.models.classifier", "fedhlm.models.backbone", "fedhlm.models.slm", "fedhlm.models.llm",
                  "fedhlm.maths.threshold", "fedhlm.maths.uncertainty", "fedhlm.maths.distill", "fedhlm.models.teacher",
-                 "fedhlm.data.encoding", "fedhlm.data.items",
+                 "fedhlm.data.encoding", "fedhlm.data.objectives", "fedhlm.data.items",
                  "fedhlm.data.module", "fedhlm.data.reader", "fedhlm.data.sources", "fedhlm.data.synthetic",
                  "fedhlm.data.partition", "fedhlm.data.task")
 # what else decides a kind's trained weights: the central head fit labels its pairs with the verification maths

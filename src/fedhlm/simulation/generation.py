@@ -33,8 +33,9 @@ class GenerationPrepared:
     llm: Any  # models.llm.LLMRefiner, its sessions the workers' KV caches
     tokenizer: Any
     items: list[Any]  # test NewsItems
-    prompts: dict[int, list[int]]  # uid -> "[CLS] description headline :"
-    references: dict[int, str]  # uid -> the real title
+    prompts: dict[int, list[int]]  # uid -> the generation task's prompt ids
+    task: str  # the generation task, in words (`data.objectives`)
+    references: dict[int, str]  # uid -> the real target, decoded
     calib_prompts: list[list[int]]
     plan: Any  # simulation.run.ClientPlan
     folders: dict[str, str]
@@ -48,8 +49,8 @@ class GenerationPrepared:
 
 def prepare_generation(cfg: SimConfig, progress: bool = True) -> GenerationPrepared:
     """The two title models (trained once into the cache), the test and calibration descriptions, the plan."""
-    from fedhlm.data.encoding import title_prompt_ids
     from fedhlm.data.module import NewsDataModule
+    from fedhlm.data.objectives import generation_task
     from fedhlm.data.partition import stratified_subset
     from fedhlm.models.backbone import load_causal_lm
     from fedhlm.models.cache import fit_config_with, get_or_train
@@ -66,12 +67,13 @@ def prepare_generation(cfg: SimConfig, progress: bool = True) -> GenerationPrepa
     data.setup()
     splits = data.splits
     items = list(splits.test) if not cfg.data.inputs else stratified_subset(splits.test, cfg.data.inputs, seed=cfg.seed)
-    max_length = int(llm_cfg["data"].get("max_length", 64))
-    prompts = dict(zip((it.uid for it in items), title_prompt_ids(data.tokenizer, items, max_length)))
-    calib = title_prompt_ids(data.tokenizer, data.calib_items()[: cfg.generation.calib_prompts], max_length)
+    max_length, task = int(llm_cfg["data"].get("max_length", 64)), generation_task(data.objective)
+    uids = [it.uid for it in items]
+    prompts = dict(zip(uids, task.prompts(data.tokenizer, items, max_length)))
+    calib = task.prompts(data.tokenizer, data.calib_items()[: cfg.generation.calib_prompts], max_length)
     return GenerationPrepared(
-        slm=slm, llm=llm, tokenizer=data.tokenizer, items=items, prompts=prompts,
-        references={it.uid: " ".join(it.title.split()) for it in items}, calib_prompts=calib,
+        slm=slm, llm=llm, tokenizer=data.tokenizer, items=items, prompts=prompts, task=task.label,
+        references=dict(zip(uids, task.references(data.tokenizer, items, max_length))), calib_prompts=calib,
         plan=plan_clients(cfg, items, data.task.num_classes), folders={"slm": str(slm_folder), "llm": str(llm_folder)},
         source=data.source_name or "?", top_k=cfg.routing.top_k)
 
@@ -265,7 +267,7 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
     with reporting(report, out_dir, write_generation_report):
         print("[fedhlm] preparing the title models and data ...", flush=True)
         prep = prepare_generation(cfg, progress=show_progress)
-        report["data"] = {"task": "title from description", "source": prep.source, "test_prompts": len(prep.items),
+        report["data"] = {"task": prep.task, "source": prep.source, "test_prompts": len(prep.items),
                           "calibration_prompts": len(prep.calib_prompts), "assignment": prep.plan.assignment}
         report["models"] = prep.folders
         print("[fedhlm] calibrating U-HLM's threshold on generation drafts ...", flush=True)
