@@ -222,10 +222,14 @@ def test_read_fit_config_errors(tmp_path) -> None:
 
 
 def test_a_generation_run_refuses_what_it_cannot_do_naming_the_field() -> None:
-    """Generation routes on the basic features, asks no peers, sweeps nothing and starts its own brokers."""
+    """Generation routes on the basic features, asks peers only through the edge's cache with prompt embeddings,
+    sweeps nothing and starts its own brokers."""
     base = ["generation.enabled=true", "methods=[slm_only,llm_only,static_hlm,fedhlm_no_p2p]"]
-    for extra, field in ((["routing.features=label"], "routing.features"), (["methods=[fedhlm]"], "methods[0]"),
+    for extra, field in ((["routing.features=label"], "routing.features"),
+                         (["methods=[fedhlm]", "p2p.resolver=peers"], "p2p.resolver"),
+                         (["methods=[fedhlm]", "p2p.representation=slm_hidden"], "p2p.representation"),
                          (["lambda_sweep=[0.1]"], "lambda_sweep"), (["broker=mqtt://u:p@127.0.0.1:1883"], "broker")):
         with pytest.raises(ConfigError, match=re.escape(field)):
             load_config(overrides=base + extra)
     assert load_config(overrides=base).generation.enabled
+    assert load_config(overrides=base + ["methods=[fedhlm]", "p2p.resolver=edge"]).methods == ["fedhlm"]

@@ -84,7 +84,7 @@ def test_filters_match_exactly_their_topics() -> None:
 
 def test_all_templates_cover_every_builder_once() -> None:
     templates = topics.all_topic_templates()
-    assert len(templates) == len(set(templates)) == 16
+    assert len(templates) == len(set(templates)) == 17
     assert all(t.startswith(topics.PREFIX + "/") for t in templates)
     assert set(topics.KINDS) == set(topics.TEMPLATES)
 

@@ -272,9 +272,10 @@ def run_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa:
 
 
 def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> int:  # noqa: ANN001
-    """`generation.enabled`: the clients of this process write the titles of their share of the test articles
-    token by token with the title SLM, each token routed by the client's head; an uncertain one is verified in
-    the LLM's session of its title (`roles.generation.SessionRouter`), exactly as in a generation simulation.
+    """`generation.enabled`: the clients of this process write the targets of their share of the test articles
+    (`data.objectives`: titles, continuations) token by token with the generation SLM, each token routed by the
+    client's head; an uncertain one goes through the edge's cache (`p2p.resolver: edge`) or is verified in the
+    LLM's session of its sequence (`roles.generation.SessionRouter`), exactly as in a generation simulation.
     The heads learn from the verdicts and federate through the edge as in classification."""
     from fedhlm.data import partition
     from fedhlm.data.module import NewsDataModule
@@ -303,11 +304,18 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
     references = dict(zip((it.uid for it in test), task.references(dm.tokenizer, test, max_length)))
     parts = partition([it.label for it in test], total, alpha=cfg.data.alpha, seed=cfg.seed)
     rounds = plan_rounds([parts[i] for i in indices], ids, cfg.federation.rounds)
+    contexts: dict = {}  # uid -> the prompt's embedding
+    if cfg.p2p.through_edge:  # the peer step: each prompt's embedding, once, as a device would compute it
+        from fedhlm.models.embedder import ContextEmbedder
+
+        mine = [test[i].uid for by_client in rounds for idx in by_client.values() for i in idx]
+        texts = [dm.tokenizer.decode(prompts[u], skip_special_tokens=True) for u in mine]
+        contexts = dict(zip(mine, ContextEmbedder().encode(texts))) if mine else {}
+    p2p = cfg.p2p if cfg.p2p.through_edge else dataclasses.replace(cfg.p2p, enabled=False)  # never a broadcast
     network = SharedLoop(name="clients") if len(ids) > 1 else OwnThreads()
     clients = {}
     for cid in ids:
-        settings = ClientSettings.from_config(cfg, client_id=cid, edge_id=args.edge, policy="learned",
-                                              p2p=dataclasses.replace(cfg.p2p, enabled=False))  # no peer step (yet)
+        settings = ClientSettings.from_config(cfg, client_id=cid, edge_id=args.edge, policy="learned", p2p=p2p)
         head = TorchHead(routing_head(cfg.routing, cfg.routing.process_tau, cfg.seed), engine=cfg.routing.fit_engine)
         clients[cid] = Client(settings, addresses[cid], head, lambda t: t, 384, network=network).start()
     stop = {int(dm.tokenizer.sep_token_id)}
@@ -319,7 +327,7 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
         sent = tokens = 0
         for item in items:
             gen = router.generate(SLMSequenceDrafter(slm, cfg.routing.top_k, seed=cfg.seed), prompts[item.uid],
-                                  cfg.generation.max_new_tokens, r, stop_ids=stop)
+                                  cfg.generation.max_new_tokens, r, stop_ids=stop, context=contexts.get(item.uid))
             written[item.uid] = dm.tokenizer.decode([t for t in gen.tokens if t not in stop])
             sent += sum(1 for step in gen.steps if step.route == "llm")
             tokens += len(gen.tokens)

@@ -3,7 +3,9 @@
 Every token the LLM (or a peer) resolved is kept with a representation of its context. A
 query is answered with the most similar entry when its similarity reaches delta. Lookup is
 one vectorised pass over a preallocated table, not a Python loop, so a cache can hold
-thousands of entries. `PeerCache` keeps L2-normalised embeddings (a client's own cache,
+thousands of entries. An entry may also carry an exact `key` that a query must match (a generated
+token's prefix: two sequences of similar prompts share an answer only at the same prefix); 0 is the
+key of an entry that needs none. `PeerCache` keeps L2-normalised embeddings (a client's own cache,
 cosine similarity); `SketchCache` keeps SimHash sketches (the edge's cluster cache,
 estimated cosine from the Hamming distance).
 """
@@ -39,6 +41,7 @@ class _SlotCache:
         self._clock = clock
         self._table = table
         self._token = np.zeros(self.max_entries, dtype=np.int64)
+        self._key = np.zeros(self.max_entries, dtype=np.int64)
         self._born = np.full(self.max_entries, -np.inf)
         self._valid = np.zeros(self.max_entries, dtype=bool)
         self._verdict: list[str] = [""] * self.max_entries
@@ -54,7 +57,7 @@ class _SlotCache:
         """Bytes held by live entries' representations."""
         return len(self._lru) * self._table[0].nbytes
 
-    def _put(self, row: np.ndarray, token: int, verdict: str) -> None:
+    def _put(self, row: np.ndarray, token: int, verdict: str, key: int = 0) -> None:
         with self._lock:
             self._expire()
             if self._free:
@@ -63,19 +66,21 @@ class _SlotCache:
                 slot, _ = self._lru.popitem(last=False)  # evict the least recently used
             self._table[slot] = row
             self._token[slot] = token
+            self._key[slot] = key
             self._born[slot] = self._clock()
             self._valid[slot] = True
             self._verdict[slot] = verdict
             self._lru[slot] = None
 
-    def _best(self, similarity, delta: float) -> CacheHit | None:
-        """The live entry of highest `similarity(table)` if it reaches delta (it becomes the most recent)."""
+    def _best(self, similarity, delta: float, key: int = 0) -> CacheHit | None:
+        """The live entry of `key` with the highest `similarity(table)` if it reaches delta (it becomes the most
+        recent)."""
         with self._lock:
             self._expire()
             if not self._lru:
                 return None
             sims = np.asarray(similarity(self._table), dtype=np.float64)
-            sims[~self._valid] = -np.inf
+            sims[~self._valid | (self._key != key)] = -np.inf
             slot = int(np.argmax(sims))
             best = float(sims[slot])
             if best < delta:
@@ -123,13 +128,13 @@ class SketchCache(_SlotCache):
         self.family = family
         super().__init__(np.zeros((max_entries, family.nbytes), dtype=np.uint8), ttl_s=ttl_s, clock=clock)
 
-    def add(self, sketch: np.ndarray, token: int, verdict: str = "llm") -> None:
-        self._put(self._check(sketch), token, verdict)
+    def add(self, sketch: np.ndarray, token: int, verdict: str = "llm", key: int = 0) -> None:
+        self._put(self._check(sketch), token, verdict, key)
 
-    def lookup(self, sketch: np.ndarray, delta: float) -> CacheHit | None:
-        """The nearest live entry whose estimated cosine reaches delta, or None."""
+    def lookup(self, sketch: np.ndarray, delta: float, key: int = 0) -> CacheHit | None:
+        """The nearest live entry of `key` whose estimated cosine reaches delta, or None."""
         query = self._check(sketch)
-        return self._best(lambda table: self.family.cosine(hamming(query, table)), delta)
+        return self._best(lambda table: self.family.cosine(hamming(query, table)), delta, key)
 
     def _check(self, sketch: np.ndarray) -> np.ndarray:
         row = np.asarray(sketch, dtype=np.uint8).reshape(-1)

@@ -11,7 +11,9 @@ never compared.
 from __future__ import annotations
 
 import functools
+import hashlib
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,3 +74,10 @@ def _planes(bits: int, dim: int, seed: int) -> np.ndarray:
     planes = np.random.default_rng(seed).standard_normal((bits, dim)).astype(np.float32)
     planes.setflags(write=False)
     return planes
+
+
+def prefix_key(tokens: Sequence[int]) -> int:
+    """A 63-bit digest of a generated prefix (never 0, the key of entries that need none): a cached
+    generation token is reused only where the tokens generated before it are exactly these."""
+    digest = hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1

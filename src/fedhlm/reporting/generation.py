@@ -1,8 +1,8 @@
 """What a generation run reports (issue 18): pure arithmetic over the routed tokens of each sequence.
 
-Quality is scored offline: ROUGE-L F1 of the decoded title against the article's real title
-(Google's `rouge-score`), and, against the LLM-only run on the same prompts, the share of positions
-where the token is the LLM's and the share of sequences that are exactly the LLM's.
+Quality is scored offline: ROUGE-L F1 of the decoded sequence against the article's real target (its
+title, or its continuation; Google's `rouge-score`), and, against the LLM-only run on the same prompts,
+the share of positions where the token is the LLM's and the share of sequences that are exactly the LLM's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhlm.reporting.summary import percentile
+from fedhlm.reporting.summary import percentile, wilson_interval
 
 
 def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
@@ -41,6 +41,9 @@ def generation_summary(steps: Sequence[Any], tokens: Mapping[int, list[int]], re
     """One method's numbers: `steps` are its GeneratedTokens (all sequences), `tokens` uid -> generated ids."""
     n = len(steps)
     sent = [s for s in steps if s.route == "llm"]
+    peer = [s for s in steps if s.route == "peer"]
+    audited = [s for s in sent if s.reason == "audit" and s.accepted is not None]
+    wrong = sum(1 for s in audited if s.peer_token != s.token)
     verdicts = [s for s in sent if s.accepted is not None]
     first = [s.uplink_bytes for s in sent if s.opened]
     later = [s.uplink_bytes for s in sent if not s.opened]
@@ -48,10 +51,15 @@ def generation_summary(steps: Sequence[Any], tokens: Mapping[int, list[int]], re
     texts = [decode(tokens[u]) for u in uids]
     out: dict[str, Any] = {
         "sequences": len(uids),
-        "tokens": {"generated": n, "local": n - len(sent), "peer": 0, "llm": len(sent),
+        "tokens": {"generated": n, "local": n - len(sent) - len(peer), "peer": len(peer), "llm": len(sent),
                    "exploration": sum(1 for s in sent if s.reason == "exploration"),
                    "fallback": sum(1 for s in sent if s.reason == "fallback")},
         "llm_share": len(sent) / n if n else 0.0,
+        # the edge's cache: answers taken, and audited answers (also verified by the LLM) that were wrong
+        "peer": {"hits": len(peer) + len(audited), "audited": len(audited), "wrong": wrong,
+                 "wrong_reuse_rate": wrong / len(audited) if audited else None,
+                 "wrong_reuse_ci95": wilson_interval(wrong, len(audited)),
+                 "latency_ms_p50": percentile([s.latency_ms for s in peer], 50) if peer else None},
         "acceptance_rate": sum(1 for s in verdicts if s.accepted) / len(verdicts) if verdicts else None,
         "uplink_bytes_per_offloaded_token": {
             "first": float(np.mean(first)) if first else None, "later_mean": float(np.mean(later)) if later else None,

@@ -14,6 +14,14 @@ caches each verdict whose request it forwarded. Compared with asking every peer:
   request that was going out anyway;
 - the cache is the cluster's, not one client's: a token any member got from the LLM answers all.
 
+A generating client sends an uncertain token as a `SessionResolve` (the SessionToken, a sketch of
+the prompt and a digest of the tokens generated so far): a hit needs a similar prompt AND the same
+generated prefix (`context_key`), and a miss is forwarded as the SessionToken to the LLM worker that
+holds the sequence's session (or to the workers' shared topic), so a miss still costs one broker hop
+and the session's KV cache lives where it did. The verdict is learnt from the client's llm/reply
+topic, as in classification. Generation entries are not shared with the neighbours (`CacheEntry`
+carries no prefix digest).
+
 With `p2p.scope: neighbours` every edge also publishes each entry it learns (`CacheEntry`, the
 sketch and the token: about 80 bytes, server to server) and adds the other edges' entries to its
 own cache, so a repeat that crosses clusters is answered at its own edge, with no wait on a miss.
@@ -34,7 +42,7 @@ from fedhlm.core.settings import P2PSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import CacheEntry, LLMVerdict, PeerReply, ResolveRequest
+from fedhlm.transport.messages import CacheEntry, LLMVerdict, PeerReply, ResolveRequest, SessionResolve
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,8 @@ class EdgeResolver:
         self.family = family
         self.cache = SketchCache(family, max_entries=max_entries, ttl_s=ttl_s)
         self.pending_ttl_s = pending_ttl_s
-        self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, float]] = OrderedDict()
+        # (client, seq) of a forwarded request -> (its sketch, its context key, when)
+        self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = EdgeCacheStats()
         self.refused: Counter[str] = Counter()  # reason -> count: not_request, not_member, family
@@ -96,35 +105,61 @@ class EdgeResolver:
         """Subscribe to the cluster's resolve topic and to each member's verdicts."""
         self.endpoint = endpoint
         endpoint.subscribe(topics.edge_resolve(self.id), self.on_request, qos=0)
+        endpoint.subscribe(topics.edge_session_resolve(self.id), self.on_session_request, qos=0)
         for client_id in sorted(self.members):
             endpoint.subscribe(topics.client_llm_reply(client_id), self.on_verdict, qos=0)
         if self.share:
             endpoint.subscribe(topics.edge_p2p_entry_filter(), self.on_entry, qos=0, no_local=True)
 
     def on_request(self, inbound: Inbound) -> None:
+        """A classification token: answered from the cache, or its TokenRequest forwarded to the LLM."""
         req = inbound.message
         if not isinstance(req, ResolveRequest) or not inbound.response_topic:
             return self._refuse("not_request", "not a resolve request with a response topic")
-        if req.client_id not in self.members:
-            return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
-        if req.family != self.fingerprint or len(req.sketch) != self.family.nbytes:
-            return self._refuse("family", f"sketch family {req.family:#010x} ({len(req.sketch)} B), this edge keeps "
+        sketch = self._admit(req.client_id, req.family, req.sketch)
+        if sketch is None or self._answered(inbound, req.client_id, req.seq, sketch, 0):
+            return None
+        self.endpoint.forward(topics.llm_request(), req.token_request(), inbound, qos=1)
+        return None
+
+    def on_session_request(self, inbound: Inbound) -> None:
+        """A generation token: answered from the cache at its prefix, or its SessionToken forwarded to the worker
+        holding the session (the shared session topic when none does yet)."""
+        req = inbound.message
+        if not isinstance(req, SessionResolve) or not inbound.response_topic:
+            return self._refuse("not_request", "not a session resolve request with a response topic")
+        sketch = self._admit(req.client_id, req.family, req.sketch)
+        if sketch is None or self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
+            return None
+        topic = topics.llm_worker_session(req.worker) if req.start > 0 else topics.llm_session()
+        self.endpoint.forward(topic, req.session_token(), inbound, qos=1)
+        return None
+
+    def _admit(self, client_id: str, family: int, sketch: bytes) -> np.ndarray | None:
+        """The request's sketch, or None (refused: not a member, another sketch family)."""
+        if client_id not in self.members:
+            return self._refuse("not_member", f"{client_id} is not a member of {self.id}")
+        if family != self.fingerprint or len(sketch) != self.family.nbytes:
+            return self._refuse("family", f"sketch family {family:#010x} ({len(sketch)} B), this edge keeps "
                                 f"{self.family.name} ({self.fingerprint:#010x})")
         self.stats.requests += 1
-        sketch = np.frombuffer(req.sketch, dtype=np.uint8)
-        hit = self.cache.lookup(sketch, self.delta)
+        return np.frombuffer(sketch, dtype=np.uint8)
+
+    def _answered(self, inbound: Inbound, client_id: str, seq: int, sketch: np.ndarray, key: int) -> bool:
+        """Answer a hit on the client's p2p reply topic (True); else remember the request, whose verdict this edge
+        will learn, and count it forwarded (False: the caller forwards it)."""
+        hit = self.cache.lookup(sketch, self.delta, key)
         if hit is not None:
             self.stats.hits += 1
-            self.endpoint.answer_on(topics.client_p2p_reply(req.client_id, self.id), inbound,
-                                    PeerReply(self.id, req.seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
-            return None
+            self.endpoint.answer_on(topics.client_p2p_reply(client_id, self.id), inbound,
+                                    PeerReply(self.id, seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
+            return True
         with self._lock:
-            self._pending[(req.client_id, req.seq)] = (sketch, time.monotonic())
+            self._pending[(client_id, seq)] = (sketch, key, time.monotonic())
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
         self.stats.forwarded += 1
-        self.endpoint.forward(topics.llm_request(), req.token_request(), inbound, qos=1)
-        return None
+        return False
 
     def on_verdict(self, inbound: Inbound) -> None:
         """A member's verdict: cache it when it answers a request this edge forwarded."""
@@ -134,15 +169,16 @@ class EdgeResolver:
         with self._lock:
             entry = self._pending.pop((verdict.client_id, verdict.seq), None)
             cutoff = time.monotonic() - self.pending_ttl_s
-            while self._pending and next(iter(self._pending.values()))[1] < cutoff:
+            while self._pending and next(iter(self._pending.values()))[2] < cutoff:
                 self._pending.popitem(last=False)
         if entry is None:
             return  # an exploration or audit request (sent straight to the LLM), or one we never saw
-        self.cache.add(entry[0], verdict.final_token, "llm")
+        sketch, key, _ = entry
+        self.cache.add(sketch, verdict.final_token, "llm", key)
         self.stats.learned += 1
-        if self.share:
+        if self.share and key == 0:  # a CacheEntry carries no prefix digest: generation entries stay here
             self.endpoint.publish(topics.edge_p2p_entry(self.id),
-                                  CacheEntry(self.id, self.fingerprint, entry[0].tobytes(), verdict.final_token), qos=0)
+                                  CacheEntry(self.id, self.fingerprint, sketch.tobytes(), verdict.final_token), qos=0)
             self.stats.shared += 1
 
     def on_entry(self, inbound: Inbound) -> None:

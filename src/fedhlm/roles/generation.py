@@ -11,7 +11,15 @@ classification. A sequence ends with a `SessionEnd`; a client that dies leaves i
 refiner's TTL. With several LLM workers a session lives on the one that opened it: the first token goes to
 the workers' shared subscription, its verdict names the worker, and the later tokens (and the end) go to
 that worker's own topic; if it does not answer, the sequence reopens on the shared topic from position 0.
-The peer step is not used for generation tokens (yet): their contexts differ per sequence.
+
+The peer step (`p2p.resolver: edge`, a prompt representation given): an uncertain token goes through the
+client's edge as a `SessionResolve`, keyed by a sketch of the prompt and the tokens generated so far. A
+repeat of a sequence the cluster generated before (the same article on another device, or another
+outlet's version of it) is answered by the edge from its cache at the same prefix, without the LLM; a
+miss is forwarded to the LLM as the SessionToken it would have been, so it costs one broker hop. A
+token taken from the edge is one the LLM's session has not seen: it goes with the next offloaded token,
+like a kept one. A share `p2p.audit` of the hits is verified by the LLM too (wrong reuse, measured).
+Exploration tokens skip the edge: their verdict is the head's unbiased label.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from fedhlm.core.records import NextToken, SequenceDrafter
 from fedhlm.roles.client import Client
 from fedhlm.transport import topics
 from fedhlm.transport.codec import encode
-from fedhlm.transport.messages import LLMVerdict, SessionEnd, SessionMiss, SessionToken
+from fedhlm.transport.messages import LLMVerdict, PeerReply, SessionEnd, SessionMiss, SessionToken
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +48,28 @@ class GeneratedToken:
     position: int  # in the whole sequence (prompt included)
     token: int
     draft: int
-    route: str  # "local" | "llm"
-    reason: str | None = None  # uncertain | exploration | fallback (no verdict: the draft kept) | refused (local:
-    # the LLM refused this sequence, so a token the router would have sent stayed on the device)
+    route: str  # "local" | "peer" (the edge's cache) | "llm"
+    reason: str | None = None  # uncertain | exploration | audit (a peer hit verified by the LLM too) | fallback (no
+    # verdict: the draft kept) | refused (local: the LLM refused this sequence, so a token the router would have
+    # sent stayed on the device)
     accepted: bool | None = None
     uplink_bytes: int = 0  # payload bytes of the session token(s) sent for it
     opened: bool = False  # its request carried the prefix (start 0)
     latency_ms: float = 0.0  # SLM step + routing (+ the LLM round trip)
     llm_ms: float = 0.0  # the refiner's compute for it
+    peer_token: int | None = None  # the edge's answer (route peer, or an audit: compared with the LLM's token)
+
+
+@dataclass
+class _Offload:
+    """What offloading one token came to."""
+
+    verdict: LLMVerdict | None = None
+    hit: PeerReply | None = None  # the edge answered from its cache
+    sent: int = 0  # payload bytes
+    opened: bool = False  # a request carried the prefix
+    misses: int = 0  # SessionMiss answers
+    refused: bool = False  # the LLM will not verify this sequence
 
 
 @dataclass
@@ -69,13 +91,15 @@ class SessionRouter:
         self.client = client
 
     def generate(self, drafter: SequenceDrafter, prompt_ids: Sequence[int], max_new_tokens: int, round_: int = 0,
-                 stop_ids: Collection[int] = ()) -> Generation:
-        """Up to `max_new_tokens` new tokens after `prompt_ids` (fewer when a token of `stop_ids` comes)."""
+                 stop_ids: Collection[int] = (), context: np.ndarray | None = None) -> Generation:
+        """Up to `max_new_tokens` new tokens after `prompt_ids` (fewer when a token of `stop_ids` comes).
+        `context`: the prompt's representation for the peer step (None: no peer step for this sequence)."""
         c = self.client
         gen = Generation(session_id=secrets.token_hex(4), prompt_ids=[int(t) for t in prompt_ids])
         sequence = list(gen.prompt_ids)
         synced = 0  # tokens of `sequence` the refiner's session holds (0: no session)
         refused = False  # the LLM will not verify this sequence (it answered a miss to a token at start 0)
+        sketch = c.peers.sketch(context) if context is not None and c.s.p2p.through_edge else None
         proposal = drafter.open(sequence)
         for _ in range(max_new_tokens):
             start = time.perf_counter()
@@ -87,19 +111,33 @@ class SessionRouter:
                                       "refused" if reason is not None else None,
                                       latency_ms=proposal.ms + (time.perf_counter() - start) * 1000.0)
             else:
-                verdict, sent, opened, misses, refused = self._verify(gen, sequence, synced, proposal)
-                gen.misses += misses
+                out = self._verify(gen, sequence, synced, proposal, sketch if reason == "uncertain" else None)
+                peer_token = out.hit.token if out.hit is not None else None
+                if out.hit is not None and c.rng.random() < c.s.p2p.audit:  # the LLM checks the edge's answer
+                    audit = self._verify(gen, sequence, synced, proposal, None)
+                    audit.sent += out.sent
+                    if audit.verdict is not None:
+                        reason, out = "audit", audit
+                    else:  # no verdict: the edge's answer stands
+                        out.sent, out.misses, out.refused = audit.sent, audit.misses, audit.refused
+                gen.misses += out.misses
+                refused = refused or out.refused
                 latency = proposal.ms + (time.perf_counter() - start) * 1000.0
-                if verdict is None:
+                if out.hit is not None:  # the refiner has not seen it: it goes with the next offloaded token
+                    step = GeneratedToken(len(sequence), out.hit.token, proposal.draft_token, "peer", reason,
+                                          uplink_bytes=out.sent, latency_ms=latency, peer_token=peer_token)
+                elif out.verdict is None:
                     c.counters.fallbacks += 1
                     synced = 0  # what the refiner holds is unknown now: the next offload reopens the session
                     step = GeneratedToken(len(sequence), proposal.draft_token, proposal.draft_token, "llm",
-                                          "fallback", uplink_bytes=sent, opened=opened, latency_ms=latency)
+                                          "fallback", uplink_bytes=out.sent, opened=out.opened, latency_ms=latency,
+                                          peer_token=peer_token)
                 else:
                     synced = len(sequence)  # the refiner holds the prefix; its verdict's token comes next time
-                    c.learner.add_label(proposal.features, verdict.beta, reason, round_)
-                    step = GeneratedToken(len(sequence), verdict.final_token, proposal.draft_token, "llm", reason,
-                                          verdict.accepted, sent, opened, latency, verdict.llm_ms)
+                    v = out.verdict
+                    c.learner.add_label(proposal.features, v.beta, reason, round_)
+                    step = GeneratedToken(len(sequence), v.final_token, proposal.draft_token, "llm", reason,
+                                          v.accepted, out.sent, out.opened, latency, v.llm_ms, peer_token)
             gen.steps.append(step)
             gen.tokens.append(step.token)
             sequence.append(step.token)
@@ -120,49 +158,60 @@ class SessionRouter:
             return "exploration"
         return None
 
-    def _verify(self, gen: Generation, sequence: list[int], synced: int,
-                proposal: NextToken) -> tuple[LLMVerdict | None, int, bool, int, bool]:
-        """(verdict or None, payload bytes sent, whether the prefix was sent, SessionMiss answers, whether the
-        LLM refused the sequence). A later token goes to the worker holding the session (`gen.worker`), a
-        first one (or a resend from 0) to the shared topic. A timeout is retried `routing.llm_retries` times
-        from 0 on the shared topic; a miss at a later position once more, from 0; a miss at 0 means the LLM
-        will not verify this sequence."""
+    def _verify(self, gen: Generation, sequence: list[int], synced: int, proposal: NextToken,
+                sketch: bytes | None) -> _Offload:
+        """Offload one token: through the edge's cache when `sketch` is given (and the edge answers lately),
+        else to the LLM. A later token goes to the worker holding the session (`gen.worker`), a first one (or a
+        resend from 0) to the shared topic. A timeout is retried `routing.llm_retries` times from 0 on the
+        shared topic; a miss at a later position once more, from 0; a miss at 0 means the LLM will not verify
+        this sequence."""
         c = self.client
         session_id = gen.session_id
         probs = proposal.topk_probs.astype(np.float16)
         tail = float(min(1.0, max(0.0, 1.0 - float(probs.astype(np.float64).sum()))))
-        sent, opened, misses, timeouts = 0, False, 0, 0
-        start = synced
+        out, timeouts, start = _Offload(), 0, synced
+        generated = sequence[len(gen.prompt_ids):]
         while timeouts <= c.s.routing.llm_retries:
-            message = SessionToken(client_id=c.id, session_id=session_id, seq=c._next_seq(), start=start,
-                                   new_ids=np.asarray(sequence[start:], dtype=np.int32),
-                                   draft_token=proposal.draft_token, topk_ids=proposal.topk_ids, topk_probs=probs,
-                                   tail_mass=tail)
-            sent += len(encode(message))
-            opened = opened or start == 0
+            message: SessionToken = SessionToken(
+                client_id=c.id, session_id=session_id, seq=c._next_seq(), start=start,
+                new_ids=np.asarray(sequence[start:], dtype=np.int32), draft_token=proposal.draft_token,
+                topk_ids=proposal.topk_ids, topk_probs=probs, tail_mass=tail)
             topic = topics.llm_worker_session(gen.worker) if gen.worker and start > 0 else topics.llm_session()
+            edge = c.peers.through(message, gen.worker, sketch, generated) if sketch is not None else None
+            if edge is not None:
+                topic, message = edge
+            out.sent += len(encode(message))
+            out.opened = out.opened or start == 0
+            asked = time.perf_counter()
             try:
                 reply = c.endpoint.request(topic, message, topics.client_llm_reply(c.id),
                                            timeout_s=c.s.routing.llm_timeout_s, qos=1,
-                                           also_on=(topics.client_llm_miss(c.id),),
+                                           also_on=(topics.client_llm_miss(c.id),
+                                                    *((c.peers.reply_topic,) if edge is not None else ())),
                                            expiry_s=c.s.routing.llm_timeout_s)
-            except TimeoutError:
+            except TimeoutError as exc:
                 timeouts += 1
                 log.info("%s: no verdict for session %s seq %d (%d timeouts)", c.id, session_id, message.seq, timeouts)
+                if edge is not None:
+                    c.peers.edge_failed(exc)  # the edge may be what is gone: the retry goes straight
                 start, gen.worker = 0, ""  # the worker may be gone, or may or may not have taken the tokens: reopen
                 continue
             except ConnectionError:
                 break
+            if edge is not None and c.peers.hit(reply, message.seq, asked):
+                out.hit = reply
+                return out
             if isinstance(reply, SessionMiss):
-                misses += 1
+                out.misses += 1
                 if start == 0:  # refused outright (limits, no sessions, a failed verification): stop asking
                     log.warning("%s: the LLM refused session %s; its remaining tokens stay local", c.id, session_id)
-                    return None, sent, opened, misses, True
+                    out.refused = True
+                    return out
                 start, gen.worker = 0, ""
                 continue
             if isinstance(reply, LLMVerdict) and reply.seq == message.seq:
                 gen.worker = reply.worker  # checked as a topic level when decoded
-                return reply, sent, opened, misses, False
+                out.verdict = reply
+                return out
         log.warning("%s: the LLM gave no verdict for session %s; keeping the SLM token", c.id, session_id)
-        return None, sent, opened, misses, False
-
+        return out

@@ -18,17 +18,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from fedhlm.core.peer_cache import PeerCache
 from fedhlm.core.peer_trust import PeerTrust
 from fedhlm.core.settings import ClientSettings, P2PSettings
-from fedhlm.core.sketch import SimHash
+from fedhlm.core.sketch import SimHash, prefix_key
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import LLMVerdict, PeerQuery, PeerReply, ResolveRequest, TokenRequest
+from fedhlm.transport.messages import (
+    NO_WORKER,
+    LLMVerdict,
+    PeerQuery,
+    PeerReply,
+    ResolveRequest,
+    SessionResolve,
+    SessionToken,
+    TokenRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +173,51 @@ class EdgeStep:
         try:
             reply = self.endpoint.request(topics.edge_resolve(self.edge_id), through, topics.client_llm_reply(self.id),
                                           timeout_s=self.timeout_s, qos=1, expiry_s=self.timeout_s,
-                                          also_on=(topics.client_p2p_reply(self.id, self.edge_id),))
+                                          also_on=(self.reply_topic,))
         except (TimeoutError, ConnectionError) as exc:
-            self._edge_down_until = self._clock() + self.EDGE_RETRY_S
-            log.warning("%s: no answer through edge %s (%s); asking the LLM directly for %.0f s", self.id,
-                        self.edge_id, exc, self.EDGE_RETRY_S)
+            self.edge_failed(exc)
             return None
-        if isinstance(reply, PeerReply) and reply.seq == request.seq and reply.similarity >= self.s.delta:
-            self.counters.peer_hits += 1
-            self.counters.peer_ms.append((time.perf_counter() - start) * 1000.0)
+        if self.hit(reply, request.seq, start):
             return reply
         if isinstance(reply, LLMVerdict) and reply.seq == request.seq:
             return reply
         return None
+
+    # -- generation tokens: the session router sends them itself, through here --------------------------
+    def sketch(self, embedding: np.ndarray) -> bytes:
+        """A sequence's prompt sketch, computed once and sent with each of its uncertain tokens."""
+        return self.family.sketch(embedding).tobytes()
+
+    def through(self, message: SessionToken, worker: str, sketch: bytes,
+                generated: Sequence[int]) -> tuple[str, SessionResolve] | None:
+        """The topic and message that take a generation token through the edge's cache, keyed by the prompt's
+        sketch and the tokens generated before it; None while the edge is not answering (send it straight)."""
+        if self._clock() < self._edge_down_until:
+            return None
+        self.counters.peer_queries += 1
+        fields = {f.name: getattr(message, f.name) for f in SessionToken.field_specs()}
+        return topics.edge_session_resolve(self.edge_id), SessionResolve(
+            **fields, worker=worker if message.start > 0 and worker else NO_WORKER, family=self.fingerprint,
+            sketch=sketch, context_key=prefix_key(generated))
+
+    @property
+    def reply_topic(self) -> str:
+        """Where the edge answers a hit."""
+        return topics.client_p2p_reply(self.id, self.edge_id)
+
+    def hit(self, reply: object, seq: int, start: float) -> bool:
+        """Whether `reply` is the edge's usable answer to request `seq` (counted, with its time since `start`)."""
+        if isinstance(reply, PeerReply) and reply.seq == seq and reply.similarity >= self.s.delta:
+            self.counters.peer_hits += 1
+            self.counters.peer_ms.append((time.perf_counter() - start) * 1000.0)
+            return True
+        return False
+
+    def edge_failed(self, exc: BaseException) -> None:
+        """No answer through the edge: go straight to the LLM for `EDGE_RETRY_S`."""
+        self._edge_down_until = self._clock() + self.EDGE_RETRY_S
+        log.warning("%s: no answer through edge %s (%s); asking the LLM directly for %.0f s", self.id,
+                    self.edge_id, exc, self.EDGE_RETRY_S)
 
 
 def make_peer_step(settings: ClientSettings, embedding_dim: int, endpoint, next_seq: Callable[[], int],  # noqa: ANN001

@@ -178,10 +178,12 @@ class SimConfig:
             raise ConfigError(f"topology: {self.topology!r} starts its own brokers; with broker: (your own) it must be "
                               "flat")
         if self.generation.enabled:
-            for i, m in enumerate(self.methods):
-                if METHODS[m].p2p:
-                    raise ConfigError(f"methods[{i}]: {m} asks peers, which generation does not (yet): use "
-                                      "fedhlm_no_p2p")
+            wants_peers = any(METHODS[m].p2p for m in self.methods)
+            if wants_peers and self.p2p.resolver != "edge":  # a broadcast query per generated token: never worth it
+                raise ConfigError(f"p2p.resolver: generation asks the edge's cache only, got {self.p2p.resolver!r}")
+            if wants_peers and self.p2p.representation != "embedder":
+                raise ConfigError(f"p2p.representation: a generated token's context is its prompt's embedding "
+                                  f"(embedder), got {self.p2p.representation!r}")
             if self.lambda_sweep or self.delta_sweep:
                 raise ConfigError("lambda_sweep: the sweeps run for classification only; leave them empty with "
                                   "generation.enabled")

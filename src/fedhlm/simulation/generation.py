@@ -1,12 +1,13 @@
 """`fedhlm simulate` with `generation.enabled` (issue 18): multi-token generation through the router.
 
-Each client writes the titles of its test articles from their descriptions, token by token with its SLM
-(`models.generation.SLMSequenceDrafter`), routing every token through its policy and threshold head
-(`roles.generation.SessionRouter`); an offloaded token is verified in the LLM's session of that
-sequence over MQTT. The methods are those of classification: the SLM alone, the LLM for every token
-(the quality reference), U-HLM's static threshold fitted on calibration descriptions, and FedHLM's
-learned heads federated through edges and the cloud, whose labels are the generation verdicts.
-Every method that talks gets its own private brokers.
+Each client writes the target of its test articles (`data.objectives`: the title from the description, or
+the article's continuation), token by token with its SLM (`models.generation.SLMSequenceDrafter`), routing
+every token through its policy and threshold head (`roles.generation.SessionRouter`); an offloaded token is
+verified in the LLM's session of that sequence over MQTT. The methods are those of classification: the SLM
+alone, the LLM for every token (the quality reference), U-HLM's static threshold fitted on calibration
+prompts, and FedHLM's learned heads federated through edges and the cloud, whose labels are the generation
+verdicts; `fedhlm` adds the peer step through the edges' caches (`p2p.resolver: edge`), which pays on a
+workload with repeats (`workload.deliveries`). Every method that talks gets its own private brokers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class GenerationPrepared:
     references: dict[int, str]  # uid -> the real target, decoded
     calib_prompts: list[list[int]]
     plan: Any  # simulation.run.ClientPlan
+    contexts: dict[int, Any]  # uid -> the prompt's representation for the peer step (empty: no p2p method)
+    workload: dict[str, Any]  # the report's workload section
     folders: dict[str, str]
     source: str
     top_k: int
@@ -55,7 +58,7 @@ def prepare_generation(cfg: SimConfig, progress: bool = True) -> GenerationPrepa
     from fedhlm.models.backbone import load_causal_lm
     from fedhlm.models.cache import fit_config_with, get_or_train
     from fedhlm.models.llm import LLMRefiner
-    from fedhlm.simulation.run import plan_clients
+    from fedhlm.simulation.run import add_repeats, plan_clients
 
     overrides = cfg.data.model_overrides()
     slm_cfg, llm_cfg = fit_config_with(cfg.models.slm, overrides), fit_config_with(cfg.models.llm, overrides)
@@ -68,13 +71,21 @@ def prepare_generation(cfg: SimConfig, progress: bool = True) -> GenerationPrepa
     splits = data.splits
     items = list(splits.test) if not cfg.data.inputs else stratified_subset(splits.test, cfg.data.inputs, seed=cfg.seed)
     max_length, task = int(llm_cfg["data"].get("max_length", 64)), generation_task(data.objective)
+    plan = plan_clients(cfg, items, data.task.num_classes)
+    workload = add_repeats(cfg, items, plan)  # repeat deliveries join `items` under new uids
     uids = [it.uid for it in items]
     prompts = dict(zip(uids, task.prompts(data.tokenizer, items, max_length)))
     calib = task.prompts(data.tokenizer, data.calib_items()[: cfg.generation.calib_prompts], max_length)
+    contexts: dict[int, Any] = {}
+    if any(METHODS[m].p2p for m in cfg.methods):  # one embedding per prompt, as a device computes it once
+        from fedhlm.models.embedder import ContextEmbedder
+
+        texts = [data.tokenizer.decode(prompts[u], skip_special_tokens=True) for u in uids]
+        contexts = dict(zip(uids, ContextEmbedder().encode(texts)))
     return GenerationPrepared(
         slm=slm, llm=llm, tokenizer=data.tokenizer, items=items, prompts=prompts, task=task.label,
         references=dict(zip(uids, task.references(data.tokenizer, items, max_length))), calib_prompts=calib,
-        plan=plan_clients(cfg, items, data.task.num_classes), folders={"slm": str(slm_folder), "llm": str(llm_folder)},
+        plan=plan, contexts=contexts, workload=workload, folders={"slm": str(slm_folder), "llm": str(llm_folder)},
         source=data.source_name or "?", top_k=cfg.routing.top_k)
 
 
@@ -150,9 +161,10 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
             raise_if_terminated()
             if bar is not None:
                 bar.update(1)
-        return {"tokens": tokens, "steps": steps, "bytes": None, "llm": None, "fallbacks": 0}
+        return {"tokens": tokens, "steps": steps, "bytes": None, "llm": None, "fallbacks": 0, "edges": {}}
     settings = ClientSettings.from_config(cfg, client_id="-", edge_id="-", policy=method.policy, static_tau=static_tau,
-                                          p2p=dataclasses.replace(cfg.p2p, enabled=False))
+                                          p2p=cfg.p2p if method.p2p else dataclasses.replace(cfg.p2p, enabled=False))
+    contexts = prep.contexts if method.p2p else {}
 
     def q_fn(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         return prep.llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})
@@ -175,7 +187,8 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
                     router = SessionRouter(client)
                     return [(items[i].uid, router.generate(SLMSequenceDrafter(prep.slm, prep.top_k, seed=cfg.seed),
                                                            prep.prompts[items[i].uid], gen.max_new_tokens, r,
-                                                           stop_ids={prep.stop_id}))
+                                                           stop_ids={prep.stop_id},
+                                                           context=contexts.get(items[i].uid)))
                             for i in by_client.get(client.id, [])]
 
                 for done in dep.run_clients(r, work).values():
@@ -191,6 +204,7 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
             while prep.llm.sessions and time.monotonic() < drained:
                 time.sleep(0.05)
             counts = dep.byte_counts()
+            edges = {eid: e.resolver.report() for eid, e in dep.edges.items() if e.resolver is not None}
             stats = [w.stats for w in dep.llm]
             fallbacks = sum(c.counters.fallbacks for c in dep.clients.values())
             dep.stop()
@@ -199,7 +213,7 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
            "expired": sum(s.sessions_expired for s in stats), "compute_s": sum(s.compute_s for s in stats),
            "sessions_left": len(prep.llm.sessions)}
     llm["ms_per_verified_token"] = 1000.0 * llm["compute_s"] / llm["session_tokens"] if llm["session_tokens"] else None
-    return {"tokens": tokens, "steps": steps, "bytes": counts, "llm": llm, "fallbacks": fallbacks}
+    return {"tokens": tokens, "steps": steps, "bytes": counts, "llm": llm, "fallbacks": fallbacks, "edges": edges}
 
 
 def reencode_cost(prep: GenerationPrepared, sequences: list[list[list[int]]], batch: int = 1) -> dict[str, Any]:
@@ -265,10 +279,11 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
     report: dict[str, Any] = {"status": "running", "kind": "generation", "config": cfg.to_dict(), "seed": cfg.seed,
                               "versions": versions(), "methods": {}}
     with reporting(report, out_dir, write_generation_report):
-        print("[fedhlm] preparing the title models and data ...", flush=True)
+        print("[fedhlm] preparing the generation models and data ...", flush=True)
         prep = prepare_generation(cfg, progress=show_progress)
         report["data"] = {"task": prep.task, "source": prep.source, "test_prompts": len(prep.items),
                           "calibration_prompts": len(prep.calib_prompts), "assignment": prep.plan.assignment}
+        report["workload"] = prep.workload
         report["models"] = prep.folders
         print("[fedhlm] calibrating U-HLM's threshold on generation drafts ...", flush=True)
         static = calibration(cfg, prep)
@@ -289,6 +304,8 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
             entry = generation_summary(result["steps"], result["tokens"], prep.references, decode, llm_tokens)
             entry["llm_service"] = result["llm"]
             entry["fallbacks"] = result["fallbacks"]
+            if result["edges"]:
+                entry["edge_caches"] = result["edges"]
             if result["bytes"] is not None:
                 entry["bytes"] = {"uplink": sum(result["bytes"].uplink.values()),
                                   "downlink": sum(result["bytes"].downlink.values()),

@@ -80,7 +80,7 @@ def validate_user_id(user_id: str) -> str:
 # the pattern lines that let every client read and write every cluster's peer queries; with a known
 # client -> edge assignment they give way to one [client] section per client, for its own edge only
 OPEN_P2P_PATTERNS = ("pattern write fedhlm/v1/edge/+/p2p/query", "pattern read fedhlm/v1/edge/+/p2p/query",
-                     "pattern write fedhlm/v1/edge/+/resolve")
+                     "pattern write fedhlm/v1/edge/+/resolve", "pattern write fedhlm/v1/edge/+/session/resolve")
 
 
 class BridgeSite(NamedTuple):

@@ -336,6 +336,39 @@ class SessionToken(Message):
         _check_topk(self, self.topk_ids, self.topk_probs, self.tail_mass)
 
 
+NO_WORKER = "-"  # SessionResolve.worker of a token that opens its session (start 0): the workers' shared topic
+
+
+@dataclass(frozen=True, eq=False)
+class SessionResolve(SessionToken):
+    """An uncertain generation token through the client's edge: the SessionToken plus what its cluster cache
+    is keyed by, a SimHash sketch of the prompt and `context_key`, a 63-bit digest of the tokens generated
+    so far (a cached answer is reused only at the same generated prefix of a similar prompt).
+
+    The edge answers a hit with a PeerReply; a miss it forwards as the plain SessionToken, to the workers'
+    shared session topic at `start` 0 and to the worker named by `worker` (the one holding the session) after
+    that, keeping the Response Topic and Correlation Data, and learns the verdict from the client's llm/reply
+    topic.
+    """
+
+    TYPE: ClassVar[str] = "session_resolve"
+
+    worker: Id  # the LLM worker holding the session, where a later token (start > 0) goes; NO_WORKER at start 0
+    family: int  # core.sketch.SimHash.fingerprint, as in ResolveRequest
+    sketch: Blob  # packed SimHash bits of the prompt's representation
+    context_key: int  # digest of the generated prefix (fedhlm.core.sketch.prefix_key)
+
+    def _check(self) -> None:
+        super()._check()
+        _check_fingerprint(self, "family", self.family)
+        if self.context_key < 1:  # 0 keys the entries of classification tokens
+            self._fail("context_key", f"must be >= 1, got {self.context_key}")
+
+    def session_token(self) -> SessionToken:
+        """What the LLM worker receives when the edge has no answer."""
+        return SessionToken(**{f.name: getattr(self, f.name) for f in SessionToken.field_specs()})
+
+
 @dataclass(frozen=True, eq=False)
 class SessionEnd(Message):
     """The client is done with a sequence: the refiner drops its KV cache now instead of at its TTL."""
@@ -471,5 +504,5 @@ class ClientStatus(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (TokenRequest, ResolveRequest, CacheEntry, LLMVerdict, PeerQuery, PeerReply, ThresholdUpdate, ThresholdModel,
-                ClientStatus, SessionToken, SessionEnd, SessionMiss)
+                ClientStatus, SessionToken, SessionResolve, SessionEnd, SessionMiss)
 }

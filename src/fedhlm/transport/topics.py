@@ -21,6 +21,7 @@ TEMPLATES: dict[str, str] = {
     "edge_p2p_query": PREFIX + "/edge/{edge_id}/p2p/query",
     "client_p2p_reply": PREFIX + "/client/{client_id}/p2p/reply/{responder_id}",
     "edge_resolve": PREFIX + "/edge/{edge_id}/resolve",
+    "edge_session_resolve": PREFIX + "/edge/{edge_id}/session/resolve",
     "edge_p2p_entry": PREFIX + "/edge/{edge_id}/p2p/entry",
     "llm_request": PREFIX + "/llm/request",
     "client_llm_reply": PREFIX + "/client/{client_id}/llm/reply",
@@ -41,6 +42,7 @@ KINDS: dict[str, str] = {
     "edge_p2p_query": "p2p",
     "client_p2p_reply": "p2p",
     "edge_resolve": "llm",  # an LLM request that the edge may answer from its cache
+    "edge_session_resolve": "llm",  # a generation token that the edge may answer from its cache
     "edge_p2p_entry": "p2p",
     "llm_request": "llm",
     "client_llm_reply": "llm",
@@ -109,6 +111,11 @@ def client_p2p_replies(client_id: str) -> str:
     """The Response Topic a peer query carries: each responder answers one level below it, at its own id
     (`client_p2p_reply`); the asker subscribes to `client_p2p_replies(c) + "/+"`."""
     return TEMPLATES["client_p2p_reply"].format(client_id=validate_id(client_id, "client_id"), responder_id="")[:-1]
+
+
+def edge_session_resolve(edge_id: str) -> str:
+    """An uncertain generation token through the edge's cluster cache (a SessionResolve)."""
+    return _build("edge_session_resolve", edge_id=edge_id)
 
 
 def edge_resolve(edge_id: str) -> str:

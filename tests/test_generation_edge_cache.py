@@ -1,0 +1,184 @@
+"""The peer step for generation tokens over a real Mosquitto (issues 16 and 18): an uncertain token goes through
+the client's edge keyed by its prompt's sketch and the tokens generated so far; a repeat of a sequence is
+written from the edge's cache without the LLM, a miss is forwarded to the session's worker in one hop."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fedhlm.core.records import ModelLimits
+from fedhlm.core.settings import ClientSettings, FederationSettings, P2PSettings, RoutingSettings
+from fedhlm.core.sketch import prefix_key
+from fedhlm.data import load_tokenizer
+from fedhlm.maths.threshold import ThresholdHead
+from fedhlm.models.backbone import BackboneSpec, build_bert_decoder, save_model
+from fedhlm.models.generation import SLMSequenceDrafter
+from fedhlm.models.head_fit import TorchHead
+from fedhlm.models.kv_cache import RefinerSessions
+from fedhlm.models.llm import LLMRefiner
+from fedhlm.roles.deployment import Deployment, DeploymentSpec
+from fedhlm.roles.generation import SessionRouter
+from fedhlm.transport import topics
+from fedhlm.transport.broker import LocalBroker
+from fedhlm.transport.messages import LLMVerdict, PeerReply, SessionToken
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
+ASSIGNMENT = {"c000": "e0", "c001": "e0", "c002": "e1"}
+USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud": "cloud", "llm": "llm",
+         "admin": "admin"}
+DIM = 16
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory, tokenizer) -> LLMRefiner:
+    model = build_bert_decoder(BackboneSpec(**TINY, seed=1), vocab_size=len(tokenizer))
+    return LLMRefiner(pretrained=str(save_model(model, tmp_path_factory.mktemp("llm"), tokenizer))).eval()
+
+
+@pytest.fixture(scope="module")
+def slm(tokenizer) -> torch.nn.Module:
+    return build_bert_decoder(BackboneSpec(**TINY, seed=2), vocab_size=len(tokenizer)).eval()
+
+
+@pytest.fixture
+def broker():
+    with LocalBroker(USERS, clusters=ASSIGNMENT) as b:
+        yield b
+
+
+def deployment(broker: LocalBroker, llm: LLMRefiner, *, audit: float = 0.0, delta: float = 0.9) -> Deployment:
+    llm.sessions.clear()
+    settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
+                              routing=RoutingSettings(exploration=0.0, llm_timeout_s=5.0, top_k=4),
+                              p2p=P2PSettings(resolver="edge", delta=delta, audit=audit),
+                              federation=FederationSettings(round_deadline_s=5.0))
+    q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
+    config = llm.model.config
+    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
+                          q_fn=q_fn, class_of=lambda t: t, llm_sessions=RefinerSessions(llm), session_ttl_s=5.0,
+                          llm_limits=ModelLimits(int(config.vocab_size), int(config.max_position_embeddings)),
+                          embedding_dim=DIM)
+    return Deployment(spec, broker.address).start()
+
+
+def prompt(tokenizer, text: str = "stocks rallied on tuesday as investors") -> list[int]:
+    return [tokenizer.cls_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=DIM)
+    return v / np.linalg.norm(v)
+
+
+def at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    other = unit(seed)
+    other -= (other @ a) * a
+    other /= np.linalg.norm(other)
+    return cos * a + np.sqrt(1 - cos**2) * other
+
+
+def write(dep: Deployment, client_id: str, slm, ids: list[int], context: np.ndarray | None):  # noqa: ANN001, ANN201
+    return SessionRouter(dep.clients[client_id]).generate(SLMSequenceDrafter(slm, top_k=4), ids, NEW_TOKENS,
+                                                          context=context)
+
+
+def wait_learned(dep: Deployment, edge: str, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while dep.edges[edge].resolver.stats.learned < n and time.monotonic() < deadline:
+        time.sleep(0.01)  # the edge reads the verdicts from its member's reply topic
+
+
+def test_a_repeat_at_another_client_of_the_cluster_is_written_from_the_edge_without_the_llm(broker, llm, slm,
+                                                                                            tokenizer) -> None:
+    dep = deployment(broker, llm)
+    try:
+        context = unit(0)
+        first = write(dep, "c000", slm, prompt(tokenizer), context)
+        assert all(s.route == "llm" for s in first.steps)  # nothing cached yet: every miss forwarded to the LLM
+        wait_learned(dep, "e0", len(first.tokens))
+        verified = dep.llm[0].stats.session_tokens
+        second = write(dep, "c001", slm, prompt(tokenizer), context)
+        assert second.tokens == first.tokens  # the LLM's sequence, from the cluster's cache
+        assert all(s.route == "peer" and s.peer_token == s.token for s in second.steps)
+        assert dep.llm[0].stats.session_tokens == verified  # the LLM verified nothing of the repeat
+        stats = dep.edges["e0"].resolver.stats
+        assert (stats.hits, stats.forwarded, stats.learned) == (len(second.tokens), len(first.tokens), len(first.tokens))
+        # the peer step cost the repeat one request per token to its own edge: nobody was broadcast to
+        assert dep.clients["c000"].endpoint.stats().received_messages["p2p"] == 0
+        assert dep.clients["c001"].counters.peer_hits == len(second.tokens)
+        # in another cluster the same sequence is the LLM's again: the cache is the cluster's
+        third = write(dep, "c002", slm, prompt(tokenizer), context)
+        assert third.tokens == first.tokens and all(s.route == "llm" for s in third.steps)
+    finally:
+        dep.stop()
+
+
+@pytest.mark.parametrize(("cos", "reused"), [(0.98, True), (0.5, False)])
+def test_a_similar_prompt_is_answered_above_delta_and_not_below(broker, llm, slm, tokenizer, cos: float,
+                                                                 reused: bool) -> None:
+    dep = deployment(broker, llm, delta=0.9)
+    try:
+        context = unit(1)
+        first = write(dep, "c000", slm, prompt(tokenizer), context)
+        wait_learned(dep, "e0", len(first.tokens))
+        other = write(dep, "c001", slm, prompt(tokenizer, "shares rose on tuesday as traders"),
+                      at_cosine(context, cos, 2))
+        assert (other.steps[0].route == "peer") is reused
+        if reused:  # the first token is the cached one, and from there on the prefixes are the same
+            assert other.tokens == first.tokens
+    finally:
+        dep.stop()
+
+
+def test_a_cached_token_answers_only_the_same_generated_prefix(broker, llm, tokenizer) -> None:
+    """Straight on the wire: an entry learnt at one prefix answers that prefix, not another one of the same prompt."""
+    dep = deployment(broker, llm)
+    try:
+        c = dep.clients["c000"]
+        ids = prompt(tokenizer)
+        sketch = c.peers.sketch(unit(3))
+
+        def ask(prefix: list[int], start: int = 0) -> object:
+            message = SessionToken(client_id=c.id, session_id=f"s{len(prefix)}-{start}", seq=c._next_seq(), start=start,
+                                   new_ids=np.asarray((ids + prefix)[start:], np.int32), draft_token=5,
+                                   topk_ids=np.array([5, 6], np.int32), topk_probs=np.array([0.5, 0.25], np.float16),
+                                   tail_mass=0.25)
+            topic, resolve = c.peers.through(message, "", sketch, prefix)
+            assert resolve.context_key == prefix_key(prefix)
+            return c.endpoint.request(topic, resolve, topics.client_llm_reply(c.id), timeout_s=5.0, qos=1,
+                                      also_on=(c.peers.reply_topic, topics.client_llm_miss(c.id)))
+
+        learnt = ask([2000, 2001])
+        assert isinstance(learnt, LLMVerdict)  # a miss, forwarded to the LLM's shared session topic
+        wait_learned(dep, "e0", 1)
+        hit = ask([2000, 2001])
+        assert isinstance(hit, PeerReply) and hit.token == learnt.final_token and hit.responder_id == "e0"
+        assert isinstance(ask([2000, 2002]), LLMVerdict)  # same prompt, another prefix: the LLM's again
+        assert isinstance(ask([]), LLMVerdict)
+    finally:
+        dep.stop()
+
+
+def test_audited_hits_are_verified_by_the_llm_and_compared(broker, llm, slm, tokenizer) -> None:
+    dep = deployment(broker, llm, audit=1.0)
+    try:
+        context = unit(4)
+        first = write(dep, "c000", slm, prompt(tokenizer), context)
+        wait_learned(dep, "e0", len(first.tokens))
+        audited = write(dep, "c001", slm, prompt(tokenizer), context)
+        # every hit was also sent to the LLM: the token is the LLM's, the edge's answer kept beside it
+        assert all(s.route == "llm" and s.reason == "audit" for s in audited.steps)
+        assert all(s.peer_token == s.token for s in audited.steps)  # an exact repeat: no wrong reuse
+        assert audited.tokens == first.tokens
+    finally:
+        dep.stop()
