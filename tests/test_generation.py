@@ -248,6 +248,22 @@ def test_when_the_worker_holding_a_session_dies_the_sequence_reopens_on_another(
     assert sum(s.opened for s in gen.steps) == 2  # the prefix went again once, to the worker that took over
 
 
+def tiny_generation_models(tmp_path, objective: str = "title") -> dict[str, str]:  # noqa: ANN001
+    """Fit YAMLs of a tiny SLM and LLM of a generation task (4 training steps each, trained by the run)."""
+    import yaml
+
+    data = {"source": "synthetic", "synthetic_size": 320, "max_length": 24, "batch_size": 32, "seed": 0,
+            "objective": objective}
+    trainer = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1}
+    for name, seed in (("slm", 2), ("llm", 1)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "model": {"class_path": "fedhlm.models.title_lm.TitleLM",
+                      "init_args": {"pretrained": None, **TINY, "max_position": 64, "seed": seed,
+                                    "prompt_attention": "causal"}},
+            "data": data, "trainer": trainer}))
+    return {"slm": str(tmp_path / "slm.yaml"), "llm": str(tmp_path / "llm.yaml")}
+
+
 @pytest.mark.slow
 def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_measures(tmp_path, monkeypatch) -> None:
     """`fedhlm simulate` with generation.enabled on tiny title models: the LLM-only run is the LLM's own greedy
@@ -260,17 +276,9 @@ def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_mea
     from fedhlm.cli.simulate import main as simulate_main
 
     monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
-    data = {"source": "synthetic", "synthetic_size": 320, "max_length": 24, "batch_size": 32, "seed": 0,
-            "objective": "title"}
-    trainer = {"max_epochs": 1, "max_steps": 4, "limit_val_batches": 1, "limit_test_batches": 1}
-    for name, seed in (("slm", 2), ("llm", 1)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
-            "model": {"class_path": "fedhlm.models.title_lm.TitleLM",
-                      "init_args": {"pretrained": None, **TINY, "max_position": 64, "seed": seed,
-                                    "prompt_attention": "causal"}},
-            "data": data, "trainer": trainer}))
+    models = tiny_generation_models(tmp_path)
     (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
-        "models": {"slm": str(tmp_path / "slm.yaml"), "llm": str(tmp_path / "llm.yaml")},
+        "models": models,
         "data": {"source": "synthetic", "inputs": 16}, "methods": ["slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"],
         "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 6, "reencode_sequences": 3},
         "routing": {"top_k": 4, "exploration": 0.3, "init_tau": 100.0},  # FedHLM starts local: only exploration sends
@@ -296,3 +304,37 @@ def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_mea
     assert fed["tokens"]["exploration"] > 0 and fed["llm_service"]["session_tokens"] == fed["tokens"]["llm"]
     assert report["reencode"]["verified_tokens"] > 0 and {t["goal"][:6] for t in report["targets"]} >= {"uplink"}
     assert (out / "quality_vs_transmissions.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_generation_simulation_with_repeats_writes_the_repeated_sequences_from_the_edges_caches(
+        tmp_path, monkeypatch) -> None:
+    """Continuations of articles that reach 3 clients on average: FedHLM through the edges' caches sends fewer
+    tokens to the LLM than FedHLM without them on the same deliveries, and reports the hits and the audits."""
+    import json
+
+    import yaml
+
+    from fedhlm.cli.simulate import main as simulate_main
+
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
+        "models": tiny_generation_models(tmp_path, "continue"),
+        "data": {"source": "synthetic", "inputs": 12}, "methods": ["fedhlm_no_p2p", "fedhlm"],
+        "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 4, "reencode_sequences": 0},
+        "workload": {"deliveries": 3, "zipf_s": 1.0, "locality": 1.0},
+        "routing": {"top_k": 4, "exploration": 0.0, "init_tau": 0.0},  # every token uncertain: all go out
+        "p2p": {"resolver": "edge", "delta": 0.9, "audit": 0.2},
+        "federation": {"clients": 4, "edges": 2, "rounds": 2, "cloud_every": 1, "round_deadline_s": 10},
+        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []}))
+    out = tmp_path / "run"
+    rc = simulate_main(["--config", str(tmp_path / "sim.yaml"), "--out", str(out), "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    assert rc == 0 and report["status"] == "complete", report.get("error")
+    assert report["workload"]["repeat_deliveries"] > 0 and report["data"]["task"] == "continuation of the article"
+    plain, peer = report["methods"]["fedhlm_no_p2p"], report["methods"]["fedhlm"]
+    assert plain["tokens"]["peer"] == 0 and "edge_caches" not in plain
+    assert peer["tokens"]["peer"] > 0 and peer["tokens"]["llm"] < plain["tokens"]["llm"]
+    hits = sum(e["hits"] for e in peer["edge_caches"].values())
+    assert hits == peer["peer"]["hits"] and peer["peer"]["audited"] <= hits
+    assert peer["peer"]["wrong_reuse_rate"] in (None, 0.0)  # exact repeats of a greedy LLM: never a wrong answer

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhlm.data import NewsItem, load_tokenizer
-from fedhlm.data.objectives import TITLE_SUFFIX, encode_lm_pairs, make_collator
+from fedhlm.data import NewsItem, load_tokenizer, prompt_text
+from fedhlm.data.objectives import TITLE_SUFFIX, encode_lm_pairs, generation_task, make_collator
 from fedhlm.data.task import load_task
 from fedhlm.models.title_lm import TitleLM
 
@@ -35,6 +35,28 @@ def test_title_pairs_label_exactly_the_title_and_its_stop_token(tokenizer) -> No
         assert (batch["labels"][i, :start] == -100).all()  # the description is context, not a target
     with pytest.raises(ValueError, match="data.objective"):
         make_collator("summarise", tokenizer, 64, load_task("ag_news"))
+
+
+def test_continuation_pairs_cut_each_article_into_its_opening_and_what_follows(tokenizer) -> None:
+    """The prompt is [CLS] and at most max_length - 1 tokens, at most half the article; the target is the next
+    tokens (at most ContinueTask.max_new), closed by [SEP] only where the article ends there; the reference is
+    the target decoded."""
+    long = NewsItem(2, 2, "Markets", " ".join(["shares rose again"] * 30))
+    task = generation_task("continue")
+    pairs = task.pairs(tokenizer, [*items(), long], 8)
+    whole = [tokenizer(prompt_text(it), add_special_tokens=False)["input_ids"] for it in [*items(), long]]
+    for (prompt, target, stop), ids in zip(pairs, whole):
+        cut = len(prompt) - 1
+        assert prompt[0] == tokenizer.cls_token_id and prompt[1:] == ids[:cut] and cut == min(7, len(ids) // 2)
+        assert target == ids[cut : cut + task.max_new] and stop == (cut + task.max_new >= len(ids))
+    assert pairs[0][2] and not pairs[2][2] and len(pairs[2][1]) == task.max_new  # a long article is cut, not closed
+    batch = encode_lm_pairs(tokenizer, [*items(), long], "continue", 8)
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labelled == pairs[0][1] + [tokenizer.sep_token_id]
+    assert batch["labels"][2][batch["labels"][2] != -100].tolist() == pairs[2][1]  # no stop token: it goes on
+    assert task.references(tokenizer, items(), 8)[0] == tokenizer.decode(pairs[0][1])
+    with pytest.raises(ValueError, match="data.objective"):
+        generation_task("classify")
 
 
 def test_title_lm_learns_the_titles_it_is_trained_on(tokenizer) -> None:
