@@ -163,7 +163,7 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
                 bar.update(1)
         return {"tokens": tokens, "steps": steps, "bytes": None, "llm": None, "fallbacks": 0, "edges": {}}
     settings = ClientSettings.from_config(cfg, client_id="-", edge_id="-", policy=method.policy, static_tau=static_tau,
-                                          p2p=cfg.p2p if method.p2p else dataclasses.replace(cfg.p2p, enabled=False))
+                                          p2p=dataclasses.replace(cfg.p2p, enabled=method.p2p))  # the method decides
     contexts = prep.contexts if method.p2p else {}
 
     def q_fn(ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
