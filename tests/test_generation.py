@@ -338,3 +338,6 @@ def test_a_generation_simulation_with_repeats_writes_the_repeated_sequences_from
     hits = sum(e["hits"] for e in peer["edge_caches"].values())
     assert hits == peer["peer"]["hits"] and peer["peer"]["audited"] <= hits
     assert peer["peer"]["wrong_reuse_rate"] in (None, 0.0)  # exact repeats of a greedy LLM: never a wrong answer
+    by = peer["by_delivery"]
+    assert by["first"]["peer"] <= by["exact_repeat"]["peer"] and by["exact_repeat"]["peer"] > 0
+    assert sum(g["tokens"] for g in by.values()) == peer["tokens"]["generated"]

@@ -77,7 +77,8 @@ def _planes(bits: int, dim: int, seed: int) -> np.ndarray:
 
 
 def prefix_key(tokens: Sequence[int]) -> int:
-    """A 63-bit digest of a generated prefix (never 0, the key of entries that need none): a cached
-    generation token is reused only where the tokens generated before it are exactly these."""
-    digest = hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
+    """A 32-bit digest of a generated prefix (never 0, the key of entries that need none): a cached
+    generation token is reused only where the tokens generated before it are exactly these. 32 bits: it
+    only tells apart the prefixes of prompts similar enough to match, and it travels with every token."""
+    digest = hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") or 1

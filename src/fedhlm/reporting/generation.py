@@ -7,7 +7,7 @@ the share of positions where the token is the LLM's and the share of sequences t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,28 @@ def generation_summary(steps: Sequence[Any], tokens: Mapping[int, list[int]], re
     if llm_tokens is not None:
         out["token_agreement_with_llm"] = token_agreement([tokens[u] for u in uids], [llm_tokens[u] for u in uids])
         out["exact_match_with_llm"] = float(np.mean([tokens[u] == llm_tokens[u] for u in uids])) if uids else None
+    return out
+
+
+def generation_by_delivery(steps: Mapping[int, Sequence[Any]], tokens: Mapping[int, list[int]],
+                           references: Mapping[int, str], decode: Callable[[list[int]], str],
+                           repeat_of: Mapping[int, int], near: Collection[int]) -> dict[str, dict[str, Any]]:
+    """First deliveries, exact repeats and near repeats (another outlet's version) apart: tokens, where they were
+    settled, the edge's audited answers that were not the LLM's token, and ROUGE-L. `steps`: uid -> its
+    GeneratedTokens."""
+    groups: dict[str, list[int]] = {"first": [], "exact_repeat": [], "near_repeat": []}
+    for uid in sorted(steps):
+        groups["first" if uid not in repeat_of else "near_repeat" if uid in near else "exact_repeat"].append(uid)
+    out = {}
+    for name, uids in groups.items():
+        flat = [s for u in uids for s in steps[u]]
+        audited = [s for s in flat if s.reason == "audit" and s.accepted is not None]
+        wrong = sum(1 for s in audited if s.peer_token != s.token)
+        out[name] = {"sequences": len(uids), "tokens": len(flat), "llm": sum(1 for s in flat if s.route == "llm"),
+                     "peer": sum(1 for s in flat if s.route == "peer"), "audited": len(audited), "wrong": wrong,
+                     "wrong_reuse_ci95": wilson_interval(wrong, len(audited)),
+                     "rouge_l": (rouge_l([decode(tokens[u]) for u in uids], [references[u] for u in uids])
+                                 if uids else None)}
     return out
 
 

@@ -151,13 +151,13 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
     plan, gen = prep.plan, cfg.generation
     items = prep.items
     tokens: dict[int, list[int]] = {}
-    steps: list[Any] = []
+    steps: dict[int, list[Any]] = {}  # uid -> its GeneratedTokens
     if not method.needs_network:
         for r, by_client in enumerate(plan.rounds):
             for idx in by_client.values():
                 for i in idx:
-                    tokens[items[i].uid], s = slm_alone(prep, prep.prompts[items[i].uid], gen.max_new_tokens, cfg.seed)
-                    steps.extend(s)
+                    uid = items[i].uid
+                    tokens[uid], steps[uid] = slm_alone(prep, prep.prompts[uid], gen.max_new_tokens, cfg.seed)
             raise_if_terminated()
             if bar is not None:
                 bar.update(1)
@@ -193,8 +193,7 @@ def run_generation_method(method: Method, cfg: SimConfig, prep: GenerationPrepar
 
                 for done in dep.run_clients(r, work).values():
                     for uid, g in done:
-                        tokens[uid] = g.tokens
-                        steps.extend(g.steps)
+                        tokens[uid], steps[uid] = g.tokens, g.steps
                 raise_if_terminated()
                 if bar is not None:
                     bar.update(1)
@@ -272,7 +271,7 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
     """Every configured method on the same prompts, split the same way; report.json and a plot in out_dir."""
     from tqdm import tqdm
 
-    from fedhlm.reporting.generation import generation_summary, generation_targets
+    from fedhlm.reporting.generation import generation_by_delivery, generation_summary, generation_targets
     from fedhlm.simulation.run import reporting, versions, warm_start
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +300,11 @@ def simulate_generation(cfg: SimConfig, out_dir: Path, *, show_progress: bool = 
             result = run_generation_method(method, cfg, prep, static_tau=tau, init_tau=init_tau, bar=bar)
             if name == "llm_only":
                 llm_tokens = result["tokens"]
-            entry = generation_summary(result["steps"], result["tokens"], prep.references, decode, llm_tokens)
+            flat = [s for uid in sorted(result["steps"]) for s in result["steps"][uid]]
+            entry = generation_summary(flat, result["tokens"], prep.references, decode, llm_tokens)
+            if prep.plan.repeat_of:
+                entry["by_delivery"] = generation_by_delivery(result["steps"], result["tokens"], prep.references,
+                                                              decode, prep.plan.repeat_of, prep.plan.near_repeats)
             entry["llm_service"] = result["llm"]
             entry["fallbacks"] = result["fallbacks"]
             if result["edges"]:
@@ -347,16 +350,23 @@ def print_generation_table(report: dict[str, Any]) -> None:
     methods = report.get("methods", {})
     if not methods:
         return
-    print(f"\n{'method':15s} {'ROUGE-L':>7s} {'agree':>6s} {'LLM%':>6s} {'accept':>6s} {'tokens':>6s} "
+    print(f"\n{'method':15s} {'ROUGE-L':>7s} {'agree':>6s} {'LLM%':>6s} {'edge%':>6s} {'accept':>6s} {'tokens':>6s} "
           f"{'up 1st':>6s} {'up next':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'LLM ms/tok':>10s}")
     for name, m in methods.items():
         up = m["uplink_bytes_per_offloaded_token"]
         llm = m.get("llm_service") or {}
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         print(f"{name:15s} {m['rouge_l']:7.4f} {fmt(m.get('token_agreement_with_llm'), '6.3f'):>6s} "
-              f"{100 * m['llm_share']:6.2f} {fmt(m['acceptance_rate'], '6.3f'):>6s} {m['tokens']['generated']:6d} "
+              f"{100 * m['llm_share']:6.2f} {100 * m['tokens']['peer'] / max(1, m['tokens']['generated']):6.2f} "
+              f"{fmt(m['acceptance_rate'], '6.3f'):>6s} {m['tokens']['generated']:6d} "
               f"{fmt(up['first'], '6.0f'):>6s} {fmt(up['later_mean'], '7.1f'):>7s} {m['latency_ms']['p50']:7.2f} "
               f"{m['latency_ms']['p99']:7.2f} {fmt(llm.get('ms_per_verified_token'), '10.2f'):>10s}")
+    for name, m in methods.items():
+        for group, g in (m.get("by_delivery") or {}).items():
+            if g["tokens"]:
+                print(f"{name} {group}: {g['sequences']} sequences, {g['tokens']} tokens, {g['llm']} to the LLM, "
+                      f"{g['peer']} from the edge, audited {g['audited']} ({g['wrong']} not the LLM's), "
+                      f"ROUGE-L {g['rouge_l']:.4f}")
     if report.get("reencode"):
         r = report["reencode"]
         for label, x in ((f"{r['batch']} sequences at once", r), ("one sequence at a time", r.get("alone"))):

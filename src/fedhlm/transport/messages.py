@@ -342,7 +342,7 @@ NO_WORKER = "-"  # SessionResolve.worker of a token that opens its session (star
 @dataclass(frozen=True, eq=False)
 class SessionResolve(SessionToken):
     """An uncertain generation token through the client's edge: the SessionToken plus what its cluster cache
-    is keyed by, a SimHash sketch of the prompt and `context_key`, a 63-bit digest of the tokens generated
+    is keyed by, a SimHash sketch of the prompt and `context_key`, a 32-bit digest of the tokens generated
     so far (a cached answer is reused only at the same generated prefix of a similar prompt).
 
     The edge answers a hit with a PeerReply; a miss it forwards as the plain SessionToken, to the workers'
@@ -361,8 +361,8 @@ class SessionResolve(SessionToken):
     def _check(self) -> None:
         super()._check()
         _check_fingerprint(self, "family", self.family)
-        if self.context_key < 1:  # 0 keys the entries of classification tokens
-            self._fail("context_key", f"must be >= 1, got {self.context_key}")
+        if not 1 <= self.context_key <= 2**32 - 1:  # 0 keys the entries of classification tokens
+            self._fail("context_key", f"must be a 32-bit digest >= 1, got {self.context_key}")
 
     def session_token(self) -> SessionToken:
         """What the LLM worker receives when the edge has no answer."""

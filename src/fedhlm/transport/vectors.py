@@ -72,7 +72,7 @@ def golden_messages() -> dict[str, Message]:
             client_id="c0", session_id="9f3a1c2e", seq=13, start=10, new_ids=[2001, 2003],
             draft_token=2004, topk_ids=[2004, 2005], topk_probs=[0.5, 0.25], tail_mass=0.25,
             worker="llm1", family=4217640349, sketch=bytes([0, 1, 2, 4, 8, 16, 128, 255]),
-            context_key=6148914691236517205,
+            context_key=2863311530,
         ),
         "session_end": SessionEnd(client_id="c0", session_id="9f3a1c2e"),
         "session_miss": SessionMiss(client_id="c0", session_id="9f3a1c2e", seq=12, held=0),
