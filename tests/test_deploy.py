@@ -86,7 +86,7 @@ def test_a_generation_deployment_writes_titles_through_the_llm_workers_sessions(
     assert report["status"] == "complete", out.getvalue()
     assert all(p["rc"] == 0 for p in report["processes"]), report["processes"]
     gen = report["generation"]
-    assert gen["titles"] == 12 and report["accuracy"] is None
+    assert gen["sequences"] == 12 and report["accuracy"] is None
     assert 0 < gen["llm_tokens"] <= report["tokens"] <= 12 * 5 and 0.0 <= gen["rouge_l"] <= 1.0
     assert {e: [r["round"] for r in rounds] for e, rounds in report["edges"].items()} == {"e0": [0, 1], "e1": [0, 1]}
     for p in report["processes"]:

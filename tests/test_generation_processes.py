@@ -79,10 +79,10 @@ def test_processes_generate_titles_through_llm_sessions_with_a_distilled_slm(tmp
     assert not [out for out in outputs + server_out if "Traceback" in out], outputs + server_out
     titles = sent = 0
     for out in outputs:
-        rounds = re.findall(r"round (\d+): (\d+) titles, \d+ words, (\d+) tokens to the LLM, tau=", out)
+        rounds = re.findall(r"round (\d+): (\d+) sequences, \d+ words, (\d+) tokens to the LLM, tau=", out)
         assert [int(r[0]) for r in rounds] == list(range(ROUNDS)), out
         assert "no edge model" not in out, out
-        done = re.search(r"(\d+) titles, (\d+) tokens, (\d+) to the LLM, ROUGE-L ([\d.]+)", out)
+        done = re.search(r"(\d+) sequences, (\d+) tokens, (\d+) to the LLM, ROUGE-L ([\d.]+)", out)
         assert done, out
         titles += int(done.group(1))
         tokens, llm_tokens = int(done.group(2)), int(done.group(3))

@@ -319,7 +319,7 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
         head = TorchHead(routing_head(cfg.routing, cfg.routing.process_tau, cfg.seed), engine=cfg.routing.fit_engine)
         clients[cid] = Client(settings, addresses[cid], head, lambda t: t, 384, network=network).start()
     stop = {int(dm.tokenizer.sep_token_id)}
-    titles: dict[int, str] = {}
+    texts: dict[int, str] = {}  # uid -> the sequence written
     tally, lock = {"tokens": 0, "llm": 0}, threading.Lock()
 
     def serve(client, r: int, items: list) -> str:  # noqa: ANN001
@@ -332,18 +332,18 @@ def run_generating_client(args, cfg, address: BrokerAddress, role_id: str) -> in
             sent += sum(1 for step in gen.steps if step.route == "llm")
             tokens += len(gen.tokens)
         with lock:  # the clients serve on threads of their own
-            titles.update(written)
+            texts.update(written)
             tally["tokens"] += tokens
             tally["llm"] += sent
         words = sum(len(text.split()) for text in written.values())
-        return f"{len(items)} titles, {words} words, {sent} tokens to the LLM"
+        return f"{len(items)} sequences, {words} words, {sent} tokens to the LLM"
 
     ready_s = time.monotonic() - process_start
     _serve_rounds(args, clients, network, [{cid: [test[i] for i in idx] for cid, idx in by_client.items()}
                                            for by_client in rounds], serve)
-    done = [it for it in test if it.uid in titles]
-    score = rouge_l([titles[it.uid] for it in done], [references[it.uid] for it in done]) if done else 0.0
-    print(f"client {_ids_text(ids)}: {len(done)} titles, {tally['tokens']} tokens, {tally['llm']} to the LLM, "
+    done = [it for it in test if it.uid in texts]
+    score = rouge_l([texts[it.uid] for it in done], [references[it.uid] for it in done]) if done else 0.0
+    print(f"client {_ids_text(ids)}: {len(done)} sequences, {tally['tokens']} tokens, {tally['llm']} to the LLM, "
           f"ROUGE-L {score:.4f}; ready in {ready_s:.1f} s, rounds in {time.monotonic() - process_start - ready_s:.1f} s",
           flush=True)
     time.sleep(0.1)

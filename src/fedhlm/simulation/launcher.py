@@ -141,7 +141,7 @@ def client_groups(assign: dict[str, str], per_process: int) -> list[tuple[str, l
 
 
 CLIENT_LINE = re.compile(r"client (.+?): accuracy ([\d.]+) over (\d+) tokens")  # "c000..c099 (100)" for many
-GEN_CLIENT_LINE = re.compile(r"client (.+?): (\d+) titles, (\d+) tokens, (\d+) to the LLM, ROUGE-L ([\d.]+)")  # generation
+GEN_CLIENT_LINE = re.compile(r"client (.+?): (\d+) sequences, (\d+) tokens, (\d+) to the LLM, ROUGE-L ([\d.]+)")  # generation
 CLIENT_PHASES = re.compile(r"ready in ([\d.]+) s, rounds in ([\d.]+) s")
 EDGE_ROUND = re.compile(r"^round (\d+): (\d+) of (\d+) clients", re.M)
 
@@ -206,7 +206,7 @@ class Launcher:
         overrides = self.cfg.data.model_overrides()
         if self.cfg.models.llm_backend == "local":  # into the cache now: processes must not race to train
             load_llm(self.cfg.models.llm, data_overrides=overrides)
-        if self.cfg.generation.enabled:  # the title SLM (and its teacher): a model of the cache, no classifier
+        if self.cfg.generation.enabled:  # the generation SLM (and its teacher): a model of the cache, no classifier
             slm_cfg = fit_config_with(self.cfg.models.slm, overrides)
             get_or_train(slm_cfg.get("kind") or "gen", slm_cfg)
         else:
@@ -314,8 +314,8 @@ class Launcher:
             if proc.role == "client":
                 for ids, acc, tokens in CLIENT_LINE.findall(text):
                     clients[proc.name] = {"accuracy": float(acc), "tokens": int(tokens)}
-                for ids, titles, tokens, llm, rouge in GEN_CLIENT_LINE.findall(text):
-                    clients[proc.name] = {"titles": int(titles), "tokens": int(tokens), "llm_tokens": int(llm),
+                for ids, sequences, tokens, llm, rouge in GEN_CLIENT_LINE.findall(text):
+                    clients[proc.name] = {"sequences": int(sequences), "tokens": int(tokens), "llm_tokens": int(llm),
                                           "rouge_l": float(rouge)}
                 for ready, rounds in CLIENT_PHASES.findall(text):
                     clients[proc.name] |= {"ready_s": float(ready), "rounds_s": float(rounds)}
@@ -330,10 +330,11 @@ class Launcher:
         accuracy = (sum(c["accuracy"] * c["tokens"] for c in clients.values()) / tokens
                     if tokens and all("accuracy" in c for c in clients.values()) else None)
         generation = None
-        if clients and all("titles" in c for c in clients.values()):
-            titles = sum(c["titles"] for c in clients.values())
-            generation = {"titles": titles, "llm_tokens": sum(c["llm_tokens"] for c in clients.values()),
-                          "rouge_l": sum(c["rouge_l"] * c["titles"] for c in clients.values()) / titles if titles else None}
+        if clients and all("sequences" in c for c in clients.values()):
+            sequences = sum(c["sequences"] for c in clients.values())
+            generation = {"sequences": sequences, "llm_tokens": sum(c["llm_tokens"] for c in clients.values()),
+                          "rouge_l": (sum(c["rouge_l"] * c["sequences"] for c in clients.values()) / sequences
+                                      if sequences else None)}
         return {"status": status, "wall_s": wall_s, "config": asdict(self.config),
                 "brokers": {name: b.url for name, b in self.topology.brokers().items()},
                 "processes": [p.summary() for p in self.processes],
