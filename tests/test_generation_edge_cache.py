@@ -116,6 +116,9 @@ def test_a_repeat_at_another_client_of_the_cluster_is_written_from_the_edge_with
         # the peer step cost the repeat one request per token to its own edge: nobody was broadcast to
         assert dep.clients["c000"].endpoint.stats().received_messages["p2p"] == 0
         assert dep.clients["c001"].counters.peer_hits == len(second.tokens)
+        # the prompt's sketch (16 B at 128 bits) went with the sequence's first request, not with every token
+        assert all(s.uplink_bytes < first.steps[0].uplink_bytes for s in first.steps[1:])
+        assert max(s.uplink_bytes for s in first.steps[1:]) <= 122
         # in another cluster the same sequence is the LLM's again: the cache is the cluster's
         third = write(dep, "c002", slm, prompt(tokenizer), context)
         assert third.tokens == first.tokens and all(s.route == "llm" for s in third.steps)
@@ -165,6 +168,17 @@ def test_a_cached_token_answers_only_the_same_generated_prefix(broker, llm, toke
         assert isinstance(hit, PeerReply) and hit.token == learnt.final_token and hit.responder_id == "e0"
         assert isinstance(ask([2000, 2002]), LLMVerdict)  # same prompt, another prefix: the LLM's again
         assert isinstance(ask([]), LLMVerdict)
+        # the sketch goes with a sequence's first request only; a sequence whose sketch the edge does not hold
+        # (a restarted edge) is forwarded without a lookup, not refused
+        stats = dep.edges["e0"].resolver.stats
+        message = SessionToken(client_id=c.id, session_id="unknown", seq=c._next_seq(), start=0,
+                               new_ids=np.asarray(ids, np.int32), draft_token=5, topk_ids=np.array([5], np.int32),
+                               topk_probs=np.array([0.75], np.float16), tail_mass=0.25)
+        topic, resolve = c.peers.through(message, "", b"", [])
+        before = stats.hits
+        reply = c.endpoint.request(topic, resolve, topics.client_llm_reply(c.id), timeout_s=5.0, qos=1,
+                                   also_on=(c.peers.reply_topic, topics.client_llm_miss(c.id)))
+        assert isinstance(reply, LLMVerdict) and stats.unkeyed == 1 and stats.hits == before
     finally:
         dep.stop()
 

@@ -15,7 +15,8 @@ caches each verdict whose request it forwarded. Compared with asking every peer:
 - the cache is the cluster's, not one client's: a token any member got from the LLM answers all.
 
 A generating client sends an uncertain token as a `SessionResolve` (the SessionToken, a sketch of
-the prompt and a digest of the tokens generated so far): a hit needs a similar prompt AND the same
+the prompt - with the sequence's first request only: the edge keeps it per sequence - and a digest of
+the tokens generated so far): a hit needs a similar prompt AND the same
 generated prefix (`context_key`), and a miss is forwarded as the SessionToken to the LLM worker that
 holds the sequence's session (or to the workers' shared topic), so a miss still costs one broker hop
 and the session's KV cache lives where it did. The verdict is learnt from the client's llm/reply
@@ -59,10 +60,12 @@ class EdgeCacheStats:
     refused: int = 0  # requests or entries dropped: see EdgeResolver.refused for why
     shared: int = 0  # entries published for the other edges
     from_neighbours: int = 0  # other edges' entries added here
+    unkeyed: int = 0  # generation requests whose sequence's sketch this edge did not hold (forwarded, not learnt)
 
     def as_dict(self, cache: SketchCache) -> dict[str, float | int]:
         return {"requests": self.requests, "hits": self.hits, "forwarded": self.forwarded, "learned": self.learned,
                 "refused": self.refused, "shared": self.shared, "from_neighbours": self.from_neighbours,
+                "unkeyed": self.unkeyed,
                 "hit_rate": self.hits / self.requests if self.requests else 0.0,
                 "entries": len(cache), "cache_bytes": cache.nbytes}
 
@@ -86,6 +89,8 @@ class EdgeResolver:
         self.pending_ttl_s = pending_ttl_s
         # (client, seq) of a forwarded request -> (its sketch, its context key, when)
         self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, int, float]] = OrderedDict()
+        # (client, session id) of a generated sequence -> its prompt's sketch, sent with its first request only
+        self._sketches: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = EdgeCacheStats()
         self.refused: Counter[str] = Counter()  # reason -> count: not_request, not_member, family
@@ -128,9 +133,26 @@ class EdgeResolver:
         req = inbound.message
         if not isinstance(req, SessionResolve) or not inbound.response_topic:
             return self._refuse("not_request", "not a session resolve request with a response topic")
-        sketch = self._admit(req.client_id, req.family, req.sketch)
-        if sketch is None or self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
-            return None
+        key = (req.client_id, req.session_id)
+        with self._lock:
+            held = self._sketches.get(key)
+        given = req.sketch or (held.tobytes() if held is not None else b"")  # it travels once per sequence
+        if not given:  # this edge does not hold the sequence's sketch (evicted, a restarted edge): no lookup
+            if req.client_id not in self.members:
+                return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
+            self.stats.unkeyed += 1
+        else:
+            sketch = self._admit(req.client_id, req.family, given)
+            if sketch is None:
+                return None
+            if req.sketch:
+                with self._lock:
+                    self._sketches[key] = sketch
+                    self._sketches.move_to_end(key)
+                    while len(self._sketches) > MAX_PENDING:
+                        self._sketches.popitem(last=False)
+            if self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
+                return None
         topic = topics.llm_worker_session(req.worker) if req.start > 0 else topics.llm_session()
         self.endpoint.forward(topic, req.session_token(), inbound, qos=1)
         return None

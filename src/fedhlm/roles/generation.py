@@ -82,6 +82,7 @@ class Generation:
     steps: list[GeneratedToken] = field(default_factory=list)
     misses: int = 0  # SessionMiss answers (the prefix was sent again)
     worker: str = ""  # the LLM worker holding the session ("" : none yet, or lost: the next offload reopens it)
+    sketched: bool = False  # the edge holds this sequence's prompt sketch (later requests leave it out)
 
 
 class SessionRouter:
@@ -177,7 +178,8 @@ class SessionRouter:
                 new_ids=np.asarray(sequence[start:], dtype=np.int32), draft_token=proposal.draft_token,
                 topk_ids=proposal.topk_ids, topk_probs=probs, tail_mass=tail)
             topic = topics.llm_worker_session(gen.worker) if gen.worker and start > 0 else topics.llm_session()
-            edge = c.peers.through(message, gen.worker, sketch, generated) if sketch is not None else None
+            edge = (c.peers.through(message, gen.worker, b"" if gen.sketched else sketch, generated)
+                    if sketch is not None else None)
             if edge is not None:
                 topic, message = edge
             out.sent += len(encode(message))
@@ -194,10 +196,12 @@ class SessionRouter:
                 log.info("%s: no verdict for session %s seq %d (%d timeouts)", c.id, session_id, message.seq, timeouts)
                 if edge is not None:
                     c.peers.edge_failed(exc)  # the edge may be what is gone: the retry goes straight
+                    gen.sketched = False
                 start, gen.worker = 0, ""  # the worker may be gone, or may or may not have taken the tokens: reopen
                 continue
             except ConnectionError:
                 break
+            gen.sketched = gen.sketched or edge is not None  # it answered: it holds the sketch now
             if edge is not None and c.peers.hit(reply, message.seq, asked):
                 out.hit = reply
                 return out

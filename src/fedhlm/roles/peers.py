@@ -191,7 +191,8 @@ class EdgeStep:
     def through(self, message: SessionToken, worker: str, sketch: bytes,
                 generated: Sequence[int]) -> tuple[str, SessionResolve] | None:
         """The topic and message that take a generation token through the edge's cache, keyed by the prompt's
-        sketch and the tokens generated before it; None while the edge is not answering (send it straight)."""
+        sketch (b"": the one the sequence's earlier request gave the edge) and the tokens generated before it;
+        None while the edge is not answering (send it straight)."""
         if self._clock() < self._edge_down_until:
             return None
         self.counters.peer_queries += 1

@@ -150,8 +150,8 @@ def _coerce(spec: FieldSpec, value: Any, where: str) -> Any:
                 raise ValueError(f"{where}: expected bytes or their hex, got {value[:16]!r}") from None
         if not isinstance(value, (bytes, bytearray)):
             raise ValueError(f"{where}: expected bytes, got {type(value).__name__}")
-        if not 1 <= len(value) <= MAX_BLOB_BYTES:
-            raise ValueError(f"{where}: must be 1-{MAX_BLOB_BYTES} bytes, got {len(value)}")
+        if len(value) > MAX_BLOB_BYTES:
+            raise ValueError(f"{where}: must be at most {MAX_BLOB_BYTES} bytes, got {len(value)}")
         return bytes(value)
     if kind in ("array", "tokens"):
         array = _array(value, spec.dtype, where)
@@ -194,6 +194,11 @@ def _array(value: Any, dtype: str | None, where: str) -> np.ndarray:
 def _check_fingerprint(message: Message, field: str, value: int) -> None:
     if value > 2**32 - 1:
         message._fail(field, f"must be a 32-bit fingerprint, got {value}")
+
+
+def _check_sketch(message: Message) -> None:
+    if not message.sketch:  # type: ignore[attr-defined]
+        message._fail("sketch", "must not be empty")
 
 
 def _check_token(message: Message, field: str, token: int) -> None:
@@ -251,6 +256,7 @@ class ResolveRequest(TokenRequest):
     def _check(self) -> None:
         super()._check()
         _check_fingerprint(self, "family", self.family)
+        _check_sketch(self)
 
     def token_request(self) -> TokenRequest:
         """What the LLM receives when the edge has no answer."""
@@ -355,7 +361,9 @@ class SessionResolve(SessionToken):
 
     worker: Id  # the LLM worker holding the session, where a later token (start > 0) goes; NO_WORKER at start 0
     family: int  # core.sketch.SimHash.fingerprint, as in ResolveRequest
-    sketch: Blob  # packed SimHash bits of the prompt's representation
+    # packed SimHash bits of the prompt's representation; empty: the one this sequence's earlier request gave
+    # the same edge (it goes once per sequence, not with every token)
+    sketch: Blob
     context_key: int  # digest of the generated prefix (fedhlm.core.sketch.prefix_key)
 
     def _check(self) -> None:
@@ -428,6 +436,7 @@ class CacheEntry(Message):
 
     def _check(self) -> None:
         _check_fingerprint(self, "family", self.family)
+        _check_sketch(self)
         _check_token(self, "token", self.token)
 
 

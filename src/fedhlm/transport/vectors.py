@@ -74,6 +74,11 @@ def golden_messages() -> dict[str, Message]:
             worker="llm1", family=4217640349, sketch=bytes([0, 1, 2, 4, 8, 16, 128, 255]),
             context_key=2863311530,
         ),
+        "session_resolve_later": SessionResolve(  # the edge holds the sequence's sketch: it goes once
+            client_id="c0", session_id="9f3a1c2e", seq=14, start=12, new_ids=[2004], draft_token=2006,
+            topk_ids=[2006], topk_probs=[0.75], tail_mass=0.25, worker="llm1", family=4217640349, sketch=b"",
+            context_key=1431655765,
+        ),
         "session_end": SessionEnd(client_id="c0", session_id="9f3a1c2e"),
         "session_miss": SessionMiss(client_id="c0", session_id="9f3a1c2e", seq=12, held=0),
         "resolve_request_simhash": ResolveRequest(
