@@ -142,7 +142,8 @@ class EdgeResolver:
                 return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
             self.stats.unkeyed += 1
         else:
-            sketch = self._admit(req.client_id, req.family, given)
+            # a later request carries neither the sketch nor its family: the first one's were checked
+            sketch = self._admit(req.client_id, req.family if req.sketch else self.fingerprint, given)
             if sketch is None:
                 return None
             if req.sketch:

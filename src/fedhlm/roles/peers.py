@@ -198,8 +198,8 @@ class EdgeStep:
         self.counters.peer_queries += 1
         fields = {f.name: getattr(message, f.name) for f in SessionToken.field_specs()}
         return topics.edge_session_resolve(self.edge_id), SessionResolve(
-            **fields, worker=worker if message.start > 0 and worker else NO_WORKER, family=self.fingerprint,
-            sketch=sketch, context_key=prefix_key(generated))
+            **fields, worker=worker if message.start > 0 and worker else NO_WORKER,
+            family=self.fingerprint if sketch else 0, sketch=sketch, context_key=prefix_key(generated))
 
     @property
     def reply_topic(self) -> str:

@@ -360,7 +360,7 @@ class SessionResolve(SessionToken):
     TYPE: ClassVar[str] = "session_resolve"
 
     worker: Id  # the LLM worker holding the session, where a later token (start > 0) goes; NO_WORKER at start 0
-    family: int  # core.sketch.SimHash.fingerprint, as in ResolveRequest
+    family: int  # core.sketch.SimHash.fingerprint, as in ResolveRequest (0 with an empty sketch)
     # packed SimHash bits of the prompt's representation; empty: the one this sequence's earlier request gave
     # the same edge (it goes once per sequence, not with every token)
     sketch: Blob

@@ -76,7 +76,7 @@ def golden_messages() -> dict[str, Message]:
         ),
         "session_resolve_later": SessionResolve(  # the edge holds the sequence's sketch: it goes once
             client_id="c0", session_id="9f3a1c2e", seq=14, start=12, new_ids=[2004], draft_token=2006,
-            topk_ids=[2006], topk_probs=[0.75], tail_mass=0.25, worker="llm1", family=4217640349, sketch=b"",
+            topk_ids=[2006], topk_probs=[0.75], tail_mass=0.25, worker="llm1", family=0, sketch=b"",
             context_key=1431655765,
         ),
         "session_end": SessionEnd(client_id="c0", session_id="9f3a1c2e"),
