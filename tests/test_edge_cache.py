@@ -38,13 +38,13 @@ def broker():
         yield b
 
 
-def _unit(seed: int) -> np.ndarray:
+def unit(seed: int) -> np.ndarray:
     v = np.random.default_rng(seed).normal(size=DIM)
     return v / np.linalg.norm(v)
 
 
-def _at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
-    other = _unit(seed)
+def at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    other = unit(seed)
     other -= (other @ a) * a
     other /= np.linalg.norm(other)
     return cos * a + np.sqrt(1 - cos**2) * other
@@ -53,7 +53,7 @@ def _at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
 def test_an_exact_repeat_at_another_client_is_answered_by_the_edge_without_the_llm_or_a_broadcast(broker) -> None:
     dep = deployment(broker)
     try:
-        a = _unit(0)
+        a = unit(0)
         first = dep.clients["c000"].run_round(0, [token(1, a)])[0]
         assert first.route == "llm" and first.final == 2
         deadline = time.monotonic() + 5
@@ -76,12 +76,12 @@ def test_an_exact_repeat_at_another_client_is_answered_by_the_edge_without_the_l
 def test_a_near_repeat_is_reused_above_delta_and_not_below(broker, cos: float, reused: bool) -> None:
     dep = deployment(broker, delta=0.9)
     try:
-        a = _unit(1)
+        a = unit(1)
         dep.clients["c000"].run_round(0, [token(1, a)])
         deadline = time.monotonic() + 5
         while dep.edges["e0"].resolver.stats.learned < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        rec = dep.clients["c001"].run_round(0, [token(2, _at_cosine(a, cos, 7))])[0]
+        rec = dep.clients["c001"].run_round(0, [token(2, at_cosine(a, cos, 7))])[0]
         assert (rec.route == "peer") is reused
         assert dep.llm[0].stats.requests == (1 if reused else 2)
     finally:
@@ -91,7 +91,7 @@ def test_a_near_repeat_is_reused_above_delta_and_not_below(broker, cos: float, r
 def test_another_clusters_repeat_is_not_answered_from_this_clusters_cache(broker) -> None:
     dep = deployment(broker)
     try:
-        a = _unit(2)
+        a = unit(2)
         dep.clients["c000"].run_round(0, [token(1, a)])
         time.sleep(0.2)
         rec = dep.clients["c002"].run_round(0, [token(2, a)])[0]  # c002 belongs to e1
@@ -105,7 +105,7 @@ def test_another_clusters_repeat_is_not_answered_from_this_clusters_cache(broker
 def test_with_the_neighbour_scope_a_repeat_in_another_cluster_is_answered_at_its_own_edge(broker) -> None:
     dep = deployment(broker, scope="neighbours")
     try:
-        a = _unit(4)
+        a = unit(4)
         dep.clients["c000"].run_round(0, [token(1, a)])  # cluster e0 asks the LLM; e0 shares the entry
         deadline = time.monotonic() + 5
         while dep.edges["e1"].resolver.stats.from_neighbours < 1 and time.monotonic() < deadline:
@@ -123,7 +123,7 @@ def _resolve_request(client_id: str, seq: int = 1) -> ResolveRequest:
     family = SimHash(128, DIM)
     return ResolveRequest(client_id=client_id, session_id="s", seq=seq, round=0, context_ids=[1, 2], draft_token=0,
                           topk_ids=[0, 1], topk_probs=[0.5, 0.5], tail_mass=0.0, features=[1.0], reason="uncertain",
-                          family=family.fingerprint("embedder"), sketch=family.sketch(_unit(3)))
+                          family=family.fingerprint("embedder"), sketch=family.sketch(unit(3)))
 
 
 def test_a_client_cannot_post_into_another_clusters_cache(broker) -> None:
@@ -174,7 +174,7 @@ def test_the_peer_step_through_the_edge_costs_only_the_sketch_on_the_uplink(brok
     for enabled in (False, True):
         dep = deployment(broker, enabled=enabled)
         try:
-            dep.clients["c000"].run_round(0, [token(i, _unit(10 + i)) for i in range(20)])
+            dep.clients["c000"].run_round(0, [token(i, unit(10 + i)) for i in range(20)])
             stats = dep.clients["c000"].endpoint.stats()
             sent[enabled] = (stats.sent_messages["llm"], stats.sent_bytes["llm"], stats.sent_messages["p2p"])
         finally:
@@ -189,7 +189,7 @@ def test_with_its_edge_down_a_client_asks_the_llm_directly_and_loses_no_token(br
     try:
         dep.edges["e0"].stop()
         client = dep.clients["c000"]
-        first, second = client.run_round(0, [token(1, _unit(5)), token(2, _unit(6))])
+        first, second = client.run_round(0, [token(1, unit(5)), token(2, unit(6))])
         assert first.route == second.route == "llm" and first.final == second.final == 2
         assert client.counters.fallbacks == 0
         assert dep.llm[0].stats.requests == 2

@@ -264,30 +264,35 @@ def tiny_generation_models(tmp_path, objective: str = "title") -> dict[str, str]
     return {"slm": str(tmp_path / "slm.yaml"), "llm": str(tmp_path / "llm.yaml")}
 
 
-@pytest.mark.slow
-def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_measures(tmp_path, monkeypatch) -> None:
-    """`fedhlm simulate` with generation.enabled on tiny title models: the LLM-only run is the LLM's own greedy
-    title (agreement 1), the SLM alone sends nothing, FedHLM's heads federate on generation verdicts, and no
-    LLM session outlives its sequence."""
+def simulate_report(tmp_path, sim: dict) -> dict:  # noqa: ANN001
+    """`fedhlm simulate` on `sim` (a config dict) in tmp_path: the report of a run that completed."""
     import json
 
     import yaml
 
     from fedhlm.cli.simulate import main as simulate_main
 
-    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
-    models = tiny_generation_models(tmp_path)
-    (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
-        "models": models,
-        "data": {"source": "synthetic", "inputs": 16}, "methods": ["slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"],
-        "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 6, "reencode_sequences": 3},
-        "routing": {"top_k": 4, "exploration": 0.3, "init_tau": 100.0},  # FedHLM starts local: only exploration sends
-        "federation": {"clients": 4, "edges": 2, "rounds": 2, "cloud_every": 1, "round_deadline_s": 10},
-        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []}))
+    (tmp_path / "sim.yaml").write_text(yaml.safe_dump(sim))
     out = tmp_path / "run"
     rc = simulate_main(["--config", str(tmp_path / "sim.yaml"), "--out", str(out), "--no-progress"])
     report = json.loads((out / "report.json").read_text())
     assert rc == 0 and report["status"] == "complete", report.get("error")
+    return report
+
+
+@pytest.mark.slow
+def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_measures(tmp_path, monkeypatch) -> None:
+    """`fedhlm simulate` with generation.enabled on tiny title models: the LLM-only run is the LLM's own greedy
+    title (agreement 1), the SLM alone sends nothing, FedHLM's heads federate on generation verdicts, and no
+    LLM session outlives its sequence."""
+    monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
+    report = simulate_report(tmp_path, {
+        "models": tiny_generation_models(tmp_path),
+        "data": {"source": "synthetic", "inputs": 16}, "methods": ["slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"],
+        "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 6, "reencode_sequences": 3},
+        "routing": {"top_k": 4, "exploration": 0.3, "init_tau": 100.0},  # FedHLM starts local: only exploration sends
+        "federation": {"clients": 4, "edges": 2, "rounds": 2, "cloud_every": 1, "round_deadline_s": 10},
+        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []})
     m = report["methods"]
     assert set(m) == {"slm_only", "llm_only", "static_hlm", "fedhlm_no_p2p"}
     assert m["llm_only"]["llm_share"] == 1.0 and m["llm_only"]["token_agreement_with_llm"] == 1.0
@@ -303,7 +308,7 @@ def test_a_generation_simulation_runs_every_method_and_reports_what_issue_18_mea
     fed = m["fedhlm_no_p2p"]
     assert fed["tokens"]["exploration"] > 0 and fed["llm_service"]["session_tokens"] == fed["tokens"]["llm"]
     assert report["reencode"]["verified_tokens"] > 0 and {t["goal"][:6] for t in report["targets"]} >= {"uplink"}
-    assert (out / "quality_vs_transmissions.png").is_file()
+    assert (tmp_path / "run" / "quality_vs_transmissions.png").is_file()
 
 
 @pytest.mark.slow
@@ -311,14 +316,8 @@ def test_a_generation_simulation_with_repeats_writes_the_repeated_sequences_from
         tmp_path, monkeypatch) -> None:
     """Continuations of articles that reach 3 clients on average: FedHLM through the edges' caches sends fewer
     tokens to the LLM than FedHLM without them on the same deliveries, and reports the hits and the audits."""
-    import json
-
-    import yaml
-
-    from fedhlm.cli.simulate import main as simulate_main
-
     monkeypatch.setenv("FEDHLM_HOME", str(tmp_path / "home"))
-    (tmp_path / "sim.yaml").write_text(yaml.safe_dump({
+    report = simulate_report(tmp_path, {
         "models": tiny_generation_models(tmp_path, "continue"),
         "data": {"source": "synthetic", "inputs": 12}, "methods": ["fedhlm_no_p2p", "fedhlm"],
         "generation": {"enabled": True, "max_new_tokens": 6, "calib_prompts": 4, "reencode_sequences": 0},
@@ -326,11 +325,7 @@ def test_a_generation_simulation_with_repeats_writes_the_repeated_sequences_from
         "routing": {"top_k": 4, "exploration": 0.0, "init_tau": 0.0},  # every token uncertain: all go out
         "p2p": {"resolver": "edge", "delta": 0.9, "audit": 0.2},
         "federation": {"clients": 4, "edges": 2, "rounds": 2, "cloud_every": 1, "round_deadline_s": 10},
-        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []}))
-    out = tmp_path / "run"
-    rc = simulate_main(["--config", str(tmp_path / "sim.yaml"), "--out", str(out), "--no-progress"])
-    report = json.loads((out / "report.json").read_text())
-    assert rc == 0 and report["status"] == "complete", report.get("error")
+        "lambda_sweep": [], "delta_sweep": [], "reference_shares": []})
     assert report["workload"]["repeat_deliveries"] > 0 and report["data"]["task"] == "continuation of the article"
     plain, peer = report["methods"]["fedhlm_no_p2p"], report["methods"]["fedhlm"]
     assert plain["tokens"]["peer"] == 0 and "edge_caches" not in plain

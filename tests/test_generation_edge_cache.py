@@ -25,12 +25,13 @@ from fedhlm.roles.generation import SessionRouter
 from fedhlm.transport import topics
 from fedhlm.transport.broker import LocalBroker
 from fedhlm.transport.messages import LLMVerdict, PeerReply, SessionToken
+from test_edge_cache import at_cosine, unit
+from test_p2p import DIM
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "embeddings_from": None}
 ASSIGNMENT = {"c000": "e0", "c001": "e0", "c002": "e1"}
 USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud": "cloud", "llm": "llm",
          "admin": "admin"}
-DIM = 16
 NEW_TOKENS = 8
 
 
@@ -73,18 +74,6 @@ def deployment(broker: LocalBroker, llm: LLMRefiner, *, audit: float = 0.0, delt
 
 def prompt(tokenizer, text: str = "stocks rallied on tuesday as investors") -> list[int]:
     return [tokenizer.cls_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-
-
-def unit(seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).normal(size=DIM)
-    return v / np.linalg.norm(v)
-
-
-def at_cosine(a: np.ndarray, cos: float, seed: int) -> np.ndarray:
-    other = unit(seed)
-    other -= (other @ a) * a
-    other /= np.linalg.norm(other)
-    return cos * a + np.sqrt(1 - cos**2) * other
 
 
 def write(dep: Deployment, client_id: str, slm, ids: list[int], context: np.ndarray | None):  # noqa: ANN001, ANN201

@@ -134,26 +134,25 @@ class EdgeResolver:
         if not isinstance(req, SessionResolve) or not inbound.response_topic:
             return self._refuse("not_request", "not a session resolve request with a response topic")
         key = (req.client_id, req.session_id)
-        with self._lock:
-            held = self._sketches.get(key)
-        given = req.sketch or (held.tobytes() if held is not None else b"")  # it travels once per sequence
-        if not given:  # this edge does not hold the sequence's sketch (evicted, a restarted edge): no lookup
-            if req.client_id not in self.members:
-                return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
-            self.stats.unkeyed += 1
-        else:
-            # a later request carries neither the sketch nor its family: the first one's were checked
-            sketch = self._admit(req.client_id, req.family if req.sketch else self.fingerprint, given)
+        if req.sketch:  # the sequence's first request: its sketch is kept for the later ones
+            sketch = self._admit(req.client_id, req.family, req.sketch)
             if sketch is None:
                 return None
-            if req.sketch:
-                with self._lock:
-                    self._sketches[key] = sketch
-                    self._sketches.move_to_end(key)
-                    while len(self._sketches) > MAX_PENDING:
-                        self._sketches.popitem(last=False)
-            if self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
-                return None
+            with self._lock:
+                self._sketches[key] = sketch
+                self._sketches.move_to_end(key)
+                while len(self._sketches) > MAX_PENDING:
+                    self._sketches.popitem(last=False)
+        elif req.client_id not in self.members:
+            return self._refuse("not_member", f"{req.client_id} is not a member of {self.id}")
+        else:  # a later request: the sketch (and its family) were checked with the first
+            self.stats.requests += 1
+            with self._lock:
+                sketch = self._sketches.get(key)
+            if sketch is None:  # not held (evicted, a restarted edge): forwarded without a lookup, not learnt
+                self.stats.unkeyed += 1
+        if sketch is not None and self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
+            return None
         topic = topics.llm_worker_session(req.worker) if req.start > 0 else topics.llm_session()
         self.endpoint.forward(topic, req.session_token(), inbound, qos=1)
         return None
