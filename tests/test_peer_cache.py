@@ -123,3 +123,22 @@ def test_sketch_cache_bounds_lru_and_ttl() -> None:
     assert cache.lookup(family.sketch(vecs[2]), 0.99) is None and len(cache) == 0
     with pytest.raises(ValueError, match="bytes"):
         cache.add(np.zeros(3, np.uint8), token=0)
+
+
+def test_a_keyed_entry_answers_only_its_own_key() -> None:
+    """Generation entries carry the digest of their generated prefix: the same prompt sketch answers only at
+    the same prefix, and a classification query (key 0) never sees them."""
+    from fedhlm.core.peer_cache import SketchCache
+    from fedhlm.core.sketch import SimHash, prefix_key
+
+    family = SimHash(64, 8)
+    cache = SketchCache(family, max_entries=4, ttl_s=10)
+    sketch = family.sketch(np.eye(8)[0])
+    cache.add(sketch, token=7, key=prefix_key([2000, 2001]))
+    cache.add(sketch, token=9)  # a classification entry of the same context
+    assert cache.lookup(sketch, 0.99, prefix_key([2000, 2001])).token == 7
+    assert cache.lookup(sketch, 0.99, prefix_key([2000, 2002])) is None
+    assert cache.lookup(sketch, 0.99).token == 9
+    keys = {prefix_key(p) for p in ([], [1], [1, 2], [2, 1], list(range(50)))}
+    assert len(keys) == 5 and all(0 < k < 2**32 for k in keys)
+    assert prefix_key([1, 2]) == prefix_key(np.array([1, 2], np.int64))  # the ids, not their container

@@ -74,3 +74,24 @@ def test_the_quality_goal_is_not_met_against_an_llm_reference_no_better_than_the
     assert not quality(0.20)["met"]  # 88 %
     weak = quality(0.12)  # sampled titles: the SLM alone beats the reference
     assert not weak["met"] and "not judged" in weak["measured"]
+
+
+def test_generation_by_delivery_splits_first_deliveries_exact_and_near_repeats() -> None:
+    from fedhlm.reporting.generation import generation_by_delivery
+    from fedhlm.roles.generation import GeneratedToken
+
+    def step(route: str, token: int, reason: str | None = None, peer: int | None = None) -> GeneratedToken:
+        return GeneratedToken(0, token, token, route, reason, accepted=True if route == "llm" else None,
+                              peer_token=peer)
+
+    steps = {1: [step("llm", 5, "uncertain"), step("local", 6)],  # the original
+             2: [step("peer", 5, "uncertain", 5), step("local", 6)],  # an exact repeat, from the edge
+             3: [step("llm", 5, "audit", 4), step("llm", 8, "uncertain")]}  # a near repeat: an audit caught it
+    tokens = {u: [s.token for s in ss] for u, ss in steps.items()}
+    refs = {1: "a b", 2: "a b", 3: "a c"}
+    out = generation_by_delivery(steps, tokens, refs, lambda ids: " ".join("ab"[t % 2] for t in ids),
+                                 {2: 1, 3: 1}, {3})
+    assert (out["first"]["llm"], out["first"]["peer"]) == (1, 0)
+    assert (out["exact_repeat"]["peer"], out["exact_repeat"]["audited"]) == (1, 0)
+    assert (out["near_repeat"]["audited"], out["near_repeat"]["wrong"], out["near_repeat"]["llm"]) == (1, 1, 2)
+    assert sum(g["tokens"] for g in out.values()) == 6 and out["near_repeat"]["wrong_reuse_ci95"][0] > 0
