@@ -24,7 +24,7 @@ from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.roles.generation import SessionRouter
 from fedhlm.transport import topics
 from fedhlm.transport.broker import LocalBroker
-from fedhlm.transport.messages import LLMVerdict, PeerReply, SessionToken
+from fedhlm.transport.messages import LLMVerdict, PeerReply, SessionMiss, SessionToken
 from test_edge_cache import at_cosine, unit
 from test_p2p import DIM
 
@@ -157,6 +157,9 @@ def test_a_cached_token_answers_only_the_same_generated_prefix(broker, llm, toke
         assert isinstance(hit, PeerReply) and hit.token == learnt.final_token and hit.responder_id == "e0"
         assert isinstance(ask([2000, 2002]), LLMVerdict)  # same prompt, another prefix: the LLM's again
         assert isinstance(ask([]), LLMVerdict)
+        # a later token whose worker the client lost goes to the shared topic, as it would straight: the worker
+        # that does not hold the session answers a miss at once (no timeout on a topic nobody reads)
+        assert isinstance(ask([2000, 2003], start=len(ids) + 1), SessionMiss)
         # the sketch goes with a sequence's first request only; a sequence whose sketch the edge does not hold
         # (a restarted edge) is forwarded without a lookup, not refused
         stats = dep.edges["e0"].resolver.stats

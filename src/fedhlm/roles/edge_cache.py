@@ -43,7 +43,7 @@ from fedhlm.core.settings import P2PSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
 from fedhlm.transport.endpoint import Inbound
-from fedhlm.transport.messages import CacheEntry, LLMVerdict, PeerReply, ResolveRequest, SessionResolve
+from fedhlm.transport.messages import NO_WORKER, CacheEntry, LLMVerdict, PeerReply, ResolveRequest, SessionResolve
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ class EdgeResolver:
                 self.stats.unkeyed += 1
         if sketch is not None and self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
             return None
-        topic = topics.llm_worker_session(req.worker) if req.start > 0 else topics.llm_session()
+        # the client's own rule: a later token to the worker holding the session, anything else to the shared topic
+        named = req.start > 0 and req.worker != NO_WORKER
+        topic = topics.llm_worker_session(req.worker) if named else topics.llm_session()
         self.endpoint.forward(topic, req.session_token(), inbound, qos=1)
         return None
 

@@ -119,8 +119,9 @@ class SessionRouter:
                     audit.sent += out.sent
                     if audit.verdict is not None:
                         reason, out = "audit", audit
-                    else:  # no verdict: the edge's answer stands
+                    else:  # no verdict: the edge's answer stands, and what the refiner holds is unknown: reopen
                         out.sent, out.misses, out.refused = audit.sent, audit.misses, audit.refused
+                        synced = 0
                 gen.misses += out.misses
                 refused = refused or out.refused
                 latency = proposal.ms + (time.perf_counter() - start) * 1000.0

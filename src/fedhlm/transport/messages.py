@@ -342,7 +342,7 @@ class SessionToken(Message):
         _check_topk(self, self.topk_ids, self.topk_probs, self.tail_mass)
 
 
-NO_WORKER = "-"  # SessionResolve.worker of a token that opens its session (start 0): the workers' shared topic
+NO_WORKER = "-"  # SessionResolve.worker when no worker holds the session (start 0, or lost): the shared topic
 
 
 @dataclass(frozen=True, eq=False)
