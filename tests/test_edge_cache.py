@@ -22,12 +22,13 @@ USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud
 
 
 def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster",
-               llm_timeout_s: float = 5.0) -> Deployment:
-    settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
-                              routing=RoutingSettings(llm_timeout_s=llm_timeout_s),
+               llm_timeout_s: float = 5.0, policy: str = "always", tau: float = 0.5,
+               **routing) -> Deployment:
+    settings = ClientSettings(client_id="-", edge_id="-", policy=policy, embedder_name="test-emb",
+                              routing=RoutingSettings(llm_timeout_s=llm_timeout_s, **routing),
                               p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope),
                               federation=FederationSettings(round_deadline_s=5.0))
-    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
+    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=tau)),
                           q_fn=q_fn, class_of=lambda t: t if t < 4 else -1, embedding_dim=DIM)
     return Deployment(spec, broker.address).start()
 
@@ -68,6 +69,68 @@ def test_an_exact_repeat_at_another_client_is_answered_by_the_edge_without_the_l
         assert dep.clients["c000"].endpoint.stats().received_messages["p2p"] == 0
         assert dep.clients["c001"].endpoint.stats().received_messages["p2p"] == 1
         assert dep.clients["c001"].counters.peer_answers == 0
+    finally:
+        dep.stop()
+
+
+def _learned(dep: Deployment, edge: str = "e0", count: int = 1) -> None:
+    deadline = time.monotonic() + 5
+    while dep.edges[edge].resolver.stats.learned < count and time.monotonic() < deadline:
+        time.sleep(0.01)  # the edge reads the verdict from the member's reply topic
+
+
+def test_a_cache_hit_is_the_routing_label_the_llm_would_have_given(broker) -> None:
+    dep = deployment(broker)
+    try:
+        a = unit(10)
+        dep.clients["c000"].run_round(0, [token(1, a)])
+        _learned(dep)
+        rec = dep.clients["c001"].run_round(0, [token(2, a)])[0]
+        assert rec.route == "peer" and rec.reason == "uncertain"
+        features, beta, weights = dep.clients["c001"].pairs()
+        # greedy verification: the cached token (2) is the LLM's argmax, the draft (0) differs, so beta = 1
+        assert beta.tolist() == [1.0] and weights.tolist() == [1.0] and features.shape[0] == 1
+        assert dep.llm[0].stats.requests == 1
+    finally:
+        dep.stop()
+
+
+def test_an_explored_text_is_explored_at_each_delivery_and_its_repeat_labelled_from_the_edge(broker) -> None:
+    # tau 5: the head keeps every token (entropy feature 1.0); exploration 0.999: every text is explored
+    dep = deployment(broker, policy="learned", tau=5.0, exploration=0.999)
+    try:
+        a = unit(11)
+        first = dep.clients["c000"].run_round(0, [token(1, a)])[0]
+        assert (first.route, first.reason) == ("llm", "exploration")
+        _learned(dep)  # the edge forwarded the exploration token, so its verdict is an entry
+        second = dep.clients["c001"].run_round(0, [token(1, a)])[0]
+        assert (second.route, second.reason, second.final) == ("peer", "exploration", 2)
+        assert dep.llm[0].stats.requests == 1
+        _, beta, weights = dep.clients["c001"].pairs()
+        assert beta.tolist() == [1.0] and weights == pytest.approx([1 / 0.999])
+    finally:
+        dep.stop()
+
+
+def test_exploration_draws_follow_the_text_so_every_device_explores_the_same_ones(broker) -> None:
+    dep = deployment(broker, policy="learned", tau=5.0, exploration=0.5)
+    try:
+        tokens = [token(uid, unit(20 + uid)) for uid in range(7)]  # contexts [1, 5, uid % 7]: 7 distinct texts
+        explored = [[r.reason == "exploration" for r in dep.clients[c].run_round(0, tokens)] for c in ("c000", "c002")]
+        assert explored[0] == explored[1] and 0 < sum(explored[0]) < 7
+    finally:
+        dep.stop()
+
+
+def test_with_sampled_verification_exploration_goes_straight_to_the_llm(broker) -> None:
+    # a cached token decides no sampled label: exploration, which is there for its label, skips the edge
+    dep = deployment(broker, policy="learned", tau=5.0, exploration=0.999, verify="sample")
+    try:
+        a = unit(12)
+        for client_id in ("c000", "c001"):
+            rec = dep.clients[client_id].run_round(0, [token(1, a)])[0]
+            assert (rec.route, rec.reason) == ("llm", "exploration")
+        assert dep.edges["e0"].resolver.stats.requests == 0 and dep.llm[0].stats.requests == 2
     finally:
         dep.stop()
 

@@ -142,3 +142,22 @@ def test_a_keyed_entry_answers_only_its_own_key() -> None:
     keys = {prefix_key(p) for p in ([], [1], [1, 2], [2, 1], list(range(50)))}
     assert len(keys) == 5 and all(0 < k < 2**32 for k in keys)
     assert prefix_key([1, 2]) == prefix_key(np.array([1, 2], np.int64))  # the ids, not their container
+
+
+def test_content_draw_is_fixed_by_the_text_and_the_seed_and_uniform_over_texts() -> None:
+    from fedhlm.core.sketch import content_draw
+
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(0, 30_000, size=int(rng.integers(3, 40))).tolist() for _ in range(4000)]
+    draws = np.array([content_draw(0, t) for t in texts])
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert content_draw(0, texts[0]) == draws[0]  # every device draws the same for the same text
+    assert abs(draws.mean() - 0.5) < 0.02 and abs(np.mean(draws < 0.05) - 0.05) < 0.01
+    assert content_draw(1, texts[0]) != draws[0]  # another run's seed, other texts explored
+
+
+def test_a_cached_token_is_a_label_only_under_greedy_verification() -> None:
+    from fedhlm.core.peer_cache import cache_labels, cached_beta
+
+    assert cache_labels("greedy") and not cache_labels("sample")
+    assert cached_beta(5, 5) == 0.0 and cached_beta(5, 6) == 1.0

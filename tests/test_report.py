@@ -16,6 +16,9 @@ def _records() -> list[TokenRecord]:
         TokenRecord("c1", 1, 4, label=3, draft=1, final=3, route="peer", latency_ms=5.0, peer_token=3),
         TokenRecord("c1", 1, 5, label=3, draft=1, final=1, route="llm", reason="audit", latency_ms=25.0,
                     llm_final=1, peer_token=3),
+        # an exploration token the edge answered from its cache: a peer token, not an LLM transmission
+        TokenRecord("c1", 1, 6, label=2, draft=2, final=2, route="peer", reason="exploration", latency_ms=4.0,
+                    peer_token=2),
     ]
 
 
@@ -24,12 +27,13 @@ def test_summary_counts_routes_reasons_and_wrong_reuse() -> None:
     counts.uplink["llm"], counts.messages_up["llm"], counts.downlink["llm"] = 300, 3, 90
     counts.uplink["p2p"] = 40
     s = summarise(_records(), counts)
-    assert s["tokens"] == {"total": 5, "local": 1, "peer": 1, "llm": 3, "exploration": 1, "audit": 1, "fallback": 0}
-    assert s["accuracy"] == pytest.approx(4 / 5)
+    assert s["tokens"] == {"total": 6, "local": 1, "peer": 2, "llm": 3, "exploration": 1, "exploration_cached": 1,
+                           "audit": 1, "fallback": 0}
+    assert s["accuracy"] == pytest.approx(5 / 6)
     assert s["bytes"]["uplink"] == 340 and s["bytes"]["downlink"] == 90 and s["bytes"]["llm"] == 390
     assert s["uplink_bytes_per_llm_token"] == pytest.approx(100.0)
     assert s["peer"]["audited"] == 1 and s["peer"]["wrong_reuse"] == 1 and s["peer"]["wrong_reuse_rate"] == 1.0
-    assert s["latency_ms"]["p50"] == pytest.approx(20.0)
+    assert s["latency_ms"]["p50"] == pytest.approx(12.5)
     assert check_consistency({"m": s}) == []
 
 
@@ -41,7 +45,7 @@ def test_consistency_flags_llm_tokens_without_bytes() -> None:
 def test_per_round_series() -> None:
     rounds = per_round(_records())
     assert [r["round"] for r in rounds] == [0, 1]
-    assert rounds[0]["llm"] == 1 and rounds[1]["llm"] == 2 and rounds[1]["peer"] == 1
+    assert rounds[0]["llm"] == 1 and rounds[1]["llm"] == 2 and rounds[1]["peer"] == 2
 
 
 def test_unknown_route_is_refused() -> None:

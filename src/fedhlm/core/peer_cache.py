@@ -151,3 +151,16 @@ def _normalise(embedding: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(norm) or norm == 0:
         raise ValueError("embedding must be finite and non-zero")
     return vec / norm
+
+
+
+def cache_labels(verify: str) -> bool:
+    """Whether a cached LLM token is a routing label under this verification mode. Under greedy verification
+    the LLM rejects exactly the drafts that differ from its argmax, so the token it gave for a context decides
+    beta; under sampled verification beta needs the LLM's probability of the draft, which no cache keeps."""
+    return verify == "greedy"
+
+
+def cached_beta(draft_token: int, cached_token: int) -> float:
+    """The greedy routing label a cached LLM token gives a draft: 0 (the LLM would accept it) or 1."""
+    return 0.0 if int(draft_token) == int(cached_token) else 1.0

@@ -82,3 +82,16 @@ def prefix_key(tokens: Sequence[int]) -> int:
     only tells apart the prefixes of prompts similar enough to match, and it travels with every token."""
     digest = hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=4).digest()
     return int.from_bytes(digest, "little") or 1
+
+
+def content_draw(seed: int, tokens: Sequence[int]) -> float:
+    """A number in [0, 1) fixed by a context's tokens and the run's seed, uniform over contexts.
+
+    Exploration draws it instead of a fresh random number: every device that sees the same text
+    makes the same draw, so the fleet explores a share of its *texts*, each at every delivery, and a
+    repeat of an explored text can take its label from the cache that the first delivery filled. Over
+    distinct texts it is still a uniform sample (the digest knows nothing of the features), so the
+    importance weight 1 / rate stays right."""
+    key = (int(seed) & (2**64 - 1)).to_bytes(8, "little")
+    digest = hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "little") / 2.0**64

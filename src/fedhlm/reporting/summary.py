@@ -48,7 +48,8 @@ def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok
     total = len(records)
     by_route = {r: sum(1 for t in records if t.route == r) for r in ROUTES}
     correct = sum(1 for t in records if t.final == t.label)
-    exploration = sum(1 for t in records if t.reason == "exploration")
+    exploration = sum(1 for t in records if t.reason == "exploration" and t.route == "llm")
+    exploration_cached = sum(1 for t in records if t.reason == "exploration" and t.route == "peer")
     audit = sum(1 for t in records if t.reason == "audit")
     fallback = sum(1 for t in records if t.reason == "fallback")
     peer_hits = [t for t in records if t.route == "peer" or t.reason == "audit"]
@@ -62,7 +63,8 @@ def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok
     llm_up_msgs = counts.messages_up["llm"]
     return {
         "accuracy": correct / total if total else 0.0,
-        "tokens": {"total": total, **by_route, "exploration": exploration, "audit": audit, "fallback": fallback},
+        "tokens": {"total": total, **by_route, "exploration": exploration,
+                   "exploration_cached": exploration_cached, "audit": audit, "fallback": fallback},
         "llm_share": by_route["llm"] / total if total else 0.0,
         "bytes": by_bytes,
         "uplink_bytes_per_llm_token": (counts.uplink["llm"] / llm_up_msgs) if llm_up_msgs else 0.0,

@@ -20,9 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedhlm.core.peer_cache import cache_labels, cached_beta
 from fedhlm.core.policies import make_policy
 from fedhlm.core.records import Drafter, RoutedToken, TokenInput
 from fedhlm.core.settings import ClientSettings
+from fedhlm.core.sketch import content_draw
 from fedhlm.roles.learner import Learner
 from fedhlm.roles.peers import make_peer_step
 from fedhlm.transport import topics
@@ -171,16 +173,18 @@ class Client:
         if self.drafter is None:
             raise RuntimeError(f"{self.id}: serve_round needs a drafter (the client's SLM)")
         drafted = self.drafter.draft(items)
-        inputs, waited_ms = self._represent_uncertain(drafted.inputs)
+        inputs, waited_ms = self._represent_uncertain(drafted.inputs, round_)
         return [self._route(round_, inp, drafted.ms_per_token + waited_ms.get(inp.uid, 0.0)) for inp in inputs]
 
-    def _represent_uncertain(self, inputs: list[TokenInput]) -> tuple[list[TokenInput], dict[int, float]]:
-        """The peer step's context representations, in one batch, for the tokens the head will send (the head
-        does not change within a round; exploration needs none): a confident token pays nothing for P2P, an
-        uncertain one waits for the batch (uid -> that wait in ms, added to its latency)."""
+    def _represent_uncertain(self, inputs: list[TokenInput], round_: int) -> tuple[list[TokenInput], dict[int, float]]:
+        """The peer step's context representations, in one batch, for the tokens that will go through it (the
+        head does not change within a round and the exploration draw is the text's own): a token that stays
+        local pays nothing for P2P, one that goes out waits for the batch (uid -> that wait in ms, added to its
+        latency)."""
         if not self.s.p2p.enabled or self.drafter is None:
             return inputs, {}
-        todo = [i for i, inp in enumerate(inputs) if inp.embedding is None and self.offload(inp.features)]
+        todo = [i for i, inp in enumerate(inputs)
+                if inp.embedding is None and self._tries_peers(self.send_reason(inp.features, inp.context_ids, round_))]
         if not todo:
             return inputs, {}
         vectors, seconds = self.drafter.represent([inputs[i].uid for i in todo])
@@ -195,32 +199,62 @@ class Client:
         """Route every input of this round; `slm_ms` is the SLM's per-token compute time, added to latency."""
         return [self._route(round_, inp, slm_ms) for inp in inputs]
 
+    def send_reason(self, features: np.ndarray, context_ids: Sequence[int], round_: int) -> str | None:
+        """Why a token leaves the device (None: it stays local): "uncertain" when the policy offloads it, else
+        "exploration" for the round's share of the policy's confident tokens. The exploration draw is the
+        context's own (`core.sketch.content_draw`), the same on every device: a text explored once is explored
+        at each delivery, and a cache can answer its repeats."""
+        if self.offload(features):
+            return "uncertain"
+        if self.policy.explores and content_draw(self.s.seed, context_ids) < self.s.routing.exploration_rate(round_):
+            return "exploration"
+        return None
+
+    def _tries_peers(self, reason: str | None) -> bool:
+        """Whether a token sent for `reason` goes through the peer step first: an uncertain one whenever P2P is
+        on; an exploration one only where a miss costs nothing (the edge forwards it) and a cached token is a
+        label (greedy verification), since exploration is there for its label."""
+        if reason is None or not self.s.p2p.enabled:
+            return False
+        return reason == "uncertain" or (reason == "exploration" and self.peers.answers_exploration
+                                         and cache_labels(self.s.routing.verify))
+
     def _route(self, round_: int, inp: TokenInput, slm_ms: float) -> RoutedToken:
         start = time.perf_counter()
         draft_class = self.class_of(inp.draft_token)
         base = dict(client_id=self.id, round=round_, uid=inp.uid, draft=draft_class)
-        if not self.offload(inp.features):
-            if self.policy.explores and self.rng.random() < self.s.routing.exploration_rate(round_):
-                return self._ask_llm(inp, "exploration", base, start, slm_ms)
+        reason = self.send_reason(inp.features, inp.context_ids, round_)
+        if reason is None:
             return RoutedToken(**base, final=draft_class, route="local", latency_ms=slm_ms)
-        request = self._token_request(inp, "uncertain", round_)
-        embedding = self._representation(inp) if self.s.p2p.enabled else None
+        request = self._token_request(inp, reason, round_)
+        embedding = self._representation(inp) if self._tries_peers(reason) else None
         if embedding is not None:
             answer = self.peers.resolve(embedding, request)
             if isinstance(answer, PeerReply):
-                peer_class = self.class_of(answer.token)
-                if self.rng.random() < self.s.p2p.audit:
-                    routed = self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding)
-                    if routed.llm_final is not None:
-                        self.peers.audited(answer.responder_id, routed.llm_final == peer_class)
-                    return routed
-                self.peers.remember(embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
-                latency = slm_ms + (time.perf_counter() - start) * 1000.0
-                return RoutedToken(**base, final=peer_class, route="peer", latency_ms=latency, peer_token=peer_class)
+                return self._reuse(inp, reason, base, start, slm_ms, answer, embedding)
             if isinstance(answer, LLMVerdict):  # the edge had no entry and forwarded the request
                 self._llm_down = False
-                return self._settle(inp, "uncertain", base, start, slm_ms, answer, embedding=embedding)
-        return self._settle(inp, "uncertain", base, start, slm_ms, self._request_verdict(request), embedding=embedding)
+                return self._settle(inp, reason, base, start, slm_ms, answer, embedding=embedding)
+        return self._settle(inp, reason, base, start, slm_ms, self._request_verdict(request), embedding=embedding)
+
+    def _reuse(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float, answer: PeerReply,
+               embedding: np.ndarray) -> RoutedToken:
+        """A token answered by a peer or the edge: the cached token is final (the LLM checks a share `p2p.audit`
+        of them) and, where it decides beta, the token's label, weighed for why it was sent."""
+        peer_class = self.class_of(answer.token)
+        beta = cached_beta(inp.draft_token, answer.token) if cache_labels(self.s.routing.verify) else None
+        if self.rng.random() < self.s.p2p.audit:
+            routed = self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding,
+                                   label_reason=reason if beta is not None else "audit")
+            if routed.llm_final is not None:
+                self.peers.audited(answer.responder_id, routed.llm_final == peer_class)
+            return routed
+        if beta is not None:
+            self.learner.add_label(inp.features, beta, reason, base["round"])
+        self.peers.remember(embedding, answer.token, "peer")  # resolved here too: answerable to the next peer
+        latency = slm_ms + (time.perf_counter() - start) * 1000.0
+        return RoutedToken(**base, final=peer_class, route="peer", reason=reason, latency_ms=latency,
+                           peer_token=peer_class)
 
     def _representation(self, inp: TokenInput) -> np.ndarray | None:
         """The token's context representation for the peer step: drafted with it, or computed now by the
@@ -238,19 +272,21 @@ class Client:
         )
 
     def _ask_llm(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
-                 peer_class: int | None = None, embedding: np.ndarray | None = None) -> RoutedToken:
+                 peer_class: int | None = None, embedding: np.ndarray | None = None,
+                 label_reason: str | None = None) -> RoutedToken:
         verdict = self._request_verdict(self._token_request(inp, reason, base["round"]))
-        return self._settle(inp, reason, base, start, slm_ms, verdict, peer_class, embedding)
+        return self._settle(inp, reason, base, start, slm_ms, verdict, peer_class, embedding, label_reason)
 
     def _settle(self, inp: TokenInput, reason: str, base: dict, start: float, slm_ms: float,
                 verdict: LLMVerdict | None, peer_class: int | None = None,
-                embedding: np.ndarray | None = None) -> RoutedToken:
-        """The routed token for an LLM verdict (None: none came, the SLM's token stays); the verdict is a label."""
+                embedding: np.ndarray | None = None, label_reason: str | None = None) -> RoutedToken:
+        """The routed token for an LLM verdict (None: none came, the SLM's token stays); the verdict is a label,
+        weighed as `label_reason` (default `reason`) says."""
         if verdict is None:
             self.counters.fallbacks += 1
             latency = slm_ms + (time.perf_counter() - start) * 1000.0
             return RoutedToken(**base, final=base["draft"], route="llm", reason="fallback", latency_ms=latency)
-        self.learner.add_label(inp.features, verdict.beta, reason, base["round"])
+        self.learner.add_label(inp.features, verdict.beta, label_reason or reason, base["round"])
         if embedding is not None:
             self.peers.remember(embedding, verdict.final_token, "llm")
         final = self.class_of(verdict.final_token)

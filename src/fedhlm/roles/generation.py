@@ -104,7 +104,7 @@ class SessionRouter:
         proposal = drafter.open(sequence)
         for _ in range(max_new_tokens):
             start = time.perf_counter()
-            reason = self._reason(proposal, round_)
+            reason = c.send_reason(proposal.features, sequence, round_)
             if reason is None or refused:
                 if reason is not None:
                     c.counters.fallbacks += 1
@@ -150,15 +150,6 @@ class SessionRouter:
             end = topics.llm_worker_session_end(gen.worker) if gen.worker else topics.llm_session_end()
             c.endpoint.publish(end, SessionEnd(c.id, gen.session_id), qos=1)
         return gen
-
-    def _reason(self, proposal: NextToken, round_: int) -> str | None:
-        """Why this token goes to the LLM (None: it stays local): the client's policy, and its exploration."""
-        c = self.client
-        if c.offload(proposal.features):
-            return "uncertain"
-        if c.policy.explores and c.rng.random() < c.s.routing.exploration_rate(round_):
-            return "exploration"
-        return None
 
     def _verify(self, gen: Generation, sequence: list[int], synced: int, proposal: NextToken,
                 sketch: bytes | None) -> _Offload:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 class PeerStep:
     """The P2P part of one client: its cache, its queries and its answers."""
+
+    answers_exploration: ClassVar[bool] = False  # a miss waits out the deadline: exploration goes straight
 
     def __init__(self, client_id: str, edge_id: str, settings: P2PSettings, embedder_name: str, embedding_dim: int,
                  endpoint, next_seq: Callable[[], int], counters) -> None:  # noqa: ANN001
@@ -137,6 +140,7 @@ class EdgeStep:
     `EDGE_RETRY_S` before it tries its edge again)."""
 
     EDGE_RETRY_S = 30.0
+    answers_exploration: ClassVar[bool] = True  # a miss costs nothing (the edge forwards it), a hit is a label
 
     def __init__(self, client_id: str, edge_id: str, settings: P2PSettings, embedding_dim: int, endpoint,  # noqa: ANN001
                  counters, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:

@@ -588,7 +588,7 @@ def federated_section(result: dict[str, Any], cfg: SimConfig, init_tau: float = 
             section["hard_loss_ratio"] = section["federated_hard_loss"] / section["central_hard_loss"]
     recs = result["records"]
     tel = result["dep"]
-    section["transmissions"] = {"exploration": sum(1 for t in recs if t.reason == "exploration"),
+    section["transmissions"] = {"exploration": sum(1 for t in recs if t.reason == "exploration" and t.route == "llm"),
                                 "updates": tel["updates_sent"], "models": tel["models_received"]}
     return section
 
