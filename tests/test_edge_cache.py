@@ -135,6 +135,24 @@ def test_with_sampled_verification_exploration_goes_straight_to_the_llm(broker) 
         dep.stop()
 
 
+def test_a_client_answers_its_own_repeat_from_its_own_cache_first_and_while_its_edge_is_down(broker) -> None:
+    dep = deployment(broker)
+    try:
+        a, b = unit(13), unit(14)
+        c000 = dep.clients["c000"]
+        c000.run_round(0, [token(1, a), token(2, b)])  # both resolved by the LLM through the edge
+        again = c000.run_round(0, [token(3, a)])[0]
+        assert (again.route, again.final) == ("peer", 2)
+        assert dep.edges["e0"].resolver.stats.requests == 2  # its own cache answered: the edge never saw it
+        dep.edges["e0"].stop()  # the edge goes away
+        c000.peers.edge_failed(TimeoutError("edge gone"))
+        rec = c000.run_round(0, [token(4, at_cosine(b, 0.98, 9)), token(5, unit(15))])
+        assert [(r.route, r.final) for r in rec] == [("peer", 2), ("llm", 2)]  # own cache, else straight to the LLM
+        assert dep.llm[0].stats.requests == 3 and c000.counters.peer_hits == 2
+    finally:
+        dep.stop()
+
+
 @pytest.mark.parametrize(("cos", "reused"), [(0.98, True), (0.5, False)])
 def test_a_near_repeat_is_reused_above_delta_and_not_below(broker, cos: float, reused: bool) -> None:
     dep = deployment(broker, delta=0.9)

@@ -208,7 +208,7 @@ class P2PSettings:
     audit: float = 0.05  # share of peer hits also sent to the LLM to measure wrong reuse
     # audited disagreements with the LLM (also a majority of its audits) that exclude a peer; 0: never
     exclude_after: int = 3
-    cache_entries: int = 2000  # a client's own cache (resolver peers)
+    cache_entries: int = 2000  # a client's own cache (resolver peers: what it answers its peers; edge: looked up first)
     ttl_s: float = 3600.0
     sketch_bits: int = 128  # SimHash bits a client sends its edge per uncertain token (resolver edge)
     edge_cache_entries: int = 20_000  # the edge's cluster cache (resolver edge)

@@ -41,6 +41,7 @@ __all__ = ["Client", "ClientCounters", "ClientSettings", "RoutingHead", "TokenIn
 class ClientCounters:
     peer_queries: int = 0
     peer_hits: int = 0
+    own_cache_hits: int = 0  # of peer_hits: answered from the client's own cache (resolver edge)
     peer_answers: int = 0  # queries of others this client answered
     peer_refused: int = 0  # queries ignored (other embedder, own query, a response topic not the asker's)
     peers_excluded: int = 0  # peers whose audited answers disagreed with the LLM (no answer taken from them since)

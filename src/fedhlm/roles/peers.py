@@ -137,7 +137,13 @@ class PeerStep:
 class EdgeStep:
     """The uncertain token through the edge's cluster cache: a PeerReply (hit), the LLM's verdict (the edge
     forwarded it), or None (no answer in time: the client asks the LLM directly, and keeps doing so for
-    `EDGE_RETRY_S` before it tries its edge again)."""
+    `EDGE_RETRY_S` before it tries its edge again).
+
+    The client also keeps the contexts it resolved itself (`p2p.cache_entries`, exact cosine on its own
+    embeddings) and looks there first: everything in it is in the edge's cache too, so the edge could
+    only answer the same, one broker hop later; and while its edge does not answer, it is the only
+    cache the client has. A miss there costs a lookup on the device (about 0.3 ms at 2,000 entries of
+    384 dimensions), nothing on the wire."""
 
     EDGE_RETRY_S = 30.0
     answers_exploration: ClassVar[bool] = True  # a miss costs nothing (the edge forwards it), a hit is a label
@@ -152,28 +158,33 @@ class EdgeStep:
         self.timeout_s = timeout_s
         self._clock = clock
         self._edge_down_until = -np.inf
-
-    @property
-    def cache(self) -> None:
-        return None  # the cluster's cache is the edge's
+        self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.ttl_s)
 
     def subscribe(self) -> None:
         """Nothing to answer: peers never query this client."""
 
     def remember(self, embedding: np.ndarray, token: int, source: str) -> None:
-        """The edge caches what it forwarded; the client keeps nothing."""
+        """A token this client resolved (from the LLM or its edge): its own cache answers a repeat at once."""
+        self.cache.add(embedding, token, source)
 
     def audited(self, responder: str, agreed: bool) -> None:
-        """Nothing to exclude: the only responder is the client's own edge, whose entries are LLM verdicts
-        it read itself; a disagreement there is a wrong reuse, counted in the report."""
+        """Nothing to exclude: the only responders are the client's own edge, whose entries are LLM verdicts
+        it read itself, and the client's own cache; a disagreement there is a wrong reuse, counted in the report."""
 
     def resolve(self, embedding: np.ndarray, request: TokenRequest) -> PeerReply | LLMVerdict | None:
+        start = time.perf_counter()
+        own = self.cache.lookup(embedding, self.s.delta)
+        if own is not None:  # the client resolved this context itself: no hop to the edge
+            self.counters.peer_queries += 1
+            self.counters.own_cache_hits += 1
+            reply = PeerReply(self.id, request.seq, own.token, float(min(1.0, own.similarity)))
+            self.hit(reply, request.seq, start)
+            return reply
         if self._clock() < self._edge_down_until:
             return None
         fields = {f.name: getattr(request, f.name) for f in TokenRequest.field_specs()}
         through = ResolveRequest(**fields, family=self.fingerprint, sketch=self.family.sketch(embedding).tobytes())
         self.counters.peer_queries += 1
-        start = time.perf_counter()
         try:
             reply = self.endpoint.request(topics.edge_resolve(self.edge_id), through, topics.client_llm_reply(self.id),
                                           timeout_s=self.timeout_s, qos=1, expiry_s=self.timeout_s,

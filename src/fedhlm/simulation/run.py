@@ -229,6 +229,7 @@ def deployment_telemetry(dep) -> dict[str, Any]:
         "fallbacks": sum(c.counters.fallbacks for c in clients),
         "peer_queries": sum(c.counters.peer_queries for c in clients),
         "peer_hits": sum(c.counters.peer_hits for c in clients),
+        "own_cache_hits": sum(c.counters.own_cache_hits for c in clients),
         "peer_answers": sum(c.counters.peer_answers for c in clients),
         "peers_excluded": sum(c.counters.peers_excluded for c in clients),
         "peer_ms_p50": float(np.percentile(peer_ms, 50)) if peer_ms else 0.0,
@@ -282,6 +283,7 @@ def method_entry(result: dict[str, Any]) -> dict[str, Any]:
         queries = dep["peer_queries"]
         entry["peer"].update({
             "queries": queries, "hit_rate": dep["peer_hits"] / queries if queries else None,
+            "own_cache_hits": dep.get("own_cache_hits", 0),
             "added_latency_ms_p50": dep["peer_ms_p50"], "added_latency_ms_mean": dep["peer_ms_mean"],
         })
         if dep.get("edge_cache"):
@@ -759,8 +761,9 @@ def print_table(report: dict[str, Any]) -> None:
             ci = peer.get("label_error_ci95")
             err = (f"reused tokens wrong {100 * peer['label_error']:.1f} % (95 % CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}; "
                    f"the SLM on the same tokens {100 * peer['slm_error_same_tokens']:.1f} %)" if ci else "nothing reused")
-            print(f"  {name}: edge caches answered {cache['hits']} of {cache['requests']} uncertain tokens "
-                  f"({100 * cache['hit_rate']:.1f} %), {cache['entries']} entries; {err}")
+            print(f"  {name}: edge caches answered {cache['hits']} of {cache['requests']} tokens "
+                  f"({100 * cache['hit_rate']:.1f} %), {cache['entries']} entries; the clients' own caches "
+                  f"{peer.get('own_cache_hits', 0)}; {err}")
             near = (peer.get("by_delivery") or {}).get("near_repeat")
             if near and near["tokens"]:
                 wrong = "-" if near["label_error"] is None else f"{100 * near['label_error']:.1f} %"
