@@ -57,15 +57,16 @@ def broker():
         yield b
 
 
-def deployment(broker: LocalBroker, llm: LLMRefiner, *, audit: float = 0.0, delta: float = 0.9) -> Deployment:
+def deployment(broker: LocalBroker, llm: LLMRefiner, *, audit: float = 0.0, delta: float = 0.9,
+               policy: str = "always", tau: float = 0.5, exploration: float = 0.0) -> Deployment:
     llm.sessions.clear()
-    settings = ClientSettings(client_id="-", edge_id="-", policy="always", embedder_name="test-emb",
-                              routing=RoutingSettings(exploration=0.0, llm_timeout_s=5.0, top_k=4),
+    settings = ClientSettings(client_id="-", edge_id="-", policy=policy, embedder_name="test-emb",
+                              routing=RoutingSettings(exploration=exploration, llm_timeout_s=5.0, top_k=4),
                               p2p=P2PSettings(resolver="edge", delta=delta, audit=audit),
                               federation=FederationSettings(round_deadline_s=5.0))
     q_fn = lambda ids, mask, last: llm.q_probs({"input_ids": ids, "attention_mask": mask, "last_index": last})  # noqa: E731
     config = llm.model.config
-    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=0.5)),
+    spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=tau)),
                           q_fn=q_fn, class_of=lambda t: t, llm_sessions=RefinerSessions(llm), session_ttl_s=5.0,
                           llm_limits=ModelLimits(int(config.vocab_size), int(config.max_position_embeddings)),
                           embedding_dim=DIM)
@@ -186,5 +187,27 @@ def test_audited_hits_are_verified_by_the_llm_and_compared(broker, llm, slm, tok
         assert all(s.route == "llm" and s.reason == "audit" for s in audited.steps)
         assert all(s.peer_token == s.token for s in audited.steps)  # an exact repeat: no wrong reuse
         assert audited.tokens == first.tokens
+    finally:
+        dep.stop()
+
+
+def test_explored_positions_are_the_same_at_a_repeat_and_answered_by_the_edge_with_their_labels(broker, llm, slm,
+                                                                                                 tokenizer) -> None:
+    # the head keeps every token (tau far above any entropy); half the contexts are explored, by their own draw
+    dep = deployment(broker, llm, policy="learned", tau=50.0, exploration=0.5)
+    try:
+        context = unit(5)
+        first = write(dep, "c000", slm, prompt(tokenizer), context)
+        explored = [s.position for s in first.steps if s.reason == "exploration"]
+        assert explored and len(explored) < len(first.steps)
+        assert all(s.route == "llm" for s in first.steps if s.reason == "exploration")
+        wait_learned(dep, "e0", len(explored))
+        second = write(dep, "c001", slm, prompt(tokenizer), context)
+        assert second.tokens == first.tokens
+        assert [s.position for s in second.steps if s.reason == "exploration"] == explored  # same draws
+        assert all(s.route == "peer" for s in second.steps if s.reason == "exploration")  # the edge's answers
+        _, beta, weights = dep.clients["c001"].pairs()  # each cached answer is a label, weighed 1 / exploration
+        assert beta.size == len(explored) and weights == pytest.approx([2.0] * len(explored))
+        assert beta.tolist() == [float(s.draft != s.token) for s in second.steps if s.reason == "exploration"]
     finally:
         dep.stop()

@@ -185,7 +185,7 @@ class Client:
         if not self.s.p2p.enabled or self.drafter is None:
             return inputs, {}
         todo = [i for i, inp in enumerate(inputs)
-                if inp.embedding is None and self._tries_peers(self.send_reason(inp.features, inp.context_ids, round_))]
+                if inp.embedding is None and self.tries_peers(self.send_reason(inp.features, inp.context_ids, round_))]
         if not todo:
             return inputs, {}
         vectors, seconds = self.drafter.represent([inputs[i].uid for i in todo])
@@ -211,7 +211,7 @@ class Client:
             return "exploration"
         return None
 
-    def _tries_peers(self, reason: str | None) -> bool:
+    def tries_peers(self, reason: str | None) -> bool:
         """Whether a token sent for `reason` goes through the peer step first: an uncertain one whenever P2P is
         on; an exploration one only where a miss costs nothing (the edge forwards it) and a cached token is a
         label (greedy verification), since exploration is there for its label."""
@@ -228,7 +228,7 @@ class Client:
         if reason is None:
             return RoutedToken(**base, final=draft_class, route="local", latency_ms=slm_ms)
         request = self._token_request(inp, reason, round_)
-        embedding = self._representation(inp) if self._tries_peers(reason) else None
+        embedding = self._representation(inp) if self.tries_peers(reason) else None
         if embedding is not None:
             answer = self.peers.resolve(embedding, request)
             if isinstance(answer, PeerReply):

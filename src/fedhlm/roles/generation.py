@@ -19,7 +19,9 @@ outlet's version of it) is answered by the edge from its cache at the same prefi
 miss is forwarded to the LLM as the SessionToken it would have been, so it costs one broker hop. A
 token taken from the edge is one the LLM's session has not seen: it goes with the next offloaded token,
 like a kept one. A share `p2p.audit` of the hits is verified by the LLM too (wrong reuse, measured).
-Exploration tokens skip the edge: their verdict is the head's unbiased label.
+Exploration tokens go through the edge too (their draw is the context's own, so a repeat of an explored
+sequence explores the same positions), and under greedy verification a hit is the token's label, as in
+classification (`Client.tries_peers`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedhlm.core.peer_cache import cache_labels, cached_beta
 from fedhlm.core.records import NextToken, SequenceDrafter
 from fedhlm.roles.client import Client
 from fedhlm.transport import topics
@@ -112,13 +115,16 @@ class SessionRouter:
                                       "refused" if reason is not None else None,
                                       latency_ms=proposal.ms + (time.perf_counter() - start) * 1000.0)
             else:
-                out = self._verify(gen, sequence, synced, proposal, sketch if reason == "uncertain" else None)
+                out = self._verify(gen, sequence, synced, proposal, sketch if c.tries_peers(reason) else None)
                 peer_token = out.hit.token if out.hit is not None else None
+                labels = cache_labels(c.s.routing.verify)  # a cached token is a label: weighed as its reason says
+                label_reason = reason
                 if out.hit is not None and c.rng.random() < c.s.p2p.audit:  # the LLM checks the edge's answer
                     audit = self._verify(gen, sequence, synced, proposal, None)
                     audit.sent += out.sent
                     if audit.verdict is not None:
                         reason, out = "audit", audit
+                        label_reason = label_reason if labels else "audit"
                     else:  # no verdict: the edge's answer stands, and what the refiner holds is unknown: reopen
                         out.sent, out.misses, out.refused = audit.sent, audit.misses, audit.refused
                         synced = 0
@@ -126,6 +132,9 @@ class SessionRouter:
                 refused = refused or out.refused
                 latency = proposal.ms + (time.perf_counter() - start) * 1000.0
                 if out.hit is not None:  # the refiner has not seen it: it goes with the next offloaded token
+                    if labels:
+                        c.learner.add_label(proposal.features, cached_beta(proposal.draft_token, out.hit.token),
+                                            reason, round_)
                     step = GeneratedToken(len(sequence), out.hit.token, proposal.draft_token, "peer", reason,
                                           uplink_bytes=out.sent, latency_ms=latency, peer_token=peer_token)
                 elif out.verdict is None:
@@ -137,7 +146,7 @@ class SessionRouter:
                 else:
                     synced = len(sequence)  # the refiner holds the prefix; its verdict's token comes next time
                     v = out.verdict
-                    c.learner.add_label(proposal.features, v.beta, reason, round_)
+                    c.learner.add_label(proposal.features, v.beta, label_reason, round_)
                     step = GeneratedToken(len(sequence), v.final_token, proposal.draft_token, "llm", reason,
                                           v.accepted, out.sent, out.opened, latency, v.llm_ms, peer_token)
             gen.steps.append(step)
