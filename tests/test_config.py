@@ -88,6 +88,11 @@ def test_error_messages_say_what_is_wrong() -> None:
         load_config(overrides=["methods=[magic]"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(overrides=["federation.clients"])
+    with pytest.raises(ConfigError, match=r"^p2p\.delta_floor: must be in \[-1, 0\.9\)"):
+        load_config(overrides=["p2p.delta_floor=0.95"])
+    with pytest.raises(ConfigError, match=r"^p2p\.delta_floor: only an edge learns its delta"):
+        load_config(overrides=["p2p.delta_floor=0.8", "p2p.resolver=peers"])
+    assert load_config(overrides=["p2p.delta_floor=0.8"]).p2p.delta_floor == 0.8
 
 
 def test_overrides_apply_in_order_over_the_file(tmp_path) -> None:

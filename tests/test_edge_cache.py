@@ -22,11 +22,12 @@ USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud
 
 
 def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster",
-               llm_timeout_s: float = 5.0, policy: str = "always", tau: float = 0.5,
+               llm_timeout_s: float = 5.0, policy: str = "always", tau: float = 0.5, delta_floor: float | None = None,
                **routing) -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy=policy, embedder_name="test-emb",
                               routing=RoutingSettings(llm_timeout_s=llm_timeout_s, **routing),
-                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope),
+                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope,
+                                              delta_floor=delta_floor),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=tau)),
                           q_fn=q_fn, class_of=lambda t: t if t < 4 else -1, embedding_dim=DIM)
@@ -151,6 +152,32 @@ def test_a_client_answers_its_own_repeat_from_its_own_cache_first_and_while_its_
         assert dep.llm[0].stats.requests == 3 and c000.counters.peer_hits == 2
     finally:
         dep.stop()
+
+
+def _near_repeats(broker: LocalBroker, floor: float | None) -> dict:
+    """A context the LLM resolved, then 60 near versions of it (cosine 0.95) at the two clients of its cluster."""
+    dep = deployment(broker, delta=0.99, delta_floor=floor)
+    try:
+        a = unit(30)
+        dep.clients["c000"].run_round(0, [token(1, a)])
+        _learned(dep)
+        for i in range(60):
+            client = dep.clients["c000" if i % 2 else "c001"]
+            assert client.run_round(0, [token(100 + i, at_cosine(a, 0.95, 1000 + i))])[0].final == 2
+            _learned(dep, count=dep.edges["e0"].resolver.stats.forwarded)
+        return {**dep.edges["e0"].resolver.report(), "llm_requests": dep.llm[0].stats.requests}
+    finally:
+        dep.stop()
+
+
+def test_an_edge_learns_a_lower_delta_where_its_misses_show_the_nearest_answer_beats_the_draft(broker) -> None:
+    # the LLM answers 2 for every context and the drafts say 0: every miss's nearest entry (token 2) was right and
+    # the draft wrong, so with a floor the edge lowers delta (0.99 at first) and answers more of the near versions
+    fixed, learned = _near_repeats(broker, None), _near_repeats(broker, 0.9)
+    assert fixed["delta"] == 0.99 and "delta_bands" not in fixed
+    assert 0.9 <= learned["delta"] < 0.99 and sum(learned["delta_bands"]["pairs"]) >= 20
+    assert learned["hits"] >= fixed["hits"] + 5  # 8 vs 0 when written: delta came down after ~40 misses
+    assert learned["llm_requests"] == 61 - learned["hits"] and fixed["llm_requests"] == 61 - fixed["hits"]
 
 
 @pytest.mark.parametrize(("cos", "reused"), [(0.98, True), (0.5, False)])

@@ -201,6 +201,9 @@ class P2PSettings:
     resolver: PeerResolver = "edge"  # who answers: the edge's cluster cache, or every peer (broadcast)
     representation: Representation = "embedder"  # slm_hidden: no second model on the device
     delta: float = 0.9  # cosine similarity a peer's cached context needs
+    # null: the edges answer at delta; a number: each edge lowers its cluster's delta, not below this, where its
+    # misses show the nearest cached answers disagree with the LLM no more often than the drafts (core.reuse_delta)
+    delta_floor: float | None = None
     deadline_ms: float = 40.0  # how long a client waits for a peer answer (resolver peers)
     # neighbours: also the other clusters' (resolver edge: edges share their new entries; peers: the edge
     # forwards a query its cluster missed)
@@ -216,6 +219,10 @@ class P2PSettings:
     def __post_init__(self) -> None:
         s = "p2p"
         check_range(s, "delta", self.delta, -1, 1)
+        if self.delta_floor is not None:
+            check_range(s, "delta_floor", self.delta_floor, -1, self.delta, hi_open=True)
+            if self.resolver != "edge":
+                raise SettingError(f"{s}.delta_floor: only an edge learns its delta (resolver edge), not {self.resolver}")
         check_range(s, "deadline_ms", self.deadline_ms, 0, lo_open=True)
         check_range(s, "audit", self.audit, 0, 1)
         check_range(s, "exclude_after", self.exclude_after, 0)
@@ -232,6 +239,11 @@ class P2PSettings:
     def asks_neighbours(self) -> bool:
         """A query the cluster misses goes on to the other clusters (through the edge)."""
         return self.enabled and self.scope == "neighbours"
+
+    @property
+    def edge_answers_from(self) -> float:
+        """The least similarity at which a client takes its edge's answer: where the edge's delta may go."""
+        return self.delta if self.delta_floor is None else self.delta_floor
 
     @property
     def through_edge(self) -> bool:

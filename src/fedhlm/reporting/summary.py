@@ -11,10 +11,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from fedhlm.core.intervals import wilson_interval
 from fedhlm.core.records import BYTE_KINDS, ROUTES, ByteCounts, RoutedToken
 
-__all__ = ["BYTE_KINDS", "ROUTES", "ByteCounts", "TokenRecord", "check_consistency", "per_round", "percentile", "summarise"]
-
+__all__ = ["BYTE_KINDS", "ROUTES", "ByteCounts", "TokenRecord", "check_consistency", "per_round", "percentile", "summarise",
+           "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,6 @@ class TokenRecord(RoutedToken):
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else 0.0
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float] | None:
-    """Wilson score interval of a proportion k/n (None for n = 0): sound at small n and at 0 or n successes,
-    where the normal approximation gives a zero-width interval."""
-    if n <= 0:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def summarise(records: Sequence[TokenRecord], counts: ByteCounts, *, fallback_ok: bool = True) -> dict:

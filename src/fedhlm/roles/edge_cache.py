@@ -23,6 +23,11 @@ and the session's KV cache lives where it did. The verdict is learnt from the cl
 topic, as in classification. Generation entries are not shared with the neighbours (`CacheEntry`
 carries no prefix digest).
 
+With `p2p.delta_floor` set, the edge learns its cluster's delta: a miss's nearest entry (above the floor)
+and the client's draft were both candidate answers, and the verdict the edge reads anyway says whether
+each was right; delta comes down to where the nearest entries have been no worse than the drafts
+(`core.reuse_delta`). Clients then take the edge's answers from the floor up.
+
 With `p2p.scope: neighbours` every edge also publishes each entry it learns (`CacheEntry`, the
 sketch and the token: about 80 bytes, server to server) and adds the other edges' entries to its
 own cache, so a repeat that crosses clusters is answered at its own edge, with no wait on a miss.
@@ -38,7 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhlm.core.peer_cache import SketchCache
+from fedhlm.core.peer_cache import CacheHit, SketchCache
+from fedhlm.core.reuse_delta import DeltaBands
 from fedhlm.core.settings import P2PSettings
 from fedhlm.core.sketch import SimHash
 from fedhlm.transport import topics
@@ -49,6 +55,17 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 10_000  # forwarded requests waiting for their verdict (oldest dropped first)
 DEFAULT_EMBEDDING_DIM = 384  # all-MiniLM-L6-v2, the shipped P2P embedder (a `fedhlm edge` loads no embedder)
+
+
+@dataclass(frozen=True)
+class _Forwarded:
+    """A request the edge forwarded: its key in the cache, and what its verdict tells the learned delta."""
+
+    sketch: np.ndarray
+    key: int  # the generated prefix's digest (0: classification)
+    at: float  # monotonic time it was forwarded
+    draft: int  # the client's draft
+    nearest: CacheHit | None  # the nearest entry it missed (above the delta floor; None when not learning)
 
 
 @dataclass
@@ -75,20 +92,22 @@ class EdgeResolver:
 
     def __init__(self, edge_id: str, members: list[str], family: SimHash, *, delta: float = 0.9,
                  representation: str = "embedder", max_entries: int = 20_000, ttl_s: float = 3600.0,
-                 pending_ttl_s: float = 60.0, share: bool = False) -> None:
+                 pending_ttl_s: float = 60.0, share: bool = False, delta_floor: float | None = None) -> None:
         """`delta`: the estimated cosine a cached context needs; `representation`: what the clients sketch (with
         the family, the fingerprint their sketches must carry); `share`: publish each learned entry for the other
-        edges and take theirs (p2p scope neighbours)."""
+        edges and take theirs (p2p scope neighbours); `delta_floor`: learn delta from the misses, not below it
+        (`core.reuse_delta`; None: delta stays)."""
         self.id = edge_id
         self.delta = delta
+        self.bands = DeltaBands(delta_floor, delta) if delta_floor is not None else None
         self.fingerprint = family.fingerprint(representation)
         self.share = share
         self.members = set(members)
         self.family = family
         self.cache = SketchCache(family, max_entries=max_entries, ttl_s=ttl_s)
         self.pending_ttl_s = pending_ttl_s
-        # (client, seq) of a forwarded request -> (its sketch, its context key, when)
-        self._pending: OrderedDict[tuple[str, int], tuple[np.ndarray, int, float]] = OrderedDict()
+        # (client, seq) of a forwarded request -> what its verdict will teach
+        self._pending: OrderedDict[tuple[str, int], _Forwarded] = OrderedDict()
         # (client, session id) of a generated sequence -> its prompt's sketch, sent with its first request only
         self._sketches: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -104,7 +123,7 @@ class EdgeResolver:
             return None
         return cls(edge_id, members, SimHash(p2p.sketch_bits, embedding_dim), delta=p2p.delta,
                    representation=p2p.representation, max_entries=p2p.edge_cache_entries, ttl_s=p2p.ttl_s,
-                   share=p2p.asks_neighbours)
+                   share=p2p.asks_neighbours, delta_floor=p2p.delta_floor)
 
     def attach(self, endpoint) -> None:  # noqa: ANN001
         """Subscribe to the cluster's resolve topic and to each member's verdicts."""
@@ -122,7 +141,7 @@ class EdgeResolver:
         if not isinstance(req, ResolveRequest) or not inbound.response_topic:
             return self._refuse("not_request", "not a resolve request with a response topic")
         sketch = self._admit(req.client_id, req.family, req.sketch)
-        if sketch is None or self._answered(inbound, req.client_id, req.seq, sketch, 0):
+        if sketch is None or self._answered(inbound, req.client_id, req.seq, sketch, 0, req.draft_token):
             return None
         self.endpoint.forward(topics.llm_request(), req.token_request(), inbound, qos=1)
         return None
@@ -151,7 +170,8 @@ class EdgeResolver:
                 sketch = self._sketches.get(key)
             if sketch is None:  # not held (evicted, a restarted edge): forwarded without a lookup, not learnt
                 self.stats.unkeyed += 1
-        if sketch is not None and self._answered(inbound, req.client_id, req.seq, sketch, req.context_key):
+        if sketch is not None and self._answered(inbound, req.client_id, req.seq, sketch, req.context_key,
+                                                 req.draft_token):
             return None
         # the client's own rule: a later token to the worker holding the session, anything else to the shared topic
         named = req.start > 0 and req.worker != NO_WORKER
@@ -169,17 +189,18 @@ class EdgeResolver:
         self.stats.requests += 1
         return np.frombuffer(sketch, dtype=np.uint8)
 
-    def _answered(self, inbound: Inbound, client_id: str, seq: int, sketch: np.ndarray, key: int) -> bool:
+    def _answered(self, inbound: Inbound, client_id: str, seq: int, sketch: np.ndarray, key: int, draft: int) -> bool:
         """Answer a hit on the client's p2p reply topic (True); else remember the request, whose verdict this edge
-        will learn, and count it forwarded (False: the caller forwards it)."""
-        hit = self.cache.lookup(sketch, self.delta, key)
-        if hit is not None:
+        will learn (with the nearest entry it missed, when delta is learnt), and count it forwarded (False: the
+        caller forwards it)."""
+        hit = self.cache.lookup(sketch, self.delta if self.bands is None else self.bands.floor, key)
+        if hit is not None and hit.similarity >= self.delta:
             self.stats.hits += 1
             self.endpoint.answer_on(topics.client_p2p_reply(client_id, self.id), inbound,
                                     PeerReply(self.id, seq, hit.token, float(np.clip(hit.similarity, -1, 1))))
             return True
         with self._lock:
-            self._pending[(client_id, seq)] = (sketch, key, time.monotonic())
+            self._pending[(client_id, seq)] = _Forwarded(sketch, key, time.monotonic(), draft, hit)
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
         self.stats.forwarded += 1
@@ -193,13 +214,18 @@ class EdgeResolver:
         with self._lock:
             entry = self._pending.pop((verdict.client_id, verdict.seq), None)
             cutoff = time.monotonic() - self.pending_ttl_s
-            while self._pending and next(iter(self._pending.values()))[2] < cutoff:
+            while self._pending and next(iter(self._pending.values())).at < cutoff:
                 self._pending.popitem(last=False)
         if entry is None:
-            return  # an exploration or audit request (sent straight to the LLM), or one we never saw
-        sketch, key, _ = entry
+            return  # an audit or a request sent straight to the LLM (the edge was down), or one we never saw
+        sketch, key = entry.sketch, entry.key
         self.cache.add(sketch, verdict.final_token, "llm", key)
         self.stats.learned += 1
+        if self.bands is not None and entry.nearest is not None:
+            final = verdict.final_token
+            with self._lock:
+                if self.bands.record(entry.nearest.similarity, entry.nearest.token == final, entry.draft == final):
+                    self.delta = self.bands.delta()
         if self.share and key == 0:  # a CacheEntry carries no prefix digest: generation entries stay here
             self.endpoint.publish(topics.edge_p2p_entry(self.id),
                                   CacheEntry(self.id, self.fingerprint, sketch.tobytes(), verdict.final_token), qos=0)
@@ -219,7 +245,10 @@ class EdgeResolver:
         return None
 
     def report(self) -> dict[str, float | int | dict[str, int]]:
-        return {**self.stats.as_dict(self.cache), "refused_by_reason": dict(self.refused)}
+        out = {**self.stats.as_dict(self.cache), "refused_by_reason": dict(self.refused), "delta": self.delta}
+        if self.bands is not None:
+            out["delta_bands"] = self.bands.as_dict()
+        return out
 
     def _refuse(self, reason: str, why: str) -> None:
         self.stats.refused += 1

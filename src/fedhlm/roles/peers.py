@@ -223,7 +223,7 @@ class EdgeStep:
 
     def hit(self, reply: object, seq: int, start: float) -> bool:
         """Whether `reply` is the edge's usable answer to request `seq` (counted, with its time since `start`)."""
-        if isinstance(reply, PeerReply) and reply.seq == seq and reply.similarity >= self.s.delta:
+        if isinstance(reply, PeerReply) and reply.seq == seq and reply.similarity >= self.s.edge_answers_from:
             self.counters.peer_hits += 1
             self.counters.peer_ms.append((time.perf_counter() - start) * 1000.0)
             return True

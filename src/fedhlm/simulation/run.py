@@ -764,6 +764,9 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {name}: edge caches answered {cache['hits']} of {cache['requests']} tokens "
                   f"({100 * cache['hit_rate']:.1f} %), {cache['entries']} entries; the clients' own caches "
                   f"{peer.get('own_cache_hits', 0)}; {err}")
+            learned = {e: c["delta"] for e, c in cache["by_edge"].items() if "delta_bands" in c}
+            if learned:
+                print("    learned delta per edge: " + ", ".join(f"{e} {d:.3f}" for e, d in sorted(learned.items())))
             near = (peer.get("by_delivery") or {}).get("near_repeat")
             if near and near["tokens"]:
                 wrong = "-" if near["label_error"] is None else f"{100 * near['label_error']:.1f} %"
