@@ -165,6 +165,9 @@ class SimConfig:
         for i, d in enumerate(self.delta_sweep):
             if not -1 <= d <= 1:
                 raise ConfigError(f"delta_sweep[{i}]: must be in [-1, 1], got {d}")
+            if self.p2p.delta_floor is not None and d <= self.p2p.delta_floor:
+                raise ConfigError(f"delta_sweep[{i}]: {d} is not above p2p.delta_floor ({self.p2p.delta_floor}), "
+                                  f"where a learned delta starts")
         fed = self.federation
         if fed.edges > fed.clients:
             raise ConfigError(f"federation.edges: {fed.edges} edges for {fed.clients} clients; need edges <= clients")
