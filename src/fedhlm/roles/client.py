@@ -174,10 +174,10 @@ class Client:
         if self.drafter is None:
             raise RuntimeError(f"{self.id}: serve_round needs a drafter (the client's SLM)")
         drafted = self.drafter.draft(items)
-        inputs, waited_ms = self._represent_uncertain(drafted.inputs, round_)
+        inputs, waited_ms = self._represent_outgoing(drafted.inputs, round_)
         return [self._route(round_, inp, drafted.ms_per_token + waited_ms.get(inp.uid, 0.0)) for inp in inputs]
 
-    def _represent_uncertain(self, inputs: list[TokenInput], round_: int) -> tuple[list[TokenInput], dict[int, float]]:
+    def _represent_outgoing(self, inputs: list[TokenInput], round_: int) -> tuple[list[TokenInput], dict[int, float]]:
         """The peer step's context representations, in one batch, for the tokens that will go through it (the
         head does not change within a round and the exploration draw is the text's own): a token that stays
         local pays nothing for P2P, one that goes out waits for the batch (uid -> that wait in ms, added to its
