@@ -23,10 +23,10 @@ USERS = {**{c: "client" for c in ASSIGNMENT}, "e0": "edge", "e1": "edge", "cloud
 
 def deployment(broker: LocalBroker, *, enabled: bool = True, delta: float = 0.9, scope: str = "cluster",
                llm_timeout_s: float = 5.0, policy: str = "always", tau: float = 0.5, delta_floor: float | None = None,
-               **routing) -> Deployment:
+               audit: float = 0.0, **routing) -> Deployment:
     settings = ClientSettings(client_id="-", edge_id="-", policy=policy, embedder_name="test-emb",
                               routing=RoutingSettings(llm_timeout_s=llm_timeout_s, **routing),
-                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=0.0, scope=scope,
+                              p2p=P2PSettings(enabled=enabled, resolver="edge", delta=delta, audit=audit, scope=scope,
                                               delta_floor=delta_floor),
                               federation=FederationSettings(round_deadline_s=5.0))
     spec = DeploymentSpec(assignment=ASSIGNMENT, client=settings, head_factory=lambda: TorchHead(ThresholdHead(tau=tau)),
@@ -302,5 +302,20 @@ def test_with_its_edge_down_a_client_asks_the_llm_directly_and_loses_no_token(br
         assert client.counters.fallbacks == 0
         assert dep.llm[0].stats.requests == 2
         assert second.latency_ms < 1000  # after one timeout the client stops trying its edge for a while
+    finally:
+        dep.stop()
+
+
+def test_an_exact_repeat_is_not_audited_a_near_one_is(broker) -> None:
+    # greedy verification: the LLM gave the cached token to this very context and would give it again
+    dep = deployment(broker, audit=1.0)
+    try:
+        a = unit(40)
+        dep.clients["c000"].run_round(0, [token(1, a)])
+        _learned(dep)
+        exact, near = dep.clients["c001"].run_round(0, [token(2, a), token(3, at_cosine(a, 0.98, 41))])
+        assert (exact.route, exact.reason) == ("peer", "uncertain")
+        assert (near.route, near.reason, near.peer_token, near.llm_final) == ("llm", "audit", 2, 2)
+        assert dep.llm[0].stats.requests == 2
     finally:
         dep.stop()

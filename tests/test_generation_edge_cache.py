@@ -182,10 +182,13 @@ def test_audited_hits_are_verified_by_the_llm_and_compared(broker, llm, slm, tok
         context = unit(4)
         first = write(dep, "c000", slm, prompt(tokenizer), context)
         wait_learned(dep, "e0", len(first.tokens))
-        audited = write(dep, "c001", slm, prompt(tokenizer), context)
+        # the same prompt (an identical sketch): the LLM gave these tokens to this text and would again, no audit
+        exact = write(dep, "c001", slm, prompt(tokenizer), context)
+        assert all(s.route == "peer" and s.reason == "uncertain" for s in exact.steps)
+        audited = write(dep, "c001", slm, prompt(tokenizer), at_cosine(context, 0.98, 3))  # a near repeat
         # every hit was also sent to the LLM: the token is the LLM's, the edge's answer kept beside it
         assert all(s.route == "llm" and s.reason == "audit" for s in audited.steps)
-        assert all(s.peer_token == s.token for s in audited.steps)  # an exact repeat: no wrong reuse
+        assert all(s.peer_token == s.token for s in audited.steps)  # the same text in fact: no wrong reuse
         assert audited.tokens == first.tokens
     finally:
         dep.stop()

@@ -34,6 +34,8 @@ from fedhlm.transport.network import Network, OwnThreads
 
 log = logging.getLogger(__name__)
 
+EXACT_SIMILARITY = 1.0 - 1e-6  # a cache answer for the request's own context (identical sketch or embedding)
+
 __all__ = ["Client", "ClientCounters", "ClientSettings", "RoutingHead", "TokenInput"]
 
 
@@ -244,7 +246,7 @@ class Client:
         of them) and, where it decides beta, the token's label, weighed for why it was sent."""
         peer_class = self.class_of(answer.token)
         beta = cached_beta(inp.draft_token, answer.token) if cache_labels(self.s.routing.verify) else None
-        if self.rng.random() < self.s.p2p.audit:
+        if self.audits(answer):
             routed = self._ask_llm(inp, "audit", base, start, slm_ms, peer_class=peer_class, embedding=embedding,
                                    label_reason=reason if beta is not None else "audit")
             if routed.llm_final is not None:
@@ -256,6 +258,17 @@ class Client:
         latency = slm_ms + (time.perf_counter() - start) * 1000.0
         return RoutedToken(**base, final=peer_class, route="peer", reason=reason, latency_ms=latency,
                            peer_token=peer_class)
+
+    def audits(self, answer: PeerReply) -> bool:
+        """Whether the LLM also checks this cache answer (a share `p2p.audit` of them, drawn here). Not where the
+        answer's context is the request's own (similarity 1: the same text, as the sketch or embedding can tell)
+        under greedy verification: the LLM gave that answer to that text and would give it again, so the audit
+        could only agree and would cost an LLM call for nothing. Only where the similarity is the resolver's own
+        finding (the edge's or the client's cache): a peer could claim 1 to escape its audits."""
+        if (answer.similarity >= EXACT_SIMILARITY and self.peers.similarity_trusted
+                and cache_labels(self.s.routing.verify)):
+            return False
+        return bool(self.rng.random() < self.s.p2p.audit)
 
     def _representation(self, inp: TokenInput) -> np.ndarray | None:
         """The token's context representation for the peer step: drafted with it, or computed now by the

@@ -119,7 +119,7 @@ class SessionRouter:
                 peer_token = out.hit.token if out.hit is not None else None
                 labels = cache_labels(c.s.routing.verify)  # a cached token is a label: weighed as its reason says
                 label_reason = reason
-                if out.hit is not None and c.rng.random() < c.s.p2p.audit:  # the LLM checks the edge's answer
+                if out.hit is not None and c.audits(out.hit):  # the LLM checks the edge's answer
                     audit = self._verify(gen, sequence, synced, proposal, None)
                     audit.sent += out.sent
                     if audit.verdict is not None:

@@ -47,6 +47,7 @@ class PeerStep:
     """The P2P part of one client: its cache, its queries and its answers."""
 
     answers_exploration: ClassVar[bool] = False  # a miss waits out the deadline: exploration goes straight
+    similarity_trusted: ClassVar[bool] = False  # the answering peer states the similarity: it may lie
 
     def __init__(self, client_id: str, edge_id: str, settings: P2PSettings, embedder_name: str, embedding_dim: int,
                  endpoint, next_seq: Callable[[], int], counters) -> None:  # noqa: ANN001
@@ -147,6 +148,7 @@ class EdgeStep:
 
     EDGE_RETRY_S = 30.0
     answers_exploration: ClassVar[bool] = True  # a miss costs nothing (the edge forwards it), a hit is a label
+    similarity_trusted: ClassVar[bool] = True  # measured by the client's own edge or its own cache
 
     def __init__(self, client_id: str, edge_id: str, settings: P2PSettings, embedding_dim: int, endpoint,  # noqa: ANN001
                  counters, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
