@@ -113,12 +113,15 @@ def test_an_explored_text_is_explored_at_each_delivery_and_its_repeat_labelled_f
         dep.stop()
 
 
-def test_exploration_draws_follow_the_text_so_every_device_explores_the_same_ones(broker) -> None:
-    dep = deployment(broker, policy="learned", tau=5.0, exploration=0.5)
+@pytest.mark.parametrize("through_edge", [True, False])
+def test_with_an_edge_cache_every_device_explores_the_same_texts(broker, through_edge: bool) -> None:
+    # through the edge a repeat of an explored text is labelled from the cache: the draw is the text's; without
+    # a cache exploring a text at every delivery would pay the LLM each time: a fresh draw per token
+    dep = deployment(broker, policy="learned", tau=5.0, exploration=0.5, enabled=through_edge)
     try:
         tokens = [token(uid, unit(20 + uid)) for uid in range(7)]  # contexts [1, 5, uid % 7]: 7 distinct texts
         explored = [[r.reason == "exploration" for r in dep.clients[c].run_round(0, tokens)] for c in ("c000", "c002")]
-        assert explored[0] == explored[1] and 0 < sum(explored[0]) < 7
+        assert (explored[0] == explored[1]) is through_edge and 0 < sum(explored[0]) < 7
     finally:
         dep.stop()
 

@@ -181,13 +181,14 @@ class Client:
 
     def _represent_outgoing(self, inputs: list[TokenInput], round_: int) -> tuple[list[TokenInput], dict[int, float]]:
         """The peer step's context representations, in one batch, for the tokens that will go through it (the
-        head does not change within a round and the exploration draw is the text's own): a token that stays
-        local pays nothing for P2P, one that goes out waits for the batch (uid -> that wait in ms, added to its
-        latency)."""
+        head does not change within a round, and an exploration draw that goes through it is the text's own): a
+        token that stays local pays nothing for P2P, one that goes out waits for the batch (uid -> that wait in
+        ms, added to its latency)."""
         if not self.s.p2p.enabled or self.drafter is None:
             return inputs, {}
-        todo = [i for i, inp in enumerate(inputs)
-                if inp.embedding is None and self.tries_peers(self.send_reason(inp.features, inp.context_ids, round_))]
+        text_drawn = self.policy.explores and self.tries_peers("exploration")  # a draw that consumes no randomness
+        todo = [i for i, inp in enumerate(inputs) if inp.embedding is None and (
+            self.offload(inp.features) or (text_drawn and self._explores(inp.context_ids, round_)))]
         if not todo:
             return inputs, {}
         vectors, seconds = self.drafter.represent([inputs[i].uid for i in todo])
@@ -204,14 +205,23 @@ class Client:
 
     def send_reason(self, features: np.ndarray, context_ids: Sequence[int], round_: int) -> str | None:
         """Why a token leaves the device (None: it stays local): "uncertain" when the policy offloads it, else
-        "exploration" for the round's share of the policy's confident tokens. The exploration draw is the
-        context's own (`core.sketch.content_draw`), the same on every device: a text explored once is explored
-        at each delivery, and a cache can answer its repeats."""
+        "exploration" for the round's share of the policy's confident tokens."""
         if self.offload(features):
             return "uncertain"
-        if self.policy.explores and content_draw(self.s.seed, context_ids) < self.s.routing.exploration_rate(round_):
+        if self.policy.explores and self._explores(context_ids, round_):
             return "exploration"
         return None
+
+    def _explores(self, context_ids: Sequence[int], round_: int) -> bool:
+        """The exploration draw. Where a cache answers exploration tokens (`tries_peers`), the draw is the text's
+        own (`core.sketch.content_draw`, the same on every device): a text explored once is explored at each
+        delivery, and its repeats are labelled from the cache for nothing. Without one it is a fresh draw per
+        token: exploring a popular text at every delivery would pay the LLM each time for the same label (and
+        on a Zipf workload make the explored share hang on which texts are popular)."""
+        rate = self.s.routing.exploration_rate(round_)
+        if self.tries_peers("exploration"):
+            return content_draw(self.s.seed, context_ids) < rate
+        return bool(self.rng.random() < rate)
 
     def tries_peers(self, reason: str | None) -> bool:
         """Whether a token sent for `reason` goes through the peer step first: an uncertain one whenever P2P is
