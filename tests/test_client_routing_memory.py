@@ -186,7 +186,7 @@ def test_an_unanswered_peer_query_goes_on_to_the_llm_as_uncertain(cluster: Clust
     FakePeer(cluster.net, answer_misses=False)
     client = cluster.client(tau=0.5, p2p={"enabled": True, "deadline_ms": 50.0, "audit": 0.0})
     records = client.run_round(0, [token(0, 0.9, UNKNOWN), token(1, 0.9, ANSWERED)])
-    assert [(r.route, r.reason) for r in records] == [("llm", "uncertain"), ("peer", "")]
+    assert [(r.route, r.reason) for r in records] == [("llm", "uncertain"), ("peer", "uncertain")]
     assert llm.reasons == {"uncertain": 1} and client.counters.peer_hits == 1
 
 
@@ -195,7 +195,8 @@ def test_each_label_weighs_one_over_the_chance_it_was_sent(cluster: Cluster,
                                                             weighted: bool) -> None:
     FakeLLM(cluster.net)
     FakePeer(cluster.net)
-    client = cluster.client(tau=0.5, routing={"exploration": 0.25, "importance_weights": weighted},
+    # sampled verification: a peer's token decides no label, so only LLM verdicts are labels
+    client = cluster.client(tau=0.5, routing={"exploration": 0.25, "importance_weights": weighted, "verify": "sample"},
                          p2p={"enabled": True, "audit": 0.5, "exclude_after": 0})
     inputs = ([token(i, 0.1) for i in range(80)]  # confident: some explored
               + [token(100 + i, 0.9, ANSWERED) for i in range(20)]  # peer hits: some audited
@@ -213,6 +214,20 @@ def test_each_label_weighs_one_over_the_chance_it_was_sent(cluster: Cluster,
     assert np.allclose(beta, features[:, 0])  # the fake LLM's beta is the entropy feature
     assert weights.tolist() == [expected[r.reason] for r in labelled]
     assert client.learner.sample_count() == round(sum(expected[r.reason] for r in labelled))
+
+
+def test_under_greedy_verification_every_peer_hit_is_a_label_weighed_as_its_token(cluster: Cluster) -> None:
+    FakeLLM(cluster.net)
+    FakePeer(cluster.net)
+    client = cluster.client(tau=0.5, p2p={"enabled": True, "audit": 0.5, "exclude_after": 0})
+    records = client.run_round(0, [token(100 + i, 0.9, ANSWERED, draft=PEER_TOKEN if i % 2 else 1) for i in range(20)])
+    audited = [r for r in records if r.reason == "audit"]
+    assert audited and len(audited) < 20 and all(r.route == "peer" for r in records if r.reason != "audit")
+    _, beta, weights = client.pairs()
+    assert beta.size == 20 and weights.tolist() == [1.0] * 20  # every hit labelled: each weighs 1
+    by_uid = {r.uid: r for r in records}
+    expected = [0.9 if by_uid[100 + i].reason == "audit" else float(i % 2 == 0) for i in range(20)]
+    assert beta.tolist() == pytest.approx(expected)  # the LLM's beta where audited, else the peer's token vs the draft
 
 
 def test_no_llm_means_fallback_to_the_draft_then_one_attempt_a_token_until_it_is_back(cluster: Cluster) -> None:
