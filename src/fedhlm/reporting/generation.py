@@ -53,6 +53,7 @@ def generation_summary(steps: Sequence[Any], tokens: Mapping[int, list[int]], re
         "sequences": len(uids),
         "tokens": {"generated": n, "local": n - len(sent) - len(peer), "peer": len(peer), "llm": len(sent),
                    "exploration": sum(1 for s in sent if s.reason == "exploration"),
+                   "exploration_cached": sum(1 for s in peer if s.reason == "exploration"),
                    "fallback": sum(1 for s in sent if s.reason == "fallback")},
         "llm_share": len(sent) / n if n else 0.0,
         # the edge's cache: answers taken, and audited answers (also verified by the LLM) that were wrong
