@@ -160,13 +160,16 @@ class EdgeStep:
         self.timeout_s = timeout_s
         self._clock = clock
         self._edge_down_until = -np.inf
-        self.cache = PeerCache(embedding_dim, max_entries=settings.cache_entries, ttl_s=settings.ttl_s)
+        self._dim = embedding_dim
+        self.cache: PeerCache | None = None  # made with the first token resolved: an idle client holds none
 
     def subscribe(self) -> None:
         """Nothing to answer: peers never query this client."""
 
     def remember(self, embedding: np.ndarray, token: int, source: str) -> None:
         """A token this client resolved (from the LLM or its edge): its own cache answers a repeat at once."""
+        if self.cache is None:
+            self.cache = PeerCache(self._dim, max_entries=self.s.cache_entries, ttl_s=self.s.ttl_s)
         self.cache.add(embedding, token, source)
 
     def audited(self, responder: str, agreed: bool) -> None:
@@ -175,7 +178,7 @@ class EdgeStep:
 
     def resolve(self, embedding: np.ndarray, request: TokenRequest) -> PeerReply | LLMVerdict | None:
         start = time.perf_counter()
-        own = self.cache.lookup(embedding, self.s.delta)
+        own = self.cache.lookup(embedding, self.s.delta) if self.cache is not None else None
         if own is not None:  # the client resolved this context itself: no hop to the edge
             self.counters.peer_queries += 1
             self.counters.own_cache_hits += 1
