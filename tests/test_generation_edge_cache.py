@@ -20,6 +20,7 @@ from fedhlm.models.generation import SLMSequenceDrafter
 from fedhlm.models.head_fit import TorchHead
 from fedhlm.models.kv_cache import RefinerSessions
 from fedhlm.models.llm import LLMRefiner
+from fedhlm.reporting.generation import generation_summary
 from fedhlm.roles.deployment import Deployment, DeploymentSpec
 from fedhlm.roles.generation import SessionRouter
 from fedhlm.transport import topics
@@ -212,5 +213,7 @@ def test_explored_positions_are_the_same_at_a_repeat_and_answered_by_the_edge_wi
         _, beta, weights = dep.clients["c001"].pairs()  # each cached answer is a label, weighed 1 / exploration
         assert beta.size == len(explored) and weights == pytest.approx([2.0] * len(explored))
         assert beta.tolist() == [float(s.draft != s.token) for s in second.steps if s.reason == "exploration"]
+        counted = generation_summary(second.steps, {0: second.tokens}, {0: "a b"}, decode=lambda ids: "a b")["tokens"]
+        assert (counted["exploration"], counted["exploration_cached"]) == (0, len(explored))  # none reached the LLM
     finally:
         dep.stop()
